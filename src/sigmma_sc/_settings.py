@@ -1,0 +1,58 @@
+"""Global settings: verbosity, seed and progress bars."""
+
+from __future__ import annotations
+
+import logging
+
+from ._logging import logger
+
+_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
+
+
+class Settings:
+    """Package-wide settings, in the spirit of :data:`scanpy.settings`.
+
+    Attributes
+    ----------
+    verbosity
+        0 errors, 1 warnings, 2 info (default), 3 debug.
+    seed
+        Default random seed used when a function's ``seed`` is ``None``.
+    progress_bar
+        Show tqdm / Lightning progress bars.
+    num_workers
+        Worker threads for image reading and feature pooling.
+
+    Examples
+    --------
+    >>> import sigmma_sc as sg
+    >>> sg.settings.verbosity = 1
+    >>> sg.settings.progress_bar = False
+    """
+
+    def __init__(self) -> None:
+        self._verbosity = 2
+        self.seed: int = 0
+        self.progress_bar: bool = True
+        self.num_workers: int = 0
+
+    @property
+    def verbosity(self) -> int:
+        """Logging verbosity, 0 (errors only) to 3 (debug)."""
+        return self._verbosity
+
+    @verbosity.setter
+    def verbosity(self, value: int) -> None:
+        if value not in _LEVELS:
+            raise ValueError(f"verbosity must be one of {sorted(_LEVELS)}, got {value!r}.")
+        self._verbosity = int(value)
+        logger.setLevel(_LEVELS[value])
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(verbosity={self.verbosity}, seed={self.seed}, "
+            f"progress_bar={self.progress_bar}, num_workers={self.num_workers})"
+        )
+
+
+settings = Settings()

@@ -1,0 +1,1 @@
+"""Real public data sets as SpatialData objects, and a synthetic tissue generator."""

@@ -1,0 +1,1 @@
+"""Input: validation of SpatialData objects and conversion from plain AnnData + image."""

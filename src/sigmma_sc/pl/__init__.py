@@ -1,0 +1,1 @@
+"""Plotting: embeddings, clusters and genes over the H&E, hierarchy levels, retrieval, training curves, evaluation."""

@@ -1,0 +1,1 @@
+"""Preprocessing: neighbourhood graphs, nuclei, the micro / meso / macro hierarchy, patches and image features."""

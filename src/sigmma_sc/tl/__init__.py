@@ -1,0 +1,1 @@
+"""Tools: training (fit), expression prediction, cross-modal retrieval and evaluation."""

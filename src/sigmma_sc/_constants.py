@@ -15,6 +15,9 @@ class Keys:
     SECTION: Final = "section"  # obs column (categorical): the slide/section of each unit
     SPATIAL: Final = "spatial"  # obsm: unit centres, x/y in microns in the section's coordinate system
     COUNTS_LAYER: Final = "counts"  # layers: raw integer counts
+    BARCODE: Final = "barcode"  # obs: the unit's id in the source files (written by the loaders)
+    CELL_TYPE: Final = "cell_type"  # obs (categorical): true cell type of datasets.synthetic
+    NICHE: Final = "niche"  # obs (categorical): true niche of datasets.synthetic
 
     # uns: dataset description written by loaders and io.from_anndata.
     DATASET: Final = "sigmma_dataset"  # uns dict, see DatasetInfo
@@ -29,12 +32,22 @@ class Keys:
     UNS: Final = "sigmma"  # uns dict: hierarchy, feature cache, fit parameters, history
     HIERARCHY: Final = "hierarchy"  # uns[UNS][HIERARCHY]
     FEATURES: Final = "features"  # uns[UNS][FEATURES][cache_key][level] -> (n_nodes, n_features)
+    FEATURES_LATEST: Final = "features_latest"  # uns[UNS][FEATURES_LATEST]: newest feature cache key
     PARAMS: Final = "params"
     HISTORY: Final = "history"
     GENES: Final = "genes"
     VERSIONS: Final = "versions"
     CONNECTIVITIES: Final = "spatial_connectivities"  # obsp, as squidpy writes it
     DISTANCES: Final = "spatial_distances"  # obsp, as squidpy writes it
+    NEIGHBORS: Final = "spatial_neighbors"  # uns, as squidpy writes it (keys + builder params)
+    # Nuclei shapes element "{section}_nuclei" (pp.segment_nuclei) and its columns.
+    NUCLEI_SUFFIX: Final = "_nuclei"
+    NUCLEUS_AREA: Final = "area_um2"
+    NUCLEUS_ECCENTRICITY: Final = "eccentricity"
+    NUCLEUS_HEMATOXYLIN: Final = "hematoxylin"  # mean hematoxylin optical density of the nucleus
+    NUCLEUS_SPOT: Final = "spot"  # row of the containing spot in the table at segmentation time
+    NUCLEUS_UNIT: Final = "unit"  # obs_name of the containing spot (robust to table reordering)
+    NUCLEUS_SECTION: Final = "section"
 
     X_SIGMMA: Final = "X_sigmma"  # obsm: joint embedding
     X_SIGMMA_IMG: Final = "X_sigmma_img"  # obsm: image-side embedding
@@ -68,6 +81,10 @@ class Defaults:
     REGION_RADIUS_UM: Final = 250.0
     # Cell graphs: radius cut for Delaunay edges between cells.
     CELL_GRAPH_RADIUS_UM: Final = 50.0
+    # Nuclei from the H&E (pp.segment_nuclei): accepted areas and the read margin around a spot.
+    NUCLEUS_MIN_AREA_UM2: Final = 12.0
+    NUCLEUS_MAX_AREA_UM2: Final = 300.0
+    NUCLEUS_MARGIN_UM: Final = 15.0
     N_GENES: Final = 1000
     EMBED_DIM: Final = 128
     ENCODER: Final = "efficientnet_lite0"
@@ -75,6 +92,12 @@ class Defaults:
     SEED: Final = 0
     # Clip for standardised features: near-constant channels explode on new data otherwise.
     FEATURE_Z_CLIP: Final = 5.0
+    # Dense image features: tiles of this many pixels plus a context margin on each side (the margin is
+    # cropped off the feature map; 64 px leaves visible seams), and levels whose view is at least
+    # DENSE_COARSE_FOV_UM wide are pooled from the 2x-downsampled map (wider receptive field).
+    DENSE_TILE_PX: Final = 1024
+    DENSE_MARGIN_PX: Final = 128
+    DENSE_COARSE_FOV_UM: Final = 300.0
 
 
 # Legacy Spatial Transcriptomics and 10x Visium geometry.
@@ -82,4 +105,23 @@ ST_SPOT_DIAMETER_UM: Final = 100.0
 ST_SPOT_PITCH_UM: Final = 200.0
 VISIUM_SPOT_DIAMETER_UM: Final = 55.0
 VISIUM_SPOT_PITCH_UM: Final = 100.0
+
+
+class ReaderKeys:
+    """Element / column names written by ``spatialdata_io`` readers (read by ``io.validate``)."""
+
+    ATTRS: Final = "spatialdata_attrs"  # table.uns: region / region_key / instance_key
+    REGION: Final = "region"
+    REGION_KEY: Final = "region_key"
+    INSTANCE_KEY: Final = "instance_key"
+    GLOBAL: Final = "global"  # preferred coordinate system when several are shared
+    XENIUM_CELL_ID: Final = "cell_id"  # xenium obs / shapes index
+    XENIUM_CELL_AREA: Final = "cell_area"  # xenium obs, um^2
+    XENIUM_CELL_SHAPES: Final = ("cell_circles", "cell_boundaries")  # shapes in microns (Scale to "global")
+    XENIUM_REGIONS: Final = ("cell_circles", "cell_boundaries", "cell_labels", "nucleus_boundaries")
+    XENIUM_IMAGES: Final = ("morphology_focus", "morphology_mip")
+    VISIUM_IMAGE_SUFFIXES: Final = ("_full_image", "_hires_image", "_lowres_image")
+    VISIUM_HD_BIN_PATTERN: Final = r"square_(\d+)um"  # shapes / table name of a Visium HD bin size
+    SCANPY_LOG1P: Final = "log1p"  # uns key scanpy writes after sc.pp.log1p
 HER2ST_MPP: Final = 0.688
+XENIUM_NCBI858_MPP: Final = 2.125  # deepspot_NCBI858 H&E pixel size (HEST-1k NCBI858, downsampled)

@@ -1,0 +1,420 @@
+"""Array-level training and embedding: everything between the level arrays and the unit embeddings.
+
+The :class:`~sigmma_sc.model.Sigmma` class wraps these functions with the SpatialData plumbing;
+they take :class:`~sigmma_sc.model._data.LevelInput` objects, so they can be tested and reused
+without a slide. Imported only from inside functions (torch, lightning).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .._constants import Levels
+from .._logging import logger
+from .._settings import settings
+from ._data import MAX_MICRO_PAIRS, ExpressionSource, LevelInput, SubgraphBatcher, expression_stats
+from ._module import SigmmaModule, SubgraphBatches
+
+#: Values of ``coarse_targets``: how the coarse (macro) InfoNCE treats overlapping regions.
+COARSE_TARGETS = ("hard", "soft", "disjoint", "soft+disjoint")
+#: Fewest meso subgraphs for which a validation split (and early stopping) is made.
+MIN_NODES_FOR_VALIDATION = 40
+#: At most this many batches are scored for the loss at initialisation (history row ``epoch 0``).
+MAX_INIT_BATCHES = 20
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (also the saved configuration)."""
+
+    levels: tuple[str, ...] = Levels.ALL
+    graph: bool = True
+    embed_dim: int = 128
+    hidden_dim: int = 256
+    intra_layers: int = 1
+    inter_layers: int = 1
+    heads: int = 4
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    max_epochs: int = 30
+    patience: int = 5
+    val_fraction: float = 0.1
+    consistency_weight: float = 0.1
+    coarse_targets: str = "soft"
+    level_weights: dict[str, float] | None = None
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    precision: str | None = None
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(self.levels)
+        bad = [lv for lv in self.levels if lv not in Levels.ALL]
+        if bad or Levels.MESO not in self.levels:
+            raise ValueError(
+                f"levels must be a subset of {Levels.ALL} containing 'meso' (the subgraph level), got {self.levels!r}."
+            )
+        if self.coarse_targets not in COARSE_TARGETS:
+            raise ValueError(f"coarse_targets must be one of {COARSE_TARGETS}, got {self.coarse_targets!r}.")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (InfoNCE needs negatives), got {self.batch_size}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}.")
+
+
+def coarse_levels(unit_level: str) -> tuple[str, ...]:
+    """Levels whose nodes overlap their neighbours (regions): macro, whatever the unit level."""
+    return (Levels.MACRO,)
+
+
+def resolve_accelerator(accelerator: str, devices: Any) -> tuple[str, Any, str, str]:
+    """``(accelerator, devices, strategy, precision)`` for Lightning from the user's choice.
+
+    CUDA when present under ``"auto"``, bf16 mixed precision on GPU, DDP when more than one device.
+
+    Examples
+    --------
+    >>> resolve_accelerator("cpu", "auto")
+    ('cpu', 1, 'auto', '32-true')
+    """
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        accelerator = "gpu"
+        n_avail = torch.cuda.device_count()
+        n = n_avail if devices in ("auto", -1) else (len(devices) if isinstance(devices, list | tuple) else int(devices))
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    else:
+        n = 1 if devices in ("auto", -1) else (len(devices) if isinstance(devices, list | tuple) else int(devices))
+        precision = "32-true"
+    if devices in ("auto", -1):
+        devices = n
+    strategy = "ddp_find_unused_parameters_true" if n > 1 else "auto"
+    return accelerator, devices, strategy, precision
+
+
+def make_batcher(
+    levels: dict[str, LevelInput],
+    config: TrainConfig,
+    expression: ExpressionSource | None,
+    expr_stats: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> SubgraphBatcher:
+    """The batcher of a configuration (disjoint macro masks when ``coarse_targets`` asks)."""
+    return SubgraphBatcher(
+        levels=levels,
+        use_levels=tuple(lv for lv in config.levels if lv in levels),
+        expression=expression,
+        graph=config.graph,
+        inter_hops=config.inter_layers,
+        expr_stats=expr_stats,
+        disjoint_macro="disjoint" in config.coarse_targets,
+    )
+
+
+def module_dims(
+    levels: dict[str, LevelInput], batcher: SubgraphBatcher, n_genes: int
+) -> tuple[dict[str, int], dict[str, int], tuple[str, ...]]:
+    """``(img_dims, expr_dims, pair_levels)`` of the module for these levels."""
+    use = batcher.use_levels
+    img_dims = {lv: int(levels[lv].features.shape[1]) for lv in use if levels[lv].features is not None}
+    if Levels.MESO not in img_dims:
+        raise ValueError("the meso level has no image features: the model needs them (run pp.image_features).")
+    expr_dims = {lv: int(n_genes) for lv in use if levels[lv].members is not None}
+    pair_levels = tuple(lv for lv in use if lv in img_dims and lv in expr_dims)
+    return img_dims, expr_dims, pair_levels
+
+
+def build_module(
+    img_dims: dict[str, int], expr_dims: dict[str, int], pair_levels: tuple[str, ...], config: TrainConfig
+) -> SigmmaModule:
+    """A fresh module of the given input dimensions and configuration."""
+    soft = coarse_levels("") if "soft" in config.coarse_targets else ()
+    disjoint = coarse_levels("") if "disjoint" in config.coarse_targets else ()
+    return SigmmaModule(
+        img_dims,
+        expr_dims,
+        tuple(pair_levels),
+        embed_dim=config.embed_dim,
+        hidden_dim=config.hidden_dim,
+        graph=config.graph,
+        intra_layers=config.intra_layers,
+        inter_layers=config.inter_layers,
+        heads=config.heads,
+        dropout=config.dropout,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        consistency_weight=config.consistency_weight,
+        soft_levels=soft,
+        disjoint_levels=disjoint,
+        level_weights=config.level_weights,
+    )
+
+
+def split_nodes(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train / validation split of meso subgraphs (validation empty for small inputs).
+
+    Examples
+    --------
+    >>> tr, va = split_nodes(100, 0.1, 0)
+    >>> len(tr), len(va)
+    (90, 10)
+    """
+    nodes = np.arange(n)
+    n_val = int(round(n * val_fraction))
+    if n < MIN_NODES_FOR_VALIDATION or n_val < 2:
+        return nodes, nodes[:0]
+    perm = np.random.default_rng([seed, 17]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@torch.no_grad()
+def initial_losses(module: SigmmaModule, data: SubgraphBatches) -> dict[str, float]:
+    """Mean loss terms of the untrained module (eval mode) over the first batches of ``data``."""
+    was_training = module.training
+    module.eval()
+    sums: dict[str, float] = {}
+    n = min(len(data), MAX_INIT_BATCHES)
+    for i in range(n):
+        batch = data[i]
+        z = module(batch)
+        for name, value in module.criterion(z["img"], z["expr"], batch).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    module.train(was_training)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def train(
+    levels: dict[str, LevelInput],
+    expression: ExpressionSource,
+    config: TrainConfig,
+) -> tuple[SigmmaModule, pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """Train a module on every meso subgraph of ``levels`` (minus a held-out validation fraction).
+
+    Returns the trained module (best validation epoch when there is a validation set, on CPU),
+    the per-epoch history (epoch 0 = at initialisation), the expression standardisation and the
+    training time in seconds.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    n_meso = levels[Levels.MESO].n
+    train_nodes, val_nodes = split_nodes(n_meso, config.val_fraction, config.seed)
+    stat_nodes = {Levels.MESO: train_nodes}
+    probe = make_batcher(levels, config, expression, {})
+    if probe.use_micro and probe.has_expression(Levels.MICRO):
+        stat_nodes[Levels.MICRO] = np.sort(probe.micro_children[train_nodes].indices)
+    if probe.use_macro and probe.has_expression(Levels.MACRO):
+        stat_nodes[Levels.MACRO] = np.unique(probe.meso_parent[train_nodes])
+    expr_stats = expression_stats(levels, expression, stat_nodes)
+    batcher = make_batcher(levels, config, expression, expr_stats)
+    if not batcher.pair_levels():
+        raise ValueError(
+            "no level has both image features and expression: the table needs counts for its units "
+            f"(levels {batcher.use_levels})."
+        )
+    module = build_module(*module_dims(levels, batcher, expression.units.shape[1]), config)
+    accelerator, devices, strategy, precision = resolve_accelerator(config.accelerator, config.devices)
+    precision = config.precision or precision
+    bs = min(config.batch_size, max(2, train_nodes.size))
+    train_data = SubgraphBatches(batcher, train_nodes, batch_size=bs, shuffle=True, seed=config.seed, max_micro_pairs=MAX_MICRO_PAIRS)
+    module.train_data = train_data
+    val_data = (
+        SubgraphBatches(batcher, val_nodes, batch_size=bs, shuffle=False, seed=config.seed, max_micro_pairs=MAX_MICRO_PAIRS)
+        if val_nodes.size
+        else None
+    )
+    init = initial_losses(module, train_data)
+    init_val = initial_losses(module, val_data) if val_data is not None else {}
+    row0 = {"epoch": 0.0, **{f"train_{k}": v for k, v in init.items()}, **{f"val_{k}": v for k, v in init_val.items()}}
+
+    from torch.utils.data import DataLoader
+
+    root = config.checkpoint_dir or tempfile.mkdtemp(prefix="sigmma_")
+    callbacks = []
+    ckpt = None
+    if val_data is not None:
+        ckpt = ModelCheckpoint(dirpath=root, monitor="val_loss", mode="min", save_top_k=1, filename="best")
+        callbacks += [EarlyStopping(monitor="val_loss", mode="min", patience=config.patience, min_delta=1e-4), ckpt]
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        max_epochs=config.max_epochs,
+        default_root_dir=root,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=ckpt is not None,
+        enable_progress_bar=settings.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        # Bit-identical CPU runs for a seed; CUDA's index_add_ has no deterministic kernel.
+        deterministic=accelerator == "cpu",
+        gradient_clip_val=1.0,
+    )
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(
+            module,
+            train_dataloaders=DataLoader(train_data, batch_size=None, shuffle=False),
+            val_dataloaders=None if val_data is None else DataLoader(val_data, batch_size=None, shuffle=False),
+        )
+        seconds = time.perf_counter() - t0
+        if ckpt is not None and ckpt.best_model_path:
+            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+            module.load_state_dict(state)
+    finally:
+        if config.checkpoint_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    module = module.cpu().eval()
+    history = pd.DataFrame([row0, *module.epoch_rows])
+    history["epoch"] = history["epoch"].astype(int)
+    logger.info(
+        f"trained {trainer.current_epoch} epochs in {seconds:.1f} s: train loss "
+        f"{history['train_loss'].iloc[0]:.3f} -> {history['train_loss'].iloc[-1]:.3f}"
+    )
+    return module, history, expr_stats, seconds
+
+
+@torch.no_grad()
+def embed_nodes(
+    module: SigmmaModule, batcher: SubgraphBatcher, *, batch_size: int, expression: bool
+) -> dict[str, dict[str, np.ndarray | None]]:
+    """Embeddings of every node of the used levels, ``{level: {"img": (n, d), "expr": (n, d) | None}}``.
+
+    All meso subgraphs are visited once, in order, ``batch_size`` at a time; micro nodes are those
+    of each subgraph, macro nodes are the parents of the subgraphs. Nodes never reached (a micro
+    node outside every subgraph, a region that is nobody's parent) stay at zero.
+    """
+    from tqdm.auto import tqdm
+
+    module = module.eval()
+    device = next(module.parameters()).device
+    data = SubgraphBatches(
+        batcher, np.arange(batcher.n_meso), batch_size=batch_size, shuffle=False, max_micro_pairs=None
+    )
+    d = module.img.head[Levels.MESO].out_features
+    sides = ("img", "expr") if (expression and module.expr is not None) else ("img",)
+    out: dict[str, dict[str, np.ndarray | None]] = {}
+    for lv in batcher.use_levels:
+        out[lv] = {}
+        for side in ("img", "expr"):
+            enc = module.img if side == "img" else module.expr
+            has = side in sides and enc is not None and lv in enc.levels
+            out[lv][side] = np.zeros((batcher.levels[lv].n, d), dtype=np.float32) if has else None
+    for i in tqdm(range(len(data)), desc="embedding", disable=not settings.progress_bar or len(data) < 2):
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in data[i].items()}
+        z = module(batch, expression="expr" in sides)
+        index = {Levels.MESO: batch["meso_ids"][: batch["n_target"]]}
+        if Levels.MICRO in batch_levels(batch):
+            index[Levels.MICRO] = batch["micro_ids"][batch["micro_target"]]
+        if Levels.MACRO in batch_levels(batch):
+            index[Levels.MACRO] = batch["macro_ids"]
+        for side in sides:
+            for lv, emb in z[side].items():
+                out[lv][side][index[lv].cpu().numpy()] = emb.float().cpu().numpy()
+    return out
+
+
+def batch_levels(batch: dict[str, Any]) -> tuple[str, ...]:
+    """Levels present in a batch dict."""
+    lv = [Levels.MESO]
+    if "micro_ids" in batch:
+        lv.insert(0, Levels.MICRO)
+    if "macro_ids" in batch:
+        lv.append(Levels.MACRO)
+    return tuple(lv)
+
+
+def unit_node_index(levels: dict[str, LevelInput], unit_level: str, n_units: int) -> dict[str, np.ndarray]:
+    """``{level: (n_units,) node index}`` for the unit level and every coarser level (``-1``: none).
+
+    The unit level's ``members`` gives each unit's node; ``parent`` arrays lead upwards.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> meso = LevelInput("meso", 2, np.zeros((2, 0), "int64"), np.array([0, 0]), None, sp.identity(2, format="csr"))
+    >>> macro = LevelInput("macro", 1, np.zeros((2, 0), "int64"), None, None, None)
+    >>> unit_node_index({"meso": meso, "macro": macro}, "meso", 2)["macro"].tolist()
+    [0, 0]
+    """
+    members = levels[unit_level].members
+    if members is None:
+        raise ValueError(f"the unit level {unit_level!r} has no members: cannot map table units to nodes.")
+    coo = sp.coo_matrix(members)
+    node = np.full(n_units, -1, dtype=np.int64)
+    node[coo.col] = coo.row
+    out = {unit_level: node}
+    order = [lv for lv in Levels.ALL if lv in levels]
+    for finer, coarser in zip(order[order.index(unit_level) :], order[order.index(unit_level) + 1 :]):
+        parent = levels[finer].parent
+        if parent is None:
+            break
+        prev = out[finer]
+        out[coarser] = np.where(prev >= 0, parent[np.maximum(prev, 0)], -1)
+    return out
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+def unit_embeddings(
+    node_emb: dict[str, dict[str, np.ndarray | None]],
+    levels: dict[str, LevelInput],
+    unit_level: str,
+    n_units: int,
+) -> dict[str, np.ndarray | None]:
+    """Per-unit embeddings from node embeddings (the contract of ``Sigmma.get_embeddings``).
+
+    ``"{level}_{img|expr}"``: the embedding of the unit's node at that level; for levels finer than
+    the units (nuclei inside spots) the normalised mean of the unit's children. ``"img"`` / ``"expr"``:
+    the concatenation of the unit-level and coarser blocks (each unit norm), re-normalised.
+    ``"joint"``: normalised ``img + expr`` (``img`` alone without expression).
+    """
+    idx = unit_node_index(levels, unit_level, n_units)
+    out: dict[str, np.ndarray | None] = {}
+    order = [lv for lv in Levels.ALL if lv in node_emb]
+    for lv in order:
+        for side in ("img", "expr"):
+            emb = node_emb[lv][side]
+            if emb is None:
+                out[f"{lv}_{side}"] = None
+                continue
+            if lv in idx:
+                rows = idx[lv]
+                u = np.where((rows >= 0)[:, None], emb[np.maximum(rows, 0)], 0.0)
+            else:
+                # Finer than the units: mean of the children of each unit's node.
+                parent = levels[lv].parent
+                n_unit_nodes = levels[unit_level].n
+                acc = np.zeros((n_unit_nodes, emb.shape[1]), dtype=np.float64)
+                ok = parent >= 0
+                np.add.at(acc, parent[ok], emb[ok])
+                rows = idx[unit_level]
+                u = np.where((rows >= 0)[:, None], acc[np.maximum(rows, 0)], 0.0)
+            out[f"{lv}_{side}"] = _normalize(u)
+    # Both sides concatenate the same levels, so that img + expr lines up block by block.
+    concat = [lv for lv in order if lv in idx and out[f"{lv}_img"] is not None]
+    for side in ("img", "expr"):
+        blocks = [out[f"{lv}_{side}"] for lv in concat]
+        ok = blocks and all(b is not None for b in blocks)
+        out[side] = _normalize(np.concatenate(blocks, axis=1)) if ok else None
+    out["joint"] = out["img"] if out["expr"] is None else _normalize(out["img"] + out["expr"])
+    return out

@@ -1,0 +1,485 @@
+"""Model inputs: gene selection, per-level expression and mini-batches of subgraphs.
+
+Everything here is index arithmetic on numpy / scipy arrays; torch appears only in
+:meth:`SubgraphBatcher.batch`, which returns a dict of tensors. A mini-batch is a set of meso
+subgraphs (spots or niches) with
+
+- their micro children (cells or nuclei) and the micro edges inside each subgraph,
+- the meso nodes their inter-subgraph GNN reads (the ``inter_hops``-hop ball around the batch and
+  around the meso members of the batch's macro regions), and
+- their macro parents with the meso members each region pools.
+
+Memory is bounded by the batch size times the neighbourhood size, never by the slide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._constants import Levels
+
+if TYPE_CHECKING:
+    import torch
+
+#: Genes must be detected (count > 0) in at least this fraction of training units to be selected.
+MIN_DETECTED_FRACTION = 0.1
+#: Library size that `normalize_total` scales every unit to before log1p.
+TARGET_SUM = 1e4
+#: At most this many micro nodes per batch enter the micro-level contrastive loss.
+MAX_MICRO_PAIRS = 2048
+
+
+def log1p_normalize(counts: sp.spmatrix | np.ndarray, *, target_sum: float = TARGET_SUM) -> np.ndarray | sp.csr_matrix:
+    """``log1p(normalize_total(counts, target_sum))``, sparse in, sparse out.
+
+    Units with no counts stay zero instead of dividing by zero.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> log1p_normalize(np.array([[1.0, 3.0], [0.0, 0.0]]), target_sum=4.0)
+    array([[0.69314718, 1.38629436],
+           [0.        , 0.        ]])
+    """
+    total = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
+    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
+    if sp.issparse(counts):
+        out = sp.csr_matrix(sp.diags(scale) @ counts, dtype=np.float32)
+        out.data = np.log1p(out.data)
+        return out
+    return np.log1p(np.asarray(counts, dtype=np.float64) * scale[:, None])
+
+
+def select_genes(
+    counts: sp.spmatrix | np.ndarray,
+    var_names: pd.Index | list[str],
+    *,
+    n_genes: int,
+    log_normalized: bool = False,
+    min_detected: float = MIN_DETECTED_FRACTION,
+) -> list[str]:
+    """Pick the most variable genes of the training units.
+
+    Genes detected (non-zero) in at least ``min_detected`` of the units are ranked by the variance of
+    their log1p-normalised expression; the top ``n_genes`` are kept, in decreasing variance. Unlike
+    scanpy's ``seurat`` flavour, this does not favour low-count noise genes on legacy ST data.
+
+    Parameters
+    ----------
+    counts
+        ``(n_units, n_vars)`` raw counts of the training units, or log1p-normalised values when
+        ``log_normalized``.
+    var_names
+        Gene names, one per column.
+    n_genes
+        How many genes to keep; capped at the number of detected genes.
+    log_normalized
+        ``counts`` already holds log1p-normalised values (never log-transform twice).
+    min_detected
+        Minimum fraction of units in which a gene must be non-zero.
+
+    Returns
+    -------
+    Selected gene names, most variable first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.poisson([5.0, 0.5, 20.0], size=(100, 3))
+    >>> select_genes(x, ["a", "b", "c"], n_genes=2)
+    ['b', 'a']
+    """
+    var_names = pd.Index(var_names)
+    if counts.shape[1] != len(var_names):
+        raise ValueError(f"counts has {counts.shape[1]} columns but {len(var_names)} gene names were given.")
+    if n_genes < 1:
+        raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
+    x = sp.csr_matrix(counts, dtype=np.float32) if not sp.issparse(counts) else sp.csr_matrix(counts)
+    if x.shape[0] == 0:
+        raise ValueError("select_genes needs at least one training unit.")
+    detected = np.asarray((x > 0).sum(axis=0)).ravel() / x.shape[0]
+    keep = np.flatnonzero(detected >= min_detected)
+    if keep.size == 0:
+        raise ValueError(
+            f"no gene is detected in >= {min_detected:.0%} of the {x.shape[0]} training units; "
+            "check that the table holds counts (not an empty or H&E-only table)."
+        )
+    logx = x if log_normalized else log1p_normalize(x)
+    logx = logx[:, keep]
+    mean = np.asarray(logx.mean(axis=0)).ravel()
+    mean_sq = np.asarray(logx.multiply(logx).mean(axis=0)).ravel()
+    var = mean_sq - mean**2
+    # Stable order: ties broken by the original gene order.
+    order = np.lexsort((keep, -var))
+    return [str(g) for g in var_names[keep[order[:n_genes]]]]
+
+
+@dataclass
+class ExpressionSource:
+    """Unit-level expression of the model genes in linear scale, aggregated per node on demand.
+
+    Attributes
+    ----------
+    units
+        ``(n_units, n_genes)`` CSR: raw counts of the model genes, or ``expm1`` of log1p-normalised
+        values when ``log_normalized``.
+    library
+        ``(n_units,)`` total counts over all genes (the normalisation denominator); ``None`` when
+        ``log_normalized`` (nodes then average their units in linear scale).
+    """
+
+    units: sp.csr_matrix
+    library: np.ndarray | None
+
+    @classmethod
+    def from_counts(cls, counts: sp.spmatrix, gene_idx: np.ndarray, *, log_normalized: bool) -> ExpressionSource:
+        """Build from a ``(n_units, n_vars)`` matrix and the column index of each model gene.
+
+        Examples
+        --------
+        >>> import numpy as np, scipy.sparse as sp
+        >>> src = ExpressionSource.from_counts(sp.csr_matrix(np.eye(3)), np.array([0, 2]), log_normalized=False)
+        >>> src.units.shape
+        (3, 2)
+        """
+        counts = sp.csr_matrix(counts, dtype=np.float32)
+        sub = sp.csr_matrix(counts[:, gene_idx])
+        if log_normalized:
+            sub.data = np.expm1(sub.data)
+            return cls(units=sub, library=None)
+        return cls(units=sub, library=np.asarray(counts.sum(axis=1)).ravel().astype(np.float64))
+
+    def node_expression(self, members: sp.csr_matrix) -> np.ndarray:
+        """log1p-normalised expression of nodes that sum the units in ``members`` rows.
+
+        Examples
+        --------
+        >>> import numpy as np, scipy.sparse as sp
+        >>> src = ExpressionSource(units=sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 1.0]])), library=np.array([1.0, 1.0]))
+        >>> src.node_expression(sp.csr_matrix(np.ones((1, 2)))).round(3)
+        array([[8.517, 8.517]], dtype=float32)
+        """
+        members = sp.csr_matrix(members, dtype=np.float32)
+        agg = np.asarray((members @ self.units).todense(), dtype=np.float64)
+        if self.library is None:
+            n = np.asarray(members.sum(axis=1)).ravel()
+            agg /= np.maximum(n, 1)[:, None]
+            return np.log1p(agg).astype(np.float32)
+        total = members @ self.library
+        scale = np.divide(TARGET_SUM, total, out=np.zeros_like(total), where=total > 0)
+        return np.log1p(agg * scale[:, None]).astype(np.float32)
+
+
+@dataclass
+class LevelInput:
+    """One hierarchy level as the model consumes it.
+
+    Attributes
+    ----------
+    name
+        ``"micro"``, ``"meso"`` or ``"macro"``.
+    n
+        Number of nodes.
+    edges
+        ``(2, E)`` int64 edges, both directions.
+    parent
+        ``(n,)`` index into the next coarser level of the hierarchy, or ``None``.
+    features
+        ``(n, F)`` standardised image features, or ``None`` (the level then has no image input).
+    members
+        ``(n, n_units)`` 0/1 CSR, or ``None`` for image-only levels.
+    """
+
+    name: str
+    n: int
+    edges: np.ndarray
+    parent: np.ndarray | None
+    features: np.ndarray | None
+    members: sp.csr_matrix | None
+
+
+def csr_from_edges(edges: np.ndarray, n: int) -> sp.csr_matrix:
+    """Binary ``(n, n)`` adjacency from a ``(2, E)`` edge list (duplicates merged, self loops dropped).
+
+    Examples
+    --------
+    >>> csr_from_edges(np.array([[0, 1], [1, 2]]), 3).toarray().astype(int)
+    array([[0, 1, 0],
+           [0, 0, 1],
+           [0, 0, 0]])
+    """
+    edges = np.asarray(edges, dtype=np.int64).reshape(2, -1)
+    keep = edges[0] != edges[1]
+    a = sp.csr_matrix(
+        (np.ones(int(keep.sum()), dtype=np.float32), (edges[0, keep], edges[1, keep])),
+        shape=(n, n),
+    )
+    a.sum_duplicates()
+    a.data[:] = 1.0
+    return a
+
+
+def k_hop(adjacency: sp.csr_matrix, seeds: np.ndarray, hops: int) -> np.ndarray:
+    """Sorted node ids within ``hops`` edges of ``seeds`` (seeds included).
+
+    Examples
+    --------
+    >>> a = csr_from_edges(np.array([[0, 1, 1, 2], [1, 0, 2, 1]]), 4)
+    >>> k_hop(a, np.array([0]), 1)
+    array([0, 1])
+    """
+    mask = np.zeros(adjacency.shape[0], dtype=bool)
+    mask[seeds] = True
+    frontier = np.unique(seeds)
+    for _ in range(hops):
+        if frontier.size == 0:
+            break
+        nb = np.unique(adjacency[frontier].indices)
+        frontier = nb[~mask[nb]]
+        mask[frontier] = True
+    return np.flatnonzero(mask)
+
+
+def subgraph_edges(adjacency: sp.csr_matrix, nodes: np.ndarray) -> np.ndarray:
+    """``(2, E)`` edges of ``adjacency`` among ``nodes``, renumbered to positions in ``nodes``.
+
+    Examples
+    --------
+    >>> a = csr_from_edges(np.array([[0, 1, 1, 2], [1, 0, 2, 1]]), 3)
+    >>> subgraph_edges(a, np.array([2, 1]))
+    array([[0, 1],
+           [1, 0]])
+    """
+    sub = sp.coo_matrix(adjacency[nodes][:, nodes])
+    return np.vstack([sub.row, sub.col]).astype(np.int64)
+
+
+def _binary(m: sp.spmatrix) -> sp.csr_matrix:
+    m = sp.csr_matrix(m, dtype=np.float32)
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    m.data[:] = 1.0
+    return m
+
+
+def _children(parent: np.ndarray, n_parent: int) -> sp.csr_matrix:
+    """``(n_parent, n_child)`` binary CSR of each parent's children."""
+    n_child = parent.shape[0]
+    ok = parent >= 0
+    return sp.csr_matrix(
+        (np.ones(int(ok.sum()), dtype=np.float32), (parent[ok], np.flatnonzero(ok))),
+        shape=(n_parent, n_child),
+    )
+
+
+@dataclass
+class SubgraphBatcher:
+    """Builds mini-batches of meso subgraphs from the model's level inputs.
+
+    Parameters
+    ----------
+    levels
+        The hierarchy levels (fine to coarse); must contain ``"meso"``. Levels outside ``use_levels``
+        are ignored.
+    use_levels
+        Levels the model embeds (a subset of ``levels`` keys, containing ``"meso"``).
+    expression
+        Unit expression source, or ``None`` (image only: H&E-only slides).
+    graph
+        Whether the GNNs run (otherwise no context nodes and no edges are gathered).
+    inter_hops
+        Number of inter-subgraph GNN layers: the batch reads the meso ball of this radius.
+    expr_stats
+        ``{level: (mean, std)}`` per-gene standardisation of the log1p expression fed to the
+        expression encoders.
+    disjoint_macro
+        Mark, per batch, a subset of macro regions whose meso members do not overlap (greedy, in a
+        seeded random order) for the macro-level loss.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> meso = LevelInput("meso", 3, np.array([[0, 1], [1, 0]]), None, np.zeros((3, 4), "float32"), sp.identity(3, format="csr"))
+    >>> b = SubgraphBatcher({"meso": meso}, use_levels=("meso",), expression=None, graph=True)
+    >>> b.batch(np.array([0]))["meso_ids"].tolist()
+    [0, 1]
+    """
+
+    levels: dict[str, LevelInput]
+    use_levels: tuple[str, ...]
+    expression: ExpressionSource | None
+    graph: bool = True
+    inter_hops: int = 1
+    expr_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    disjoint_macro: bool = False
+
+    def __post_init__(self) -> None:
+        if Levels.MESO not in self.use_levels:
+            raise ValueError(f"levels must contain 'meso' (the subgraph level), got {self.use_levels!r}.")
+        meso = self.levels[Levels.MESO]
+        self.n_meso = meso.n
+        self.use_micro = Levels.MICRO in self.use_levels and Levels.MICRO in self.levels
+        self.use_macro = Levels.MACRO in self.use_levels and Levels.MACRO in self.levels
+        self.meso_adj = csr_from_edges(meso.edges, meso.n)
+        if self.use_micro:
+            micro = self.levels[Levels.MICRO]
+            if micro.parent is None:
+                raise ValueError("the micro level has no parent array: cannot attach cells to subgraphs.")
+            self.micro_children = _children(np.asarray(micro.parent, dtype=np.int64), meso.n)
+            # Intra-subgraph graph: only edges between cells of the same subgraph.
+            e = np.asarray(micro.edges, dtype=np.int64).reshape(2, -1)
+            same = micro.parent[e[0]] == micro.parent[e[1]]
+            self.micro_adj = csr_from_edges(e[:, same], micro.n)
+        if self.use_macro:
+            macro = self.levels[Levels.MACRO]
+            if meso.parent is None:
+                raise ValueError("the meso level has no parent array: cannot attach subgraphs to regions.")
+            region = _children(np.asarray(meso.parent, dtype=np.int64), macro.n)
+            if macro.members is not None and meso.members is not None:
+                # Every meso node sharing a unit with the region belongs to it.
+                region = region + macro.members @ meso.members.T
+            self.region = _binary(region)
+        self.meso_parent = None if meso.parent is None else np.asarray(meso.parent, dtype=np.int64)
+
+    # -- what has pairs ------------------------------------------------------------------------------------------
+    def has_expression(self, level: str) -> bool:
+        """Whether ``level`` nodes carry expression in this batcher."""
+        return self.expression is not None and self.levels[level].members is not None
+
+    def pair_levels(self) -> tuple[str, ...]:
+        """Levels with paired image and expression embeddings."""
+        return tuple(
+            lv
+            for lv in self.use_levels
+            if lv in self.levels and self.has_expression(lv) and self.levels[lv].features is not None
+        )
+
+    def _expr(self, level: str, nodes: np.ndarray) -> np.ndarray:
+        x = self.expression.node_expression(self.levels[level].members[nodes])
+        if level in self.expr_stats:
+            mean, std = self.expr_stats[level]
+            x = np.clip((x - mean) / std, -10.0, 10.0)
+        return x.astype(np.float32)
+
+    # -- one batch -----------------------------------------------------------------------------------------------
+    def batch(
+        self, meso_ids: np.ndarray, *, seed: int = 0, max_micro_pairs: int | None = MAX_MICRO_PAIRS
+    ) -> dict[str, torch.Tensor]:
+        """Tensors for the subgraphs ``meso_ids`` (the loss targets come first in every meso array).
+
+        ``micro_target`` lists every micro child of the targets, or a seeded random subset of
+        ``max_micro_pairs`` of them (``None``: all, as for embedding).
+        """
+        import torch
+
+        meso_ids = np.asarray(meso_ids, dtype=np.int64)
+        n_b = meso_ids.size
+        out: dict[str, Any] = {"n_target": n_b}
+        core = meso_ids
+        if self.use_macro:
+            macro_ids, macro_of_target = np.unique(self.meso_parent[meso_ids], return_inverse=True)
+            reg = sp.coo_matrix(self.region[macro_ids])
+            core = np.union1d(meso_ids, reg.col)
+        ctx = k_hop(self.meso_adj, core, self.inter_hops) if self.graph else core
+        rest = np.setdiff1d(ctx, meso_ids, assume_unique=True)
+        ctx = np.concatenate([meso_ids, rest])
+        pos = np.full(self.n_meso, -1, dtype=np.int64)
+        pos[ctx] = np.arange(ctx.size)
+        out["meso_ids"] = ctx
+        meso = self.levels[Levels.MESO]
+        if meso.features is not None:
+            out["meso_img"] = meso.features[ctx]
+        if self.graph:
+            out["meso_edges"] = subgraph_edges(self.meso_adj, ctx)
+        if self.has_expression(Levels.MESO):
+            out["meso_expr"] = self._expr(Levels.MESO, ctx)
+
+        if self.use_micro:
+            ch = sp.coo_matrix(self.micro_children[ctx])
+            order = np.argsort(ch.row, kind="stable")
+            micro_ids = ch.col[order].astype(np.int64)
+            micro_parent = ch.row[order].astype(np.int64)
+            out["micro_ids"] = micro_ids
+            out["micro_parent"] = micro_parent
+            micro = self.levels[Levels.MICRO]
+            if micro.features is not None:
+                out["micro_img"] = micro.features[micro_ids]
+            if self.graph:
+                out["micro_edges"] = subgraph_edges(self.micro_adj, micro_ids)
+            target = np.flatnonzero(micro_parent < n_b)
+            if max_micro_pairs is not None and target.size > max_micro_pairs:
+                rng = np.random.default_rng(seed)
+                target = np.sort(rng.choice(target, max_micro_pairs, replace=False))
+            out["micro_target"] = target
+            if self.has_expression(Levels.MICRO):
+                out["micro_expr"] = self._expr(Levels.MICRO, micro_ids)
+
+        if self.use_macro:
+            macro = self.levels[Levels.MACRO]
+            out["macro_ids"] = macro_ids
+            out["macro_of_target"] = macro_of_target.astype(np.int64)
+            src = pos[reg.col]
+            out["region_src"] = src.astype(np.int64)
+            out["region_dst"] = reg.row.astype(np.int64)
+            if macro.features is not None:
+                out["macro_img"] = macro.features[macro_ids]
+            if self.has_expression(Levels.MACRO):
+                out["macro_expr"] = self._expr(Levels.MACRO, macro_ids)
+            if self.disjoint_macro:
+                out["macro_loss_mask"] = self._disjoint(reg, macro_ids.size, seed)
+
+        return {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in out.items()}
+
+    @staticmethod
+    def _disjoint(reg: sp.coo_matrix, n_macro: int, seed: int) -> np.ndarray:
+        """Greedy set of regions sharing no meso member, visited in a seeded random order."""
+        m = sp.csr_matrix((np.ones(reg.row.size, dtype=np.float32), (reg.row, reg.col)))
+        m = m[:, np.unique(reg.col)] if reg.col.size else m
+        overlap = sp.csr_matrix(m @ m.T)
+        keep = np.zeros(n_macro, dtype=bool)
+        blocked = np.zeros(n_macro, dtype=bool)
+        for i in np.random.default_rng(seed).permutation(n_macro):
+            if blocked[i]:
+                continue
+            keep[i] = True
+            blocked[overlap[i].indices] = True
+        return keep
+
+
+def expression_stats(
+    batcher_levels: dict[str, LevelInput], expression: ExpressionSource, nodes: dict[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-level gene mean and (floored) std of the log1p expression of the given training nodes.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> src = ExpressionSource(units=sp.csr_matrix(np.eye(2, dtype="float32")), library=np.ones(2))
+    >>> lv = {"meso": LevelInput("meso", 2, np.zeros((2, 0), "int64"), None, None, sp.identity(2, format="csr"))}
+    >>> m, s = expression_stats(lv, src, {"meso": np.arange(2)})["meso"]
+    >>> m.shape, bool((s > 0).all())
+    ((2,), True)
+    """
+    stats = {}
+    for name, nd in nodes.items():
+        lv = batcher_levels[name]
+        if lv.members is None or nd.size == 0:
+            continue
+        mean = np.zeros(expression.units.shape[1])
+        sq = np.zeros_like(mean)
+        for start in range(0, nd.size, 4096):
+            x = expression.node_expression(lv.members[nd[start : start + 4096]]).astype(np.float64)
+            mean += x.sum(0)
+            sq += (x**2).sum(0)
+        mean /= nd.size
+        std = np.sqrt(np.maximum(sq / nd.size - mean**2, 0.0))
+        # Floor: a gene almost constant in training would explode on new data otherwise.
+        std = np.maximum(std, max(1e-2, 0.1 * float(np.median(std))))
+        stats[name] = (mean.astype(np.float32), std.astype(np.float32))
+    return stats

@@ -1,0 +1,367 @@
+"""Neighbourhood graphs per section (squidpy builders), never joining two sections.
+
+Coordinates are microns (``SlideData.xy_um``); the graph of each section is built on its own and
+the blocks are put back in table order, so no edge ever crosses a section.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._constants import Defaults, Keys
+from .._logging import logger
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+METHODS = ("grid", "delaunay", "knn", "radius")
+
+# Units that tile a lattice: legacy ST is square (4 neighbours), Visium hexagonal (6),
+# Visium HD bins are square pixels (8: edge + corner neighbours).
+_LATTICE_NEIGHBOURS = {"st": 4, "visium": 6, "visium_hd": 8}
+
+
+def infer_lattice_neighbours(xy_um: np.ndarray, section: np.ndarray) -> int:
+    """Guess whether spot centres lie on a square (4) or a hexagonal (6) lattice.
+
+    On a hexagonal lattice the 5th and 6th nearest neighbours are as close as the 1st; on a
+    square lattice they are diagonal (``sqrt(2)`` times farther).
+
+    Parameters
+    ----------
+    xy_um
+        ``(n, 2)`` unit centres in microns.
+    section
+        ``(n,)`` section codes; neighbours are searched within a section.
+
+    Returns
+    -------
+    4 or 6.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> g = np.stack(np.meshgrid(np.arange(10), np.arange(10)), -1).reshape(-1, 2) * 200.0
+    >>> infer_lattice_neighbours(g, np.zeros(len(g), int))
+    4
+    """
+    from scipy.spatial import cKDTree
+
+    ratios = []
+    for s in np.unique(section):
+        pts = xy_um[section == s]
+        if len(pts) < 8:
+            continue
+        d, _ = cKDTree(pts).query(pts, k=7)
+        ratios.append(np.median(d[:, 6]) / max(np.median(d[:, 1]), 1e-12))
+    if not ratios:
+        return 4
+    return 6 if np.median(ratios) < 1.2 else 4
+
+
+def default_graph_params(technology: str, unit_kind: str) -> dict[str, Any]:
+    """Per-technology default graph: a lattice for spots and bins, Delaunay with a radius cut for cells.
+
+    Parameters
+    ----------
+    technology
+        ``uns["sigmma_dataset"]["technology"]``.
+    unit_kind
+        ``"spot"`` or ``"cell"``.
+
+    Returns
+    -------
+    ``{"method", "n_neighs", "radius_um"}``; ``n_neighs=None`` on a grid means "infer the lattice".
+
+    Examples
+    --------
+    >>> default_graph_params("st", "spot")
+    {'method': 'grid', 'n_neighs': 4, 'radius_um': None}
+    """
+    if technology in _LATTICE_NEIGHBOURS:
+        return {"method": "grid", "n_neighs": _LATTICE_NEIGHBOURS[technology], "radius_um": None}
+    if unit_kind == "spot":
+        return {"method": "grid", "n_neighs": None, "radius_um": None}
+    return {"method": "delaunay", "n_neighs": None, "radius_um": Defaults.CELL_GRAPH_RADIUS_UM}
+
+
+def make_builder(method: str, *, n_neighs: int | None = None, radius_um: float | None = None, n_rings: int = 1):
+    """The squidpy graph builder for one method (``grid``, ``delaunay``, ``knn``, ``radius``).
+
+    Examples
+    --------
+    >>> make_builder("delaunay", radius_um=50.0).uns_params()["coord_type"]
+    'generic'
+    """
+    from squidpy.gr.neighbors import DelaunayBuilder, GridBuilder, KNNBuilder, RadiusBuilder
+
+    if method == "grid":
+        return GridBuilder(n_neighs=n_neighs or 6, n_rings=n_rings)
+    if method == "delaunay":
+        return DelaunayBuilder(radius=radius_um)
+    if method == "knn":
+        return KNNBuilder(n_neighs=n_neighs or 6)
+    if method == "radius":
+        if radius_um is None:
+            raise ValueError("method='radius' needs radius_um=<microns>, e.g. radius_um=50.")
+        return RadiusBuilder(radius=float(radius_um))
+    raise ValueError(f"method={method!r} is not one of {METHODS}.")
+
+
+def _fallback_graph(coords: np.ndarray, radius_um: float | None) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    # Tiny or collinear sections: Delaunay / kNN are undefined, so chain each unit to its two
+    # nearest neighbours (the whole set when it has three units or fewer).
+    from scipy.spatial import cKDTree
+
+    n = len(coords)
+    if n < 2:
+        return sp.csr_matrix((n, n), dtype=np.float32), sp.csr_matrix((n, n), dtype=np.float64)
+    k = min(n - 1, 2)
+    d, j = cKDTree(coords).query(coords, k=k + 1)
+    rows = np.repeat(np.arange(n), k)
+    d, j = d[:, 1:].ravel(), j[:, 1:].ravel()
+    keep = np.ones_like(d, bool) if radius_um is None else d <= radius_um
+    adj = sp.csr_matrix((np.ones(keep.sum(), np.float32), (rows[keep], j[keep])), shape=(n, n))
+    dst = sp.csr_matrix((d[keep], (rows[keep], j[keep])), shape=(n, n))
+    return adj, dst
+
+
+def _build_one(builder, coords: np.ndarray, method: str, radius_um: float | None):
+    from scipy.spatial import QhullError
+
+    n = len(coords)
+    too_small = n < 4 if method in ("delaunay", "grid") else n < 2
+    if not too_small and method in ("grid", "knn") and builder.n_neighs >= n:
+        too_small = True
+    if too_small:
+        return _fallback_graph(coords, radius_um)
+    try:
+        return builder.build(np.ascontiguousarray(coords, dtype=np.float64))
+    except QhullError:
+        return _fallback_graph(coords, radius_um)
+
+
+def section_graphs(
+    xy_um: np.ndarray,
+    section: np.ndarray,
+    *,
+    method: str = "delaunay",
+    n_neighs: int | None = None,
+    radius_um: float | None = None,
+    n_rings: int = 1,
+) -> tuple[sp.csr_matrix, sp.csr_matrix, dict[str, Any]]:
+    """Build one graph per section and assemble them in input order (never across sections).
+
+    Parameters
+    ----------
+    xy_um
+        ``(n, 2)`` coordinates in microns.
+    section
+        ``(n,)`` integer section codes.
+    method
+        ``"grid"`` (lattice; ``n_neighs`` 4 square, 6 hexagonal, 8 square with corners),
+        ``"delaunay"`` (cut at ``radius_um`` when given), ``"knn"`` or ``"radius"``.
+    n_neighs, radius_um, n_rings
+        Builder options (see :mod:`squidpy.gr.neighbors`).
+
+    Returns
+    -------
+    Symmetric connectivities (float32, 0/1), distances (microns, or ring number on a grid) and
+    the squidpy ``params`` dict.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> xy = np.random.default_rng(0).uniform(0, 500, (200, 2))
+    >>> adj, dst, params = section_graphs(xy, np.repeat([0, 1], 100), method="delaunay", radius_um=80)
+    >>> adj[:100, 100:].nnz
+    0
+    """
+    xy_um = np.asarray(xy_um, dtype=np.float64)
+    section = np.asarray(section)
+    if xy_um.ndim != 2 or xy_um.shape[1] != 2 or len(xy_um) != len(section):
+        raise ValueError(f"xy_um must be (n, 2) with one section code per row; got {xy_um.shape}, {section.shape}.")
+    if method == "grid" and n_neighs is None:
+        n_neighs = infer_lattice_neighbours(xy_um, section)
+    builder = make_builder(method, n_neighs=n_neighs, radius_um=radius_um, n_rings=n_rings)
+    order = np.argsort(section, kind="stable")
+    bounds = np.flatnonzero(np.diff(section[order])) + 1
+    mats = [_build_one(builder, xy_um[idx], method, radius_um) for idx in np.split(order, bounds)]
+    n = len(xy_um)
+    adj = sp.block_diag([m[0] for m in mats], format="csr", dtype=np.float32) if n else sp.csr_matrix((0, 0))
+    dst = sp.block_diag([m[1] for m in mats], format="csr", dtype=np.float64) if n else sp.csr_matrix((0, 0))
+    if n and np.any(np.diff(order) < 0):
+        inv = np.empty_like(order)
+        inv[order] = np.arange(n)
+        adj, dst = adj[inv][:, inv], dst[inv][:, inv]
+    # Edges both directions: a kNN-style lattice builder is not symmetric on its own.
+    adj = adj.maximum(adj.T).tocsr()
+    dst = dst.maximum(dst.T).tocsr()
+    adj.eliminate_zeros()
+    adj.sort_indices()
+    dst.sort_indices()
+    params = dict(builder.uns_params())
+    return adj, dst, params
+
+
+def graph_edges(adj: sp.spmatrix) -> np.ndarray:
+    """``(2, E)`` int64 edge list of a sparse adjacency, self-loops removed.
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> graph_edges(sp.csr_matrix([[0, 1], [1, 0]])).tolist()
+    [[0, 1], [1, 0]]
+    """
+    coo = sp.coo_matrix(adj)
+    keep = (coo.row != coo.col) & (coo.data != 0)
+    edges = np.vstack([coo.row[keep], coo.col[keep]]).astype(np.int64)
+    order = np.lexsort((edges[1], edges[0]))
+    return edges[:, order]
+
+
+def grouped_delaunay_edges(xy: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Delaunay edges inside each group (e.g. the nuclei of each spot), both directions.
+
+    Groups of two or three points are fully connected; collinear groups are chained.
+
+    Parameters
+    ----------
+    xy
+        ``(n, 2)`` coordinates.
+    group
+        ``(n,)`` integer group of each point; points of different groups are never joined.
+
+    Returns
+    -------
+    ``(2, E)`` int64 edges into ``xy``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> xy = np.array([[0, 0], [1, 0], [0, 1], [10, 10], [11, 10]], float)
+    >>> grouped_delaunay_edges(xy, np.array([0, 0, 0, 1, 1])).shape
+    (2, 8)
+    """
+    from scipy.spatial import Delaunay, QhullError
+
+    xy = np.asarray(xy, dtype=np.float64)
+    group = np.asarray(group)
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    rows, cols = [], []
+    for idx in np.split(order, bounds) if len(order) else []:
+        n = len(idx)
+        if n < 2:
+            continue
+        if n <= 3:
+            r, c = np.nonzero(~np.eye(n, dtype=bool))
+        else:
+            try:
+                indptr, indices = Delaunay(xy[idx]).vertex_neighbor_vertices
+                r, c = np.repeat(np.arange(n), np.diff(indptr)), indices
+            except QhullError:
+                adj = _fallback_graph(xy[idx], None)[0]
+                adj = adj.maximum(adj.T).tocoo()
+                r, c = adj.row, adj.col
+        rows.append(idx[r])
+        cols.append(idx[c])
+    if not rows:
+        return np.zeros((2, 0), np.int64)
+    edges = np.vstack([np.concatenate(rows), np.concatenate(cols)]).astype(np.int64)
+    return edges[:, np.lexsort((edges[1], edges[0]))]
+
+
+def _resolve_params(slide, method, n_neighs, radius_um) -> dict[str, Any]:
+    params = default_graph_params(slide.technology, slide.unit_kind)
+    if method is not None:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {METHODS}.")
+        params = {"method": method, "n_neighs": None, "radius_um": None}
+    if n_neighs is not None:
+        params["n_neighs"] = int(n_neighs)
+    if radius_um is not None:
+        params["radius_um"] = float(radius_um)
+    return params
+
+
+def compute_unit_graph(
+    slide, *, method: str | None = None, n_neighs: int | None = None, radius_um: float | None = None, n_rings: int = 1
+) -> tuple[sp.csr_matrix, sp.csr_matrix, dict[str, Any]]:
+    """Graph of the table units of a validated :class:`~sigmma_sc.io.SlideData`, nothing written."""
+    params = _resolve_params(slide, method, n_neighs, radius_um)
+    adj, dst, uns_params = section_graphs(slide.xy_um, slide.unit_section, n_rings=n_rings, **params)
+    uns = {"connectivities_key": Keys.CONNECTIVITIES, "distances_key": Keys.DISTANCES, "params": uns_params}
+    return adj, dst, uns
+
+
+def write_unit_graph(table, adj: sp.csr_matrix, dst: sp.csr_matrix, uns: dict[str, Any]) -> None:
+    """Store a unit graph where squidpy stores it (``obsp`` + ``uns["spatial_neighbors"]``)."""
+    table.obsp[Keys.CONNECTIVITIES] = adj
+    table.obsp[Keys.DISTANCES] = dst
+    table.uns[Keys.NEIGHBORS] = uns
+
+
+def spatial_graphs(
+    sdata: SpatialData,
+    *,
+    table_key: str = Keys.TABLE,
+    method: str | None = None,
+    n_neighs: int | None = None,
+    radius_um: float | None = None,
+    n_rings: int = 1,
+    copy: bool = False,
+) -> tuple[sp.csr_matrix, sp.csr_matrix] | None:
+    """Neighbourhood graph of the table's units, one per section, in microns.
+
+    Built with squidpy's graph builders (:mod:`squidpy.gr.neighbors`) on the unit centres in
+    microns (``SlideData.xy_um``, never raw pixels), section by section, so no edge joins two
+    sections. Defaults per technology: a lattice for spots (legacy ST: square, 4 neighbours;
+    Visium: hexagonal, 6; other spot data: inferred), a lattice of 8 for Visium HD bins, and a
+    Delaunay triangulation cut at :attr:`~sigmma_sc.Defaults.CELL_GRAPH_RADIUS_UM` for cells.
+    Edges are stored in both directions.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with a table of units (see :func:`sigmma_sc.io.validate`).
+    table_key
+        Table to annotate.
+    method
+        ``"grid"``, ``"delaunay"``, ``"knn"`` or ``"radius"``; ``None``: the technology's default.
+    n_neighs
+        Lattice neighbours (grid) or k (knn).
+    radius_um
+        Edge length cut in microns (delaunay) or the radius (radius).
+    n_rings
+        Grid rings (grid only).
+    copy
+        Return ``(connectivities, distances)`` instead of writing them.
+
+    Returns
+    -------
+    ``None``; writes ``obsp["spatial_connectivities"]``, ``obsp["spatial_distances"]`` and
+    ``uns["spatial_neighbors"]`` to the table, as :func:`squidpy.gr.spatial_neighbors` does.
+    With ``copy=True`` the two matrices, and nothing is written.
+
+    Examples
+    --------
+    >>> import sigmma_sc as sg
+    >>> sdata = sg.datasets.her2st()
+    >>> sg.pp.spatial_graphs(sdata)
+    >>> sdata["table"].obsp["spatial_connectivities"].sum(1).mean()  # about 4 on the ST lattice
+    """
+    from ..io import validate
+
+    slide = validate(sdata, table_key=table_key)
+    adj, dst, uns = compute_unit_graph(slide, method=method, n_neighs=n_neighs, radius_um=radius_um, n_rings=n_rings)
+    logger.info(
+        f"spatial graph ({uns['params']}): {adj.shape[0]} units, mean degree {adj.nnz / max(adj.shape[0], 1):.2f}"
+    )
+    if copy:
+        return adj, dst
+    write_unit_graph(slide.table, adj, dst, uns)
+    return None

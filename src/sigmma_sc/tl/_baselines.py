@@ -1,0 +1,391 @@
+"""Baselines that :func:`sigmma_sc.tl.evaluate` runs beside SIGMMA on the same split.
+
+- ``ridge``: the HEST-Benchmark linear probe (Jaume et al., NeurIPS 2024, ``hest.bench``):
+  frozen features of each unit's meso view -> ``StandardScaler`` -> ``PCA(256)`` fit on the
+  training units -> ``Ridge(alpha=100 / (d * n_genes), fit_intercept=False, solver="lsqr")``
+  with ``d`` the PCA dimension and ``n_genes`` the number of targets, on uncentred log1p targets
+  (as HEST does; Pearson r is blind to the missing intercept).
+- ``ridge_cv``: ``RidgeCV`` (alphas 1e0..1e6, generalised cross-validation) on the concatenated
+  frozen features of every hierarchy level plus the mean of those features over each unit's
+  spatial-graph neighbours, standardised with z-scores clipped by
+  :func:`sigmma_sc.pp.standardize_features` (fit on the training units).
+- ``single_scale``: :func:`sigmma_sc.tl.fit` with ``levels=("meso",)`` and ``graph=False``
+  (BLEEP-like CLIP of the spot / niche view), with the model's encoder and genes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._constants import Keys, Levels
+from .._logging import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+    from ..model import Sigmma
+
+#: Alphas searched by ``ridge_cv`` (log-spaced, two per decade).
+RIDGE_CV_ALPHAS: np.ndarray = np.logspace(0, 6, 13)
+#: PCA dimension of the HEST probe.
+PROBE_COMPONENTS: int = 256
+#: Baseline names understood by :func:`sigmma_sc.tl.evaluate`.
+BASELINES: tuple[str, ...] = ("ridge", "ridge_cv", "single_scale")
+
+
+def _as_2d_float(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (units x features), got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinite values; impute or drop those units first.")
+    return x
+
+
+def ridge_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    *,
+    n_components: int = PROBE_COMPONENTS,
+    seed: int = 0,
+) -> tuple[np.ndarray, float]:
+    """HEST-Benchmark linear probe: scaler -> PCA -> ridge with ``alpha = 100 / (d * n_genes)``.
+
+    Parameters
+    ----------
+    x_train
+        ``(n_train, n_features)`` frozen image features of the training units.
+    y_train
+        ``(n_train, n_genes)`` log1p expression targets (not centred, as in HEST).
+    x_test
+        ``(n_test, n_features)`` features of the test units.
+    n_components
+        PCA dimension ``d`` (capped by the training size and feature count).
+    seed
+        ``random_state`` of the PCA and the solver.
+
+    Returns
+    -------
+    ``(predictions (n_test, n_genes), alpha)``. Without intercept and with centred PCA scores the
+    predictions are centred near 0: compare them by correlation, not by absolute level.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(100, 20))
+    >>> y = x[:, :3] @ rng.normal(size=(3, 4))
+    >>> pred, alpha = ridge_probe(x[:80], y[:80], x[80:], n_components=10)
+    >>> pred.shape, alpha
+    ((20, 4), 2.5)
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_train = _as_2d_float(x_train, "x_train")
+    x_test = _as_2d_float(x_test, "x_test")
+    y_train = _as_2d_float(y_train, "y_train")
+    d = int(min(n_components, x_train.shape[0], x_train.shape[1]))
+    pipe = Pipeline([("scaler", StandardScaler()), ("pca", PCA(n_components=d, random_state=seed))])
+    z_train = pipe.fit_transform(x_train)
+    z_test = pipe.transform(x_test)
+    alpha = 100.0 / (d * y_train.shape[1])
+    reg = Ridge(alpha=alpha, fit_intercept=False, solver="lsqr", random_state=seed, max_iter=1000)
+    reg.fit(z_train, y_train)
+    return np.asarray(reg.predict(z_test), dtype=np.float64).reshape(len(z_test), -1), alpha
+
+
+def ridge_cv(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    *,
+    alphas: np.ndarray = RIDGE_CV_ALPHAS,
+) -> tuple[np.ndarray, float]:
+    """Ridge regression with the penalty chosen by generalised cross-validation on the training units.
+
+    Features are expected standardised already (``ridge_cv`` in :func:`sigmma_sc.tl.evaluate`
+    uses :func:`sigmma_sc.pp.standardize_features`); one alpha is chosen for all genes.
+
+    Parameters
+    ----------
+    x_train
+        ``(n_train, n_features)`` standardised features.
+    y_train
+        ``(n_train, n_genes)`` log1p expression.
+    x_test
+        ``(n_test, n_features)`` standardised features.
+    alphas
+        Penalties searched.
+
+    Returns
+    -------
+    ``(predictions (n_test, n_genes), chosen alpha)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(100, 20))
+    >>> y = x[:, :3] @ rng.normal(size=(3, 4))
+    >>> pred, alpha = ridge_cv(x[:80], y[:80], x[80:])
+    >>> pred.shape
+    (20, 4)
+    """
+    from sklearn.linear_model import RidgeCV
+
+    x_train = _as_2d_float(x_train, "x_train")
+    x_test = _as_2d_float(x_test, "x_test")
+    y_train = _as_2d_float(y_train, "y_train")
+    reg = RidgeCV(alphas=np.asarray(alphas, dtype=np.float64), fit_intercept=True)
+    reg.fit(x_train, y_train)
+    pred = np.asarray(reg.predict(x_test), dtype=np.float64).reshape(len(x_test), -1)
+    return pred, float(reg.alpha_)
+
+
+def neighbour_mean(values: np.ndarray, connectivities: sp.spmatrix | np.ndarray) -> np.ndarray:
+    """Mean of ``values`` over each unit's graph neighbours (the unit itself when it has none).
+
+    Parameters
+    ----------
+    values
+        ``(n_units, n_features)``.
+    connectivities
+        ``(n_units, n_units)`` adjacency (any non-zero is an edge; weights are ignored), e.g.
+        ``obsp["spatial_connectivities"]``.
+
+    Returns
+    -------
+    ``(n_units, n_features)`` float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]])
+    >>> neighbour_mean(np.array([[1.0], [2.0], [4.0]]), a).ravel()
+    array([2. , 2.5, 2. ])
+    """
+    values = np.asarray(values, dtype=np.float64)
+    adj = sp.csr_matrix(connectivities, dtype=np.float64)
+    if adj.shape != (values.shape[0], values.shape[0]):
+        raise ValueError(f"connectivities has shape {adj.shape}, expected ({values.shape[0]}, {values.shape[0]}).")
+    adj.data[:] = 1.0
+    adj.setdiag(0)
+    adj.eliminate_zeros()
+    deg = np.asarray(adj.sum(axis=1)).ravel()
+    out = values.copy()
+    has = deg > 0
+    out[has] = (adj[has] @ values) / deg[has, None]
+    return out
+
+
+def unit_level_features(hierarchy: Any, features: dict[str, np.ndarray], level: str) -> np.ndarray:
+    """Features of ``level`` per table unit, following the hierarchy.
+
+    Levels at or above the unit level are looked up through ``Hierarchy.unit_nodes``; a level
+    finer than the unit level (nuclei under a spot) is averaged per unit with
+    ``Hierarchy.children_mean``. Units without any finer node (a spot without nuclei) get the
+    mean over the units that have one.
+
+    Parameters
+    ----------
+    hierarchy
+        A :class:`sigmma_sc.pp.Hierarchy`.
+    features
+        ``{level: (n_nodes, n_features)}`` as returned by :func:`sigmma_sc.pp.get_features`.
+    level
+        Level name.
+
+    Returns
+    -------
+    ``(n_units, n_features)`` float64.
+
+    Examples
+    --------
+    >>> import sigmma_sc as sg
+    >>> h = sg.pp.get_hierarchy(sdata)  # doctest: +SKIP
+    >>> x = unit_level_features(h, sg.pp.get_features(sdata), "macro")  # doctest: +SKIP
+    """
+    if level not in features:
+        raise KeyError(f"No image features for level {level!r}; the feature set holds {sorted(features)}.")
+    order = list(Levels.ALL)
+    values = np.asarray(features[level], dtype=np.float64)
+    if order.index(level) >= order.index(hierarchy.unit_level):
+        return values[np.asarray(hierarchy.unit_nodes(level))]
+    # Table units are the unit-level nodes, in order.
+    pooled = np.asarray(hierarchy.children_mean(level, values), dtype=np.float64)
+    n_children = np.bincount(hierarchy.ancestors(level, hierarchy.unit_level), minlength=len(pooled))
+    missing = n_children == 0
+    if missing.any():
+        fill = pooled[~missing].mean(axis=0) if (~missing).any() else np.zeros(pooled.shape[1])
+        pooled[missing] = fill
+    return pooled
+
+
+def multiscale_features(
+    hierarchy: Any,
+    features: dict[str, np.ndarray],
+    connectivities: sp.spmatrix | np.ndarray | None,
+) -> np.ndarray:
+    """Per unit: features of every level (fine to coarse) concatenated, plus their neighbour mean.
+
+    Parameters
+    ----------
+    hierarchy
+        A :class:`sigmma_sc.pp.Hierarchy`.
+    features
+        ``{level: (n_nodes, n_features)}``.
+    connectivities
+        Unit graph (``obsp["spatial_connectivities"]``); ``None`` leaves out the neighbour block.
+
+    Returns
+    -------
+    ``(n_units, n_levels * n_features * (2 if connectivities is not None else 1))``.
+
+    Examples
+    --------
+    >>> x = multiscale_features(hier, feats, adata.obsp["spatial_connectivities"])  # doctest: +SKIP
+    """
+    levels = [lv for lv in Levels.ALL if lv in hierarchy.levels and lv in features]
+    own = np.concatenate([unit_level_features(hierarchy, features, lv) for lv in levels], axis=1)
+    if connectivities is None:
+        return own
+    return np.concatenate([own, neighbour_mean(own, connectivities)], axis=1)
+
+
+def baseline_features(
+    sdata: SpatialData,
+    *,
+    kind: str,
+    feature_key: str | None,
+    table_key: str = Keys.TABLE,
+) -> np.ndarray:
+    """Unit features a ridge baseline reads from a SpatialData whose hierarchy and features exist.
+
+    Parameters
+    ----------
+    sdata
+        Data with ``pp.build_hierarchy`` and ``pp.image_features`` already run (``Sigmma.get_embeddings``
+        runs them when missing).
+    kind
+        ``"meso"`` (the HEST probe's single view) or ``"multiscale"`` (every level + neighbour mean).
+    feature_key
+        Feature cache key (the model's ``feature_key``); ``None`` takes the newest.
+    table_key
+        Table holding the units.
+
+    Returns
+    -------
+    ``(n_units, n_features)`` float64.
+
+    Examples
+    --------
+    >>> x = baseline_features(sdata, kind="multiscale", feature_key=model.feature_key)  # doctest: +SKIP
+    """
+    from .. import pp
+
+    hierarchy = pp.get_hierarchy(sdata, table_key=table_key)
+    features = pp.get_features(sdata, key=feature_key, table_key=table_key)
+    if kind == "meso":
+        return unit_level_features(hierarchy, features, Levels.MESO)
+    if kind == "multiscale":
+        table = sdata.tables[table_key]
+        conn = table.obsp.get(Keys.CONNECTIVITIES)
+        if conn is None:
+            logger.warning(
+                f"Table {table_key!r} has no obsp[{Keys.CONNECTIVITIES!r}]: ridge_cv runs without neighbour features."
+            )
+        return multiscale_features(hierarchy, features, conn)
+    raise ValueError(f"kind must be 'meso' or 'multiscale', got {kind!r}.")
+
+
+def standardized_pair(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score train and test features with the training statistics, clipped as everywhere in the package.
+
+    Examples
+    --------
+    >>> a, b = standardized_pair(x_train, x_test)  # doctest: +SKIP
+    """
+    from ..pp import standardize_features
+
+    return standardize_features(x_train, x_test)
+
+
+def fit_single_scale(model: Sigmma, train_sdata: SpatialData, *, seed: int, **fit_kwargs: Any) -> Sigmma:
+    """Single-scale, graph-free CLIP on the same encoder and genes as ``model`` (BLEEP-like).
+
+    ``tl.fit(levels=("meso",), graph=False)``: the spot (or niche) view aligned with its
+    expression, nothing else. Fits on a :func:`light_copy` of ``train_sdata`` so the SIGMMA
+    embeddings in the user's table stay as they are.
+
+    Parameters
+    ----------
+    model
+        The SIGMMA model whose encoder and genes are reused.
+    train_sdata
+        Its training data.
+    seed
+        Training seed.
+    **fit_kwargs
+        Further :func:`sigmma_sc.tl.fit` arguments (e.g. ``max_epochs``).
+
+    Returns
+    -------
+    The fitted single-scale model.
+
+    Examples
+    --------
+    >>> base = fit_single_scale(model, train_sdata, seed=0, max_epochs=10)  # doctest: +SKIP
+    """
+    from .. import tl
+
+    kwargs = dict(fit_kwargs)
+    kwargs.update(levels=(Levels.MESO,), graph=False, encoder=model.encoder, genes=list(model.genes), seed=seed)
+    return tl.fit(light_copy(train_sdata, table_key=kwargs.get("table_key", Keys.TABLE)), **kwargs)
+
+
+def _copy_dicts(value: Any) -> Any:
+    # Copies the dict structure (so writes into it stay local) while sharing the arrays inside.
+    if isinstance(value, dict):
+        return {k: _copy_dicts(v) for k, v in value.items()}
+    return value
+
+
+def light_copy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> SpatialData:
+    """A SpatialData sharing images and shapes with ``sdata`` but with its own table object.
+
+    Writes into the copy's ``obs``, ``obsm``, ``obsp`` and ``uns`` (dict structure) do not reach
+    ``sdata``; the large arrays (counts, cached features) are shared, not duplicated.
+
+    Examples
+    --------
+    >>> tmp = light_copy(sdata)  # doctest: +SKIP
+    """
+    import anndata as ad
+    from spatialdata import SpatialData
+
+    table = sdata.tables[table_key]
+    new = ad.AnnData(
+        X=table.X,
+        obs=table.obs.copy(),
+        var=table.var.copy(),
+        uns=_copy_dicts(dict(table.uns)),
+        obsm=dict(table.obsm),
+        obsp=dict(table.obsp),
+        layers=dict(table.layers),
+    )
+    tables = {k: v for k, v in sdata.tables.items() if k != table_key}
+    tables[table_key] = new
+    return SpatialData(
+        images=dict(sdata.images),
+        labels=dict(sdata.labels),
+        points=dict(sdata.points),
+        shapes=dict(sdata.shapes),
+        tables=tables,
+    )

@@ -1,0 +1,351 @@
+"""Side-by-side evaluation of SIGMMA and its baselines on one train / test split."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._constants import Keys
+from .._logging import logger
+from ._baselines import (
+    BASELINES,
+    baseline_features,
+    fit_single_scale,
+    ridge_cv,
+    ridge_probe,
+    standardized_pair,
+)
+from ._metrics import (
+    cosine_similarity,
+    mean_pearson,
+    profile_similarity,
+    retrieval_summary,
+    subsample,
+    top_expressed_genes,
+)
+from ._predict import DEFAULT_TEMPERATURE, reference_expression, weighted_average
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+    from ..model import Sigmma
+
+#: Columns of the evaluation table, in order (``n_genes=50`` and ``ks=(1, 5, 10)``).
+METRICS: tuple[str, ...] = (
+    "pcc_hvg50",
+    "pcc_heg50",
+    "pcc_hvg50_per_slide",
+    "pcc_heg50_per_slide",
+    "r1_img2expr",
+    "r5_img2expr",
+    "r10_img2expr",
+    "r1_expr2img",
+    "r5_expr2img",
+    "r10_expr2img",
+    "chance_r1",
+    "chance_r5",
+    "chance_r10",
+    "median_rank_img2expr",
+    "median_rank_expr2img",
+)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("sigmma-sc", "numpy", "scikit-learn", "torch", "anndata", "spatialdata"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def gene_sets(model: Sigmma, train_expression: Any, *, n_genes: int = 50) -> dict[str, list[str]]:
+    """The evaluation genes: ``hvg`` (most variable) and ``heg`` (most expressed) among ``model.genes``.
+
+    ``hvg``: the highest variance of log1p(normalize_total) among genes detected in at least 10% of
+    the training units (the model's own gene rule, :func:`sigmma_sc.model._data.select_genes`);
+    ``heg``: the highest mean log1p expression.
+
+    Parameters
+    ----------
+    model
+        Fitted model (its genes are the candidates).
+    train_expression
+        ``(n_train, len(model.genes))`` log1p expression of the training units.
+    n_genes
+        Size of each set.
+
+    Returns
+    -------
+    ``{"hvg": [...], "heg": [...]}`` gene names, best first.
+
+    Examples
+    --------
+    >>> sets = gene_sets(model, model.reference.X)  # doctest: +SKIP
+    """
+    from ..model._data import select_genes
+
+    genes = list(model.genes)
+    hvg = select_genes(train_expression, genes, n_genes=n_genes, log_normalized=True)
+    heg = [genes[i] for i in top_expressed_genes(train_expression, n=n_genes)]
+    return {"hvg": hvg, "heg": heg}
+
+
+def scores_from_predictions(
+    predictions: dict[str, np.ndarray],
+    observed: dict[str, np.ndarray],
+    groups: np.ndarray,
+    similarity: np.ndarray,
+    *,
+    n_genes: int = 50,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """One row of the evaluation table from predictions and an image x expression similarity.
+
+    Parameters
+    ----------
+    predictions
+        ``{"hvg": (n_test, n_genes), "heg": ...}`` predicted log1p expression of each gene set.
+    observed
+        Same keys: observed log1p expression.
+    groups
+        ``(n_test,)`` slide of each test unit (per-slide means).
+    similarity
+        ``(n, n)`` image-query x expression-gallery scores over the retrieval units, true match on
+        the diagonal; its transpose scores expression -> image.
+    n_genes
+        Gene-set size, used in the column names.
+    ks
+        Recall cut-offs.
+
+    Returns
+    -------
+    ``{column: value}`` (see :data:`METRICS`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.random.default_rng(0).normal(size=(10, 3))
+    >>> row = scores_from_predictions({"hvg": y, "heg": y}, {"hvg": y, "heg": y}, np.zeros(10), np.eye(10), n_genes=3)
+    >>> row["pcc_hvg3"], row["r1_img2expr"]
+    (1.0, 1.0)
+    """
+    row: dict[str, float] = {}
+    for name in ("hvg", "heg"):
+        row[f"pcc_{name}{n_genes}"] = mean_pearson(observed[name], predictions[name])
+        row[f"pcc_{name}{n_genes}_per_slide"] = mean_pearson(observed[name], predictions[name], groups=groups)
+    for direction, sim in (("img2expr", similarity), ("expr2img", similarity.T)):
+        summary = retrieval_summary(sim, ks=ks)
+        for k in ks:
+            row[f"r{k}_{direction}"] = summary[f"r{k}"]
+            row[f"chance_r{k}"] = summary[f"chance_r{k}"]
+        row[f"median_rank_{direction}"] = summary["median_rank"]
+    return row
+
+
+def _features(model: Sigmma, sdata: SpatialData, kind: str, table_key: str) -> np.ndarray:
+    try:
+        return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key)
+    except KeyError:
+        # No hierarchy / features cached yet: embedding computes and caches them.
+        model.get_embeddings(sdata, table_key=table_key)
+        return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key)
+
+
+def evaluate(
+    model: Sigmma,
+    test_sdata: SpatialData,
+    *,
+    train_sdata: SpatialData | None = None,
+    baselines: Sequence[str] = BASELINES,
+    seed: int = 0,
+    k: int = 50,
+    temperature: float = DEFAULT_TEMPERATURE,
+    n_genes: int = 50,
+    max_units: int = 1000,
+    ks: Sequence[int] = (1, 5, 10),
+    max_train_units: int = 20000,
+    fit_kwargs: dict[str, Any] | None = None,
+    table_key: str = Keys.TABLE,
+) -> pd.DataFrame:
+    """Score SIGMMA and baselines on held-out data: expression prediction and cross-modal retrieval.
+
+    Protocol (also written to ``df.attrs["protocol"]``):
+
+    - Genes: the ``n_genes`` most variable (``hvg``: variance of log1p(normalize_total) among genes
+      detected in >= 10% of the training units) and most expressed (``heg``: mean log1p) genes of
+      the training units, among ``model.genes``. Training units are ``train_sdata`` when given,
+      else ``model.reference``.
+    - Prediction: per-gene Pearson r between predicted and observed log1p expression of the test
+      units, averaged over genes (genes constant in the test data or in a prediction are left out),
+      pooled over all test units (``pcc_*``) and averaged over test slides (``pcc_*_per_slide``).
+      SIGMMA and ``single_scale`` predict with :func:`~sigmma_sc.tl.predict_expression` from their
+      own training units (``k`` neighbours, softmax ``temperature``).
+    - Retrieval: over a fixed seeded subsample of ``max_units`` test units (all when fewer), each
+      unit's image queries the expression of every unit in the subsample (``img2expr``) and the
+      reverse (``expr2img``); Recall@k (ties at their worst rank), chance ``k / n`` and median
+      rank. SIGMMA and ``single_scale`` rank by cosine of embeddings; ridge models by the
+      correlation of predicted and observed z-scored profiles over ``model.genes``.
+    - Baselines (:mod:`sigmma_sc.tl._baselines`): ``ridge`` (HEST-Benchmark probe on the meso
+      view), ``ridge_cv`` (RidgeCV on every level + neighbour-mean features, clipped z-scores),
+      ``single_scale`` (``tl.fit(levels=("meso",), graph=False)``, same encoder and genes,
+      ``fit_kwargs`` passed on, ``seed``). They read image features and counts of the training
+      units, so they need ``train_sdata``; without it they are skipped with a warning. Ridge
+      models train on at most ``max_train_units`` training units (seeded subsample).
+
+    Parameters
+    ----------
+    model
+        Fitted :class:`sigmma_sc.Sigmma`.
+    test_sdata
+        Held-out slide(s) with counts (never seen in training).
+    train_sdata
+        The training data of ``model`` (needed by the baselines).
+    baselines
+        Any of ``"ridge"``, ``"ridge_cv"``, ``"single_scale"``.
+    seed
+        Seed of the retrieval subsample, the ridge subsample and the ``single_scale`` fit.
+    k
+        Neighbours averaged by retrieval-based prediction.
+    temperature
+        Softmax temperature of retrieval-based prediction.
+    n_genes
+        Size of the ``hvg`` and ``heg`` gene sets.
+    max_units
+        Retrieval gallery size cap.
+    ks
+        Recall cut-offs.
+    max_train_units
+        Cap on the training units of the ridge baselines.
+    fit_kwargs
+        Extra arguments of :func:`sigmma_sc.tl.fit` for ``single_scale`` (e.g. the same training
+        length as the model).
+    table_key
+        Table of both SpatialData objects.
+
+    Returns
+    -------
+    DataFrame, one row per method (``"sigmma"`` first, then the baselines run), columns as in
+    :data:`METRICS` (with ``n_genes`` and ``ks`` in the names); ``df.attrs["protocol"]`` holds genes,
+    split, sizes, parameters, ridge alphas, seconds per method and package versions.
+
+    Examples
+    --------
+    >>> import sigmma_sc as sg
+    >>> train = sg.datasets.her2st(sections=["C2", "C3", "C4", "C5"])
+    >>> test = sg.datasets.her2st(sections=["C6"])
+    >>> model = sg.tl.fit(train)
+    >>> df = sg.tl.evaluate(model, test, train_sdata=train)
+    >>> df[["pcc_hvg50", "r10_img2expr", "chance_r10"]]
+    """
+    from ..io import validate
+
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"Unknown baseline(s) {unknown}; choose from {BASELINES}.")
+    if baselines and train_sdata is None:
+        logger.warning(
+            f"Baselines {list(baselines)} need the training data (image features and counts): pass train_sdata=. "
+            "Evaluating SIGMMA alone."
+        )
+        baselines = ()
+    genes = list(model.genes)
+    test = validate(test_sdata, table_key=table_key, require_counts=True)
+    y_test = test.expression(genes).astype(np.float64)
+    groups = np.asarray(test.sections, dtype=object)[test.unit_section]
+    if train_sdata is not None:
+        train = validate(train_sdata, table_key=table_key, require_counts=True)
+        y_train = train.expression(genes).astype(np.float64)
+        train_sections = list(train.sections)
+    else:
+        ref = model.reference
+        y_train = np.asarray(ref.X.toarray() if hasattr(ref.X, "toarray") else ref.X, dtype=np.float64)
+        y_train = y_train[:, pd.Index(ref.var_names).get_indexer(genes)]
+        train_sections = sorted(map(str, pd.unique(ref.obs[Keys.SECTION]))) if Keys.SECTION in ref.obs else []
+    overlap = sorted(set(train_sections) & set(test.sections))
+    if overlap:
+        logger.warning(f"Test sections {overlap} are also training sections: the scores are not held-out scores.")
+    sets = gene_sets(model, y_train, n_genes=n_genes)
+    pos = {name: pd.Index(genes).get_indexer(names) for name, names in sets.items()}
+    observed = {name: y_test[:, p] for name, p in pos.items()}
+    retrieval_units = subsample(len(y_test), max_n=max_units, seed=seed)
+
+    rows: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    alphas: dict[str, dict[str, float]] = {}
+
+    def run(name: str, fn: Callable[[], dict[str, float]]) -> None:
+        t0 = time.perf_counter()
+        logger.info(f"evaluate: {name}")
+        rows[name] = fn()
+        seconds[name] = round(time.perf_counter() - t0, 2)
+
+    def embedding_method(m: Sigmma) -> dict[str, float]:
+        emb = m.get_embeddings(test_sdata, table_key=table_key)
+        ref_emb, ref_expr = reference_expression(m, None)
+        pred = weighted_average(emb["img"], ref_emb, ref_expr, k=k, temperature=temperature)
+        m_genes = pd.Index(list(m.genes))
+        preds = {name: pred[:, m_genes.get_indexer(names)] for name, names in sets.items()}
+        sim = cosine_similarity(emb["img"][retrieval_units], emb["expr"][retrieval_units])
+        return scores_from_predictions(preds, observed, groups, sim, n_genes=n_genes, ks=ks)
+
+    run("sigmma", lambda: embedding_method(model))
+
+    ridge_train = subsample(len(y_train), max_n=max_train_units, seed=seed)
+
+    def ridge_method(name: str) -> dict[str, float]:
+        kind = "meso" if name == "ridge" else "multiscale"
+        x_tr = _features(model, train_sdata, kind, table_key)[ridge_train]
+        x_te = _features(model, test_sdata, kind, table_key)
+        if name == "ridge_cv":
+            x_tr, x_te = standardized_pair(x_tr, x_te)
+        y_tr = y_train[ridge_train]
+        preds: dict[str, np.ndarray] = {}
+        alphas[name] = {}
+        # One fit per target set, as HEST does (its alpha depends on the number of targets).
+        for target, idx in (*pos.items(), ("all", np.arange(len(genes)))):
+            if name == "ridge":
+                preds[target], alphas[name][target] = ridge_probe(x_tr, y_tr[:, idx], x_te, seed=seed)
+            else:
+                preds[target], alphas[name][target] = ridge_cv(x_tr, y_tr[:, idx], x_te)
+        sim = profile_similarity(preds["all"][retrieval_units], y_test[retrieval_units])
+        return scores_from_predictions(preds, observed, groups, sim, n_genes=n_genes, ks=ks)
+
+    for name in baselines:
+        if name == "single_scale":
+            run(name, lambda: embedding_method(fit_single_scale(model, train_sdata, seed=seed, **(fit_kwargs or {}))))
+        else:
+            run(name, lambda name=name: ridge_method(name))
+
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "method"
+    df.attrs["protocol"] = {
+        "genes_hvg": sets["hvg"],
+        "genes_heg": sets["heg"],
+        "n_genes": n_genes,
+        "gene_rule_hvg": "variance of log1p(normalize_total) among genes detected in >= 10% of training units",
+        "gene_rule_heg": "mean log1p(normalize_total) over training units",
+        "train_sections": train_sections,
+        "test_sections": list(test.sections),
+        "n_train_units": int(len(y_train)),
+        "n_test_units": int(len(y_test)),
+        "n_retrieval_units": int(len(retrieval_units)),
+        "ks": list(ks),
+        "k_neighbours": int(k),
+        "temperature": float(temperature),
+        "seed": int(seed),
+        "encoder": str(model.encoder),
+        "feature_key": str(model.feature_key),
+        "levels": list(model.levels),
+        "ridge_alphas": alphas,
+        "seconds": seconds,
+        "versions": _versions(),
+    }
+    return df

@@ -1,0 +1,234 @@
+"""Gene-expression prediction from H&E by retrieval of reference expression embeddings (BLEEP / Loki style)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._constants import Keys
+from .._logging import logger
+from ._retrieve import _table, embeddings_of, nearest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from ..model import Sigmma
+
+#: Softmax temperature on cosine similarities of the k retrieved reference units.
+DEFAULT_TEMPERATURE: float = 0.1
+
+
+def neighbour_weights(scores: np.ndarray, *, temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
+    """Weights of the retrieved reference units: softmax over ``cosine / temperature`` per query.
+
+    A small temperature trusts the closest matches; a large one approaches the plain mean of the
+    ``k`` neighbours (BLEEP's average). Weights are positive and sum to one per row.
+
+    Parameters
+    ----------
+    scores
+        ``(n, k)`` cosine similarities of each query's neighbours.
+    temperature
+        Softmax temperature, > 0.
+
+    Returns
+    -------
+    ``(n, k)`` float64 weights.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> neighbour_weights(np.array([[0.5, 0.5]]))
+    array([[0.5, 0.5]])
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+    logits = np.asarray(scores, dtype=np.float64) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    w = np.exp(logits)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def weighted_average(
+    queries: np.ndarray,
+    ref_embeddings: np.ndarray,
+    ref_expression: np.ndarray,
+    *,
+    k: int,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> np.ndarray:
+    """Similarity-weighted mean expression of the ``k`` nearest reference units of each query.
+
+    Parameters
+    ----------
+    queries
+        ``(n, d)`` image embeddings of the query units.
+    ref_embeddings
+        ``(m, d)`` expression embeddings of the reference units.
+    ref_expression
+        ``(m, n_genes)`` log1p expression of the reference units (dense or sparse).
+    k
+        Neighbours averaged (capped at ``m``).
+    temperature
+        See :func:`neighbour_weights`.
+
+    Returns
+    -------
+    ``(n, n_genes)`` float32 predictions on the reference's log1p scale.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ref = np.eye(3)
+    >>> weighted_average(np.array([[1.0, 0.0, 0.0]]), ref, 10 * ref, k=1)
+    array([[10.,  0.,  0.]], dtype=float32)
+    """
+    k = int(min(k, len(ref_embeddings)))
+    idx, scores = nearest(queries, ref_embeddings, k)
+    w = neighbour_weights(scores, temperature=temperature)
+    ref = sp.csr_matrix(ref_expression) if sp.issparse(ref_expression) else np.asarray(ref_expression)
+    out = np.zeros((len(idx), ref.shape[1]), dtype=np.float64)
+    # One pass per neighbour rank keeps memory at (n, n_genes) instead of (n, k, n_genes).
+    for j in range(k):
+        rows = ref[idx[:, j]]
+        rows = rows.toarray() if sp.issparse(rows) else rows
+        out += w[:, j, None] * rows
+    return out.astype(np.float32)
+
+
+def reference_expression(model: Sigmma, reference: Any, *, table_key: str = Keys.TABLE) -> tuple[np.ndarray, Any]:
+    """Expression embeddings and log1p expression over ``model.genes`` of a prediction reference.
+
+    Parameters
+    ----------
+    model
+        Fitted model.
+    reference
+        ``None`` (``model.reference``: the training units), an AnnData embedded by the model
+        (``obsm["X_sigmma_expr"]``; ``X`` log1p-normalised, or raw counts when its
+        ``uns["sigmma_dataset"]`` says ``log_normalized=False``, as in a table written by
+        :func:`sigmma_sc.tl.fit`), or a SpatialData with counts (embedded now).
+    table_key
+        Table of a SpatialData reference.
+
+    Returns
+    -------
+    ``(embeddings (m, d), expression (m, n_genes))``.
+
+    Examples
+    --------
+    >>> emb, expr = reference_expression(model, None)  # doctest: +SKIP
+    """
+    from anndata import AnnData
+
+    from ..io import validate
+    from ..model._data import log1p_normalize
+
+    genes = list(model.genes)
+    if reference is None:
+        reference = model.reference
+    if not isinstance(reference, AnnData):
+        slide = validate(reference, table_key=table_key, require_counts=True)
+        return embeddings_of(model, reference, "expr", table_key=table_key, what="reference"), slide.expression(genes)
+    emb = embeddings_of(model, reference, "expr", what="reference")
+    pos = pd.Index(reference.var_names).get_indexer(genes)
+    if (pos < 0).any():
+        missing = [g for g, p in zip(genes, pos) if p < 0]
+        raise KeyError(
+            f"The reference AnnData lacks {len(missing)} of the model's genes (e.g. {missing[:5]}); "
+            "pass an AnnData whose var_names include model.genes."
+        )
+    info = reference.uns.get(Keys.DATASET, {})
+    if isinstance(info, dict) and Keys.LOG_NORMALIZED in info and not bool(info[Keys.LOG_NORMALIZED]):
+        counts = reference.layers[Keys.COUNTS_LAYER] if Keys.COUNTS_LAYER in reference.layers else reference.X
+        # Totals over every gene of the table, as in training, before keeping the model genes.
+        return emb, log1p_normalize(sp.csr_matrix(counts))[:, pos]
+    return emb, reference.X[:, pos]
+
+
+def predict_expression(
+    model: Sigmma,
+    sdata: SpatialData,
+    *,
+    reference: AnnData | SpatialData | None = None,
+    k: int = 50,
+    temperature: float = DEFAULT_TEMPERATURE,
+    table_key: str = Keys.TABLE,
+) -> AnnData:
+    """Predict gene expression of every unit of a slide from its H&E alone.
+
+    The query's image views are embedded by the model; the ``k`` reference units whose expression
+    embeddings are most similar (cosine) are retrieved and their log1p expression averaged with
+    softmax weights ``exp(cosine / temperature)`` (normalised per query). The query needs no
+    counts: any counts it has are ignored.
+
+    Parameters
+    ----------
+    model
+        Fitted :class:`sigmma_sc.Sigmma`.
+    sdata
+        Query slide(s): H&E image(s) and the units to predict (table ``table_key``).
+    reference
+        Expression library: ``None`` for ``model.reference`` (the training units), an AnnData
+        embedded by the model (``obsm["X_sigmma_expr"]`` plus expression over ``model.genes``), or a
+        SpatialData with counts (embedded now).
+    k
+        Reference units averaged per query.
+    temperature
+        Softmax temperature on cosine similarities (> 0); large values approach the plain mean.
+    table_key
+        Table of ``sdata``.
+
+    Returns
+    -------
+    AnnData: query units x ``model.genes``, ``X`` = predicted log1p(normalize_total) expression
+    (float32), ``obs`` copied from the query table, ``obsm["spatial"]`` copied (microns),
+    ``uns["sigmma_dataset"]`` copied with ``log_normalized=True`` and the parameters in
+    ``uns["sigmma"]["params"]``.
+
+    Examples
+    --------
+    >>> import sigmma_sc as sg
+    >>> train = sg.datasets.her2st(sections=["C2", "C3", "C4", "C5"])
+    >>> query = sg.datasets.her2st(sections=["C6"])
+    >>> model = sg.tl.fit(train)
+    >>> pred = sg.tl.predict_expression(model, query, k=50)
+    >>> pred[:, "ERBB2"].X[:5]
+    """
+    import anndata as ad
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    table = _table(sdata, table_key)
+    queries = embeddings_of(model, sdata, "img", table_key=table_key, what="query")
+    ref_emb, ref_expr = reference_expression(model, reference, table_key=table_key)
+    if ref_emb.shape[1] != queries.shape[1]:
+        raise ValueError(
+            f"The reference embeddings have {ref_emb.shape[1]} dimensions but the model embeds {queries.shape[1]}; "
+            "embed the reference with the same model."
+        )
+    if k > len(ref_emb):
+        logger.warning(f"k={k} exceeds the {len(ref_emb)} reference units; averaging all of them.")
+    pred = weighted_average(queries, ref_emb, ref_expr, k=k, temperature=temperature)
+
+    uns: dict[str, Any] = {
+        Keys.UNS: {
+            Keys.PARAMS: {"k": int(min(k, len(ref_emb))), "temperature": float(temperature), "n_reference": len(ref_emb)}
+        }
+    }
+    info = table.uns.get(Keys.DATASET)
+    if isinstance(info, dict):
+        uns[Keys.DATASET] = {**info, Keys.LOG_NORMALIZED: True}
+    out = ad.AnnData(
+        X=pred,
+        obs=table.obs.copy(),
+        var=pd.DataFrame(index=pd.Index(list(model.genes), dtype=str)),
+        uns=uns,
+    )
+    if Keys.SPATIAL in table.obsm:
+        out.obsm[Keys.SPATIAL] = np.array(table.obsm[Keys.SPATIAL], copy=True)
+    return out

@@ -123,5 +123,7 @@ class ReaderKeys:
     VISIUM_IMAGE_SUFFIXES: Final = ("_full_image", "_hires_image", "_lowres_image")
     VISIUM_HD_BIN_PATTERN: Final = r"square_(\d+)um"  # shapes / table name of a Visium HD bin size
     SCANPY_LOG1P: Final = "log1p"  # uns key scanpy writes after sc.pp.log1p
+
+
 HER2ST_MPP: Final = 0.688
 XENIUM_NCBI858_MPP: Final = 2.125  # deepspot_NCBI858 H&E pixel size (HEST-1k NCBI858, downsampled)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import Keys
+from sigmma_sc._constants import Keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -327,9 +327,7 @@ def _union_genes(sections: Sequence[SectionArrays]) -> pd.Index:
 def _remap_columns(counts: sparse.csr_matrix, src_genes: Sequence[str], genes: pd.Index) -> sparse.csr_matrix:
     """Place a section's columns into the union gene space without densifying (missing genes stay 0)."""
     col_map = genes.get_indexer(pd.Index([str(g) for g in src_genes]))
-    out = sparse.csr_matrix(
-        (counts.data, col_map[counts.indices], counts.indptr), shape=(counts.shape[0], len(genes))
-    )
+    out = sparse.csr_matrix((counts.data, col_map[counts.indices], counts.indptr), shape=(counts.shape[0], len(genes)))
     out.sort_indices()
     return out
 
@@ -406,9 +404,7 @@ def build_sdata(
         if xy.shape != (n, 2):
             raise ValueError(f"section {s.section!r}: xy_um must have shape ({n}, 2), got {xy.shape}.")
         if len(s.genes) != s.counts.shape[1]:
-            raise ValueError(
-                f"section {s.section!r}: {len(s.genes)} gene names for {s.counts.shape[1]} count columns."
-            )
+            raise ValueError(f"section {s.section!r}: {len(s.genes)} gene names for {s.counts.shape[1]} count columns.")
         ids = np.arange(n, dtype=np.int64)
         image_keys[s.section] = f"{s.section}{IMAGE_SUFFIX}"
         shapes_keys[s.section] = f"{s.section}{UNIT_SUFFIX[s.unit]}"

@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import HER2ST_MPP, ST_SPOT_DIAMETER_UM
-from .._logging import logger
+from sigmma_sc._constants import HER2ST_MPP, ST_SPOT_DIAMETER_UM
+from sigmma_sc._logging import logger
+
 from ._build import SectionArrays, build_sdata, pixel_index_to_um, read_rgb_pyramid
-from ._paths import resolve_dataset_dir
+from ._paths import REQUIRED_FILES, resolve_dataset_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -26,7 +27,6 @@ _ARRAY_X, _ARRAY_Y = "x", "y"
 _PIXEL_COL, _PIXEL_ROW = "pixel_x", "pixel_y"  # pixel_x is the image column, pixel_y the row
 _SELECTED = "selected"
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-_REQUIRED = ("counts/*.tsv.gz", "spots/*_selection.tsv", "images/*")
 
 
 def _section_files(folder: Path, section: str) -> tuple[Path, Path, Path] | None:
@@ -147,7 +147,7 @@ def her2st(path: str | os.PathLike | None = None, *, sections: Sequence[str] | N
     [187, 180, 184, 181, 178]
     >>> c2 = sg.datasets.her2st(sections=["C2"])
     """
-    folder = resolve_dataset_dir("her2st", path, required=_REQUIRED)
+    folder = resolve_dataset_dir("her2st", path, required=REQUIRED_FILES["her2st"])
     found = her2st_sections(folder)
     if sections is None:
         chosen = found

@@ -18,10 +18,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._logging import logger
+from sigmma_sc._logging import logger
 
 DATA_DIR_ENV = "SIGMMA_DATA_DIR"
 _CACHE_NAME = "sigmma-sc"
+
+# Files (glob patterns) a data set folder must hold for its loader.
+REQUIRED_FILES: dict[str, tuple[str, ...]] = {
+    "her2st": ("counts/*.tsv.gz", "spots/*_selection.tsv", "images/*"),
+    "deepspot_NCBI858": ("NCBI858.h5ad", "NCBI858.jpg"),
+    "squidpy_tests": ("test_data.h5ad", "test_img.jpg"),
+    "visiumhd_kidney": ("kidney_16um_hvg1000.h5ad", "he_2um.jpg"),
+}
+KIDNEY_CROP_FILES: tuple[str, ...] = ("fixture_16um_crop.h5ad", "fixture_he_crop.png")
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ def repo_data_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """The pooch cache folder downloads go to (``~/.cache/sigmma-sc`` on Linux).
+    """Return the pooch cache folder downloads go to (``~/.cache/sigmma-sc`` on Linux).
 
     Examples
     --------
@@ -114,6 +123,43 @@ def _download(name: str, remote: _Remote, target: Path) -> None:
     for rel, url in remote.files:
         dest = target / rel
         pooch.retrieve(url, known_hash=None, fname=dest.name, path=dest.parent, progressbar=False)
+
+
+def _local_candidates(name: str) -> list[str]:
+    places = []
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        places.append(f"${DATA_DIR_ENV}/{name} = {Path(env).expanduser() / name}")
+    places.append(f"../shared/data/{name} next to the repository = {repo_data_dir() / name}")
+    return places
+
+
+def local_dataset_dir(name: str, *, required: Sequence[str]) -> Path | None:
+    """Return the data set folder under ``$SIGMMA_DATA_DIR`` or ``../shared/data``, without downloading.
+
+    Parameters
+    ----------
+    name
+        Folder name of the data set, e.g. ``"her2st"``.
+    required
+        Glob patterns, relative to the data set folder, that must each match at least one file.
+
+    Returns
+    -------
+    The folder, or ``None`` when neither place holds the data set (tests skip on ``None``).
+
+    Examples
+    --------
+    >>> from sigmma_sc.datasets import local_dataset_dir
+    >>> folder = local_dataset_dir("her2st", required=["counts/*.tsv.gz"])
+    """
+    env = os.environ.get(DATA_DIR_ENV)
+    candidates = [Path(env).expanduser() / name] if env else []
+    candidates.append(repo_data_dir() / name)
+    for candidate in candidates:
+        if _has_all(candidate, required):
+            return candidate
+    return None
 
 
 def resolve_dataset_dir(name: str, path: str | os.PathLike | None = None, *, required: Sequence[str]) -> Path:
@@ -155,17 +201,10 @@ def resolve_dataset_dir(name: str, path: str | os.PathLike | None = None, *, req
             f"pass the '{name}' folder itself or a folder that contains it."
         )
 
-    tried: list[str] = []
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        candidate = Path(env).expanduser() / name
-        if _has_all(candidate, required):
-            return candidate
-        tried.append(f"${DATA_DIR_ENV}/{name} = {candidate}")
-    candidate = repo_data_dir() / name
-    if _has_all(candidate, required):
-        return candidate
-    tried.append(f"../shared/data/{name} next to the repository = {candidate}")
+    found = local_dataset_dir(name, required=required)
+    if found is not None:
+        return found
+    tried = _local_candidates(name)
 
     remote = _REMOTES.get(name)
     if remote is not None:

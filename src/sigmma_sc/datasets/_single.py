@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM, XENIUM_NCBI858_MPP
-from .._logging import logger
+from sigmma_sc._constants import VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM, XENIUM_NCBI858_MPP
+from sigmma_sc._logging import logger
+
 from ._build import SectionArrays, build_sdata, pixel_index_to_um, read_rgb_pyramid
-from ._paths import resolve_dataset_dir
+from ._paths import KIDNEY_CROP_FILES, REQUIRED_FILES, resolve_dataset_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -67,7 +68,7 @@ def xenium_lung(path: str | os.PathLike | None = None) -> SpatialData:
     >>> sdata["table"].n_obs
     200
     """
-    folder = resolve_dataset_dir("deepspot_NCBI858", path, required=("NCBI858.h5ad", "NCBI858.jpg"))
+    folder = resolve_dataset_dir("deepspot_NCBI858", path, required=REQUIRED_FILES["deepspot_NCBI858"])
     adata = _read_h5ad(folder / "NCBI858.h5ad")
     meta_path = folder / "NCBI858.json"
     diameter = 20.0
@@ -126,7 +127,7 @@ def visium_mouse_brain(path: str | os.PathLike | None = None) -> SpatialData:
 
     Returns
     -------
-    Section ``"mouse_brain"``: image ``"V1_Adult_Mouse_Brain_he"``, circles
+    Section ``"mouse_brain"``: image ``"mouse_brain_he"``, circles
     ``"mouse_brain_spots"``, table ``"table"`` (technology ``"visium"``, unit kind ``"spot"``).
 
     Examples
@@ -136,7 +137,7 @@ def visium_mouse_brain(path: str | os.PathLike | None = None) -> SpatialData:
     >>> sdata["table"].uns["sigmma_dataset"]["log_normalized"]
     True
     """
-    folder = resolve_dataset_dir("squidpy_tests", path, required=("test_data.h5ad", "test_img.jpg"))
+    folder = resolve_dataset_dir("squidpy_tests", path, required=REQUIRED_FILES["squidpy_tests"])
     adata = _read_h5ad(folder / "test_data.h5ad")
     px = np.asarray(adata.obsm[_SOURCE_SPATIAL], dtype=np.float64)  # (column, row)
     mpp = VISIUM_SPOT_PITCH_UM / spot_pitch_px(px)
@@ -196,9 +197,7 @@ def visium_hd_kidney(path: str | os.PathLike | None = None, *, crop: bool = Fals
     >>> sdata["table"].n_obs
     5695
     """
-    h5ad, image = (
-        ("fixture_16um_crop.h5ad", "fixture_he_crop.png") if crop else ("kidney_16um_hvg1000.h5ad", "he_2um.jpg")
-    )
+    h5ad, image = KIDNEY_CROP_FILES if crop else REQUIRED_FILES["visiumhd_kidney"]
     folder = resolve_dataset_dir("visiumhd_kidney", path, required=(h5ad, image))
     adata = _read_h5ad(folder / h5ad)
     meta = adata.uns.get(_KIDNEY_META, {})

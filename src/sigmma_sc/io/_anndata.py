@@ -65,7 +65,8 @@ def from_anndata(
     Counts: ``layers["counts"]`` when present, else ``X`` when it holds non-negative integers;
     a non-integer ``X`` without a counts layer is taken as log-normalised (flagged
     ``log_normalized``, so it is never log-transformed again). ``obs`` and ``var`` columns and
-    the other ``obsm`` entries are carried over.
+    the other ``obsm`` entries are carried over. A ``uint8`` ``(height, width, 3)`` image is used
+    without copying (do not write into it afterwards); other images are converted into a new array.
 
     Parameters
     ----------

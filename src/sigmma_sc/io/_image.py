@@ -10,6 +10,7 @@ on the fly, inside the reads.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover
 # Levels up to this size are read into memory once and then sliced as numpy: later code reads
 # thousands of small windows and a dask graph per window costs ~1 ms.
 _CACHE_MAX_BYTES = 768 * 2**20
+# Computed levels are shared between SectionImages of the same dask array (every public function
+# validates again; the pyramid should be computed once), least recently used first out.
+_SHARED_CACHE_BYTES = 2 * 2**30
+_shared_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
 WHITE = 255
 
@@ -167,6 +172,23 @@ def _numpy_source(arr: Any) -> np.ndarray | None:
         if not np.array_equal(np.asarray(data[i].compute()), src[i]):
             return None
     return src
+
+
+def _computed(data: Any) -> np.ndarray:
+    """Compute ``data`` to numpy once per dask array (keyed by its deterministic name)."""
+    name = getattr(data, "name", None)
+    if not hasattr(data, "compute") or not isinstance(name, str):
+        return np.asarray(data)
+    hit = _shared_cache.get(name)
+    if hit is not None:
+        _shared_cache.move_to_end(name)
+        return hit
+    out = np.asarray(data.compute())
+    out.setflags(write=False)  # shared between readers: nobody may write into it
+    _shared_cache[name] = out
+    while sum(v.nbytes for v in _shared_cache.values()) > _SHARED_CACHE_BYTES and len(_shared_cache) > 1:
+        _shared_cache.popitem(last=False)
+    return out
 
 
 @dataclass(eq=False)
@@ -415,7 +437,7 @@ class SectionImage:
         if src is not None:
             out = src.transpose(order)
         elif np.prod(arr.shape) * np.dtype(arr.dtype).itemsize <= _CACHE_MAX_BYTES:
-            out = np.asarray(arr.data.compute() if hasattr(arr.data, "compute") else arr.data).transpose(order)
+            out = _computed(arr.data).transpose(order)
         else:
             out = None
         self._cache[level] = out

@@ -73,8 +73,8 @@ class SlideData:
     >>> expr = slide.expression(slide.table.var_names[:50])
     """
 
-    sdata: SpatialData
-    table: AnnData
+    sdata: SpatialData = field(repr=False)
+    table: AnnData = field(repr=False)
     table_key: str
     sections: list[str]
     unit_section: np.ndarray
@@ -332,7 +332,7 @@ def _check_count_values(mat: Any, what: str, *, log_normalized: bool) -> None:
             )
 
 
-def _check_empty(mat: Any, what: str, table_key: str) -> None:
+def _check_empty(mat: Any, what: str, table_key: str, *, allow_empty_genes: bool) -> None:
     m = mat.tocsr() if sparse.issparse(mat) else np.asarray(mat)
     unit_tot = np.asarray(abs(m).sum(axis=1)).ravel()
     gene_tot = np.asarray(abs(m).sum(axis=0)).ravel()
@@ -344,11 +344,12 @@ def _check_empty(mat: Any, what: str, table_key: str) -> None:
             f"sdata.tables[{table_key!r}] = table."
         )
     n_empty_genes = int((gene_tot == 0).sum())
-    if n_empty_genes:
+    if n_empty_genes and not allow_empty_genes:
         raise ValueError(
             f"{n_empty_genes} of {m.shape[1]} gene(s) in table {table_key!r} have no counts in any unit ({what}). "
             f"Filter them first: table = sdata.tables[{table_key!r}]; sc.pp.filter_genes(table, min_counts=1); "
-            f"sdata.tables[{table_key!r}] = table."
+            f"sdata.tables[{table_key!r}] = table. (A held-out test section may legitimately miss genes: callers "
+            "that only read it pass allow_empty_genes=True.)"
         )
 
 
@@ -719,6 +720,7 @@ def validate(
     mpp: float | None = None,
     coordinate_system: str | None = None,
     image_key: str | dict[str, str] | None = None,
+    allow_empty_genes: bool = False,
 ) -> SlideData:
     """Check a SpatialData object and describe it in microns; the one entry point every function calls.
 
@@ -772,6 +774,10 @@ def validate(
         ``"global"`` or the first shared one otherwise).
     image_key
         Image element to use (one name for all sections, or ``{section: name}``).
+    allow_empty_genes
+        With ``require_counts``, accept genes with zero counts in every unit (a held-out test
+        section or a gene panel union legitimately has some); units with zero counts are still
+        refused (they cannot be normalised).
 
     Returns
     -------
@@ -836,10 +842,10 @@ def validate(
     if require_counts:
         if geo.log_normalized and Keys.COUNTS_LAYER not in table.layers:
             _check_count_values(table.X, f"table {table_key!r} X", log_normalized=True)
-            _check_empty(table.X, "X", table_key)
+            _check_empty(table.X, "X", table_key, allow_empty_genes=allow_empty_genes)
         else:
             mat = slide.counts()
-            _check_empty(mat, slide.counts_source or "X", table_key)
+            _check_empty(mat, slide.counts_source or "X", table_key, allow_empty_genes=allow_empty_genes)
     return slide
 
 

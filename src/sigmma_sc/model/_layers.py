@@ -7,11 +7,18 @@ torch-scatter or torch-sparse.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn import GATv2Conv
-from torch_geometric.utils import softmax
+
+with warnings.catch_warnings():
+    # torch_geometric's import triggers torch.jit deprecation warnings that are not ours to fix.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", UserWarning)
+    from torch_geometric.nn import GATv2Conv
+    from torch_geometric.utils import softmax
 
 from .._constants import Levels
 

@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # pragma: no cover
 # Padding around the units of a section, in unit diameters: the tissue edge stays visible.
 _PAD_DIAMETERS = 1.5
 _PANEL = (5.0, 5.0)
+# Rendered panel width in pixels (5 in at 150 dpi) and the unit size from which units get a rim.
+_PANEL_PX = 750
+_OUTLINE_MIN_PX = 8
 
 
 @dataclass
@@ -93,7 +96,7 @@ def map_panel(
     frameon: bool,
     crop_coord: tuple[float, float, float, float] | None,
     title: str | None,
-    outline: bool,
+    outline: bool | None,
 ) -> tuple[float, float, float, float]:
     """Draw one section: H&E, units coloured by ``lay``, legend / colour bar, scale bar.
 
@@ -125,7 +128,11 @@ def map_panel(
         )
         # High values on top so hot spots are not hidden under their neighbours (cells overlap).
         order = np.argsort(np.nan_to_num(np.asarray(vals, dtype=float), nan=-np.inf)) if sub.kind == "continuous" else None
-        # A thin white rim separates adjacent spots and lifts them off the purple H&E.
+        if outline is None:
+            # A thin white rim separates adjacent spots and lifts them off the purple H&E; on
+            # dense small units (cells, Visium HD bins) it would only paint a white lattice.
+            span = max(bbox[1] - bbox[0], bbox[3] - bbox[2])
+            outline = diameter / span * _PANEL_PX >= _OUTLINE_MIN_PX
         edge = "white" if outline else "none"
         u.draw_units(ax, xy, diameter, rgba, alpha=alpha, edgecolor=edge, linewidth=0.3, order=order)
         if sub.kind == "categorical":
@@ -163,7 +170,7 @@ def spatial(
     legend_loc: str | None = "right margin",
     colorbar: bool = True,
     scalebar: bool = True,
-    outline: bool = True,
+    outline: bool | None = None,
     crop_coord: tuple[float, float, float, float] | None = None,
     ax: Axes | None = None,
     save: str | Path | None = None,
@@ -228,7 +235,7 @@ def spatial(
     scalebar
         Draw a scale bar.
     outline
-        Thin white rim around each unit.
+        Thin white rim around each unit (default: when units are drawn at least ~8 pixels wide).
     crop_coord
         View ``(x0, x1, y0, y1)`` in microns (default: the section's units plus a margin).
     ax
@@ -452,7 +459,7 @@ def predicted_vs_observed(
         scalebar=scalebar,
         frameon=frameon,
         crop_coord=None,
-        outline=True,
+        outline=None,
     )
     for i, (g, s) in enumerate(rows):
         j = genes.index(g)

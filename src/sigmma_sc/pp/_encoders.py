@@ -102,9 +102,7 @@ class Encoder:
 
         device = resolve_device(device)
         if self.module is not None and self._device != device:
-            self.module = self.module.to(device).eval()
-            if device.startswith("cuda"):
-                self.module = self.module.to(memory_format=torch.channels_last)
+            self.module = self.module.to(device).eval().to(memory_format=torch.channels_last)
             for p in self.module.parameters():
                 p.requires_grad_(False)
             self._device = device

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from .._constants import Defaults, Keys
-from .._logging import logger
+from sigmma_sc._constants import Defaults, Keys
+from sigmma_sc._logging import logger
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -89,7 +89,7 @@ def default_graph_params(technology: str, unit_kind: str) -> dict[str, Any]:
 
 
 def make_builder(method: str, *, n_neighs: int | None = None, radius_um: float | None = None, n_rings: int = 1):
-    """The squidpy graph builder for one method (``grid``, ``delaunay``, ``knn``, ``radius``).
+    """Make the squidpy graph builder of one method (``grid``, ``delaunay``, ``knn``, ``radius``).
 
     Examples
     --------
@@ -354,9 +354,9 @@ def spatial_graphs(
     >>> sg.pp.spatial_graphs(sdata)
     >>> sdata["table"].obsp["spatial_connectivities"].sum(1).mean()  # about 4 on the ST lattice
     """
-    from ..io import validate
+    from sigmma_sc.io import validate
 
-    slide = validate(sdata, table_key=table_key)
+    slide = validate(sdata, table_key=table_key, require_image=False)
     adj, dst, uns = compute_unit_graph(slide, method=method, n_neighs=n_neighs, radius_um=radius_um, n_rings=n_rings)
     logger.info(
         f"spatial graph ({uns['params']}): {adj.shape[0]} units, mean degree {adj.nnz / max(adj.shape[0], 1):.2f}"

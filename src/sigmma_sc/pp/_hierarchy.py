@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from .._constants import Defaults, Keys, Levels
-from .._logging import logger
+from sigmma_sc._constants import Defaults, Keys, Levels
+from sigmma_sc._logging import logger
+
 from ._graphs import compute_unit_graph, graph_edges, grouped_delaunay_edges, write_unit_graph
 
 if TYPE_CHECKING:
@@ -112,7 +113,9 @@ class Hierarchy:
         self.sections = [str(s) for s in self.sections]
         self._names = [n for n in Levels.ALL if n in self.levels]
         if list(self.levels) != self._names:
-            raise ValueError(f"levels must be ordered fine to coarse, a subset of {Levels.ALL}; got {list(self.levels)}.")
+            raise ValueError(
+                f"levels must be ordered fine to coarse, a subset of {Levels.ALL}; got {list(self.levels)}."
+            )
         if self.unit_level not in self.levels:
             raise ValueError(f"unit_level {self.unit_level!r} is not one of the levels {self._names}.")
         self.check()
@@ -133,7 +136,9 @@ class Hierarchy:
             if lv.name != name:
                 raise ValueError(f"level stored under {name!r} is named {lv.name!r}.")
             if len(lv.section) != n or (n and (lv.section.min() < 0 or lv.section.max() >= len(self.sections))):
-                raise ValueError(f"level {name!r}: section codes must be (n,) codes into {len(self.sections)} sections.")
+                raise ValueError(
+                    f"level {name!r}: section codes must be (n,) codes into {len(self.sections)} sections."
+                )
             e = lv.edges
             if e.size and (e.min() < 0 or e.max() >= n):
                 raise ValueError(f"level {name!r}: edges point outside its {n} nodes.")
@@ -679,7 +684,8 @@ def build_hierarchy(
     >>> {k: v.n_nodes for k, v in h.levels.items()}
     >>> h = sg.pp.get_hierarchy(sdata)  # later, also after sdata.write / read_zarr
     """
-    from ..io import validate
+    from sigmma_sc.io import validate
+
     from ._nuclei import load_nuclei, nuclei_key, segment_nuclei
 
     for name, val in (("niche_size_um", niche_size_um), ("region_radius_um", region_radius_um)):
@@ -742,7 +748,7 @@ def build_hierarchy(
 
 
 def get_hierarchy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> Hierarchy:
-    """The hierarchy stored by :func:`build_hierarchy`.
+    """Read the hierarchy stored by :func:`build_hierarchy`.
 
     Parameters
     ----------

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from .._constants import Defaults, Keys
-from .._logging import logger
-from .._settings import settings
+from sigmma_sc._constants import Defaults, Keys
+from sigmma_sc._logging import logger
+from sigmma_sc._settings import settings
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -145,12 +145,12 @@ def segment_tile(
     from skimage.feature import peak_local_max
     from skimage.filters import gaussian
     from skimage.measure import label
-    from skimage.morphology import remove_small_objects
     from skimage.segmentation import watershed
 
     h = np.asarray(h, dtype=np.float32)
     mask = gaussian(h, smooth_um / um_per_px, preserve_range=True) > threshold
-    mask = remove_small_objects(mask, max(int(min_object_um2 / um_per_px**2), 1))
+    specks, _ = ndi.label(mask)
+    mask &= (np.bincount(specks.ravel()) >= max(min_object_um2 / um_per_px**2, 1))[specks]
     mask = ndi.binary_fill_holes(mask)
     if not mask.any():
         return np.zeros(h.shape, np.int32)
@@ -158,7 +158,9 @@ def segment_tile(
     # clumps whose outline has no concavity, depth keeps one marker per pale nucleus.
     depth_cap = 4.0 / um_per_px
     core = gaussian(h, marker_um / um_per_px, preserve_range=True)
-    score = core / max(float(core.max()), 1e-6) + 0.5 * np.minimum(ndi.distance_transform_edt(mask), depth_cap) / depth_cap
+    score = (
+        core / max(float(core.max()), 1e-6) + 0.5 * np.minimum(ndi.distance_transform_edt(mask), depth_cap) / depth_cap
+    )
     score[~mask] = 0
     blobs = label(mask)
     # One pass over the tile (``labels=`` would loop over every blob, 10x slower); blobs left
@@ -211,14 +213,14 @@ def measure_labels(labels: np.ndarray, h: np.ndarray) -> dict[str, np.ndarray]:
     r = np.bincount(inv, rr, n) / np.maximum(area, 1)
     c = np.bincount(inv, cc, n) / np.maximum(area, 1)
     dr, dc = rr - r[inv], cc - c[inv]
-    # Eccentricity of the ellipse with the same second moments (as skimage regionprops); the 1/12
-    # is the moment of a unit pixel, so single pixels count as circles.
-    mrr = np.bincount(inv, dr * dr, n) / np.maximum(area, 1) + 1 / 12
-    mcc = np.bincount(inv, dc * dc, n) / np.maximum(area, 1) + 1 / 12
+    # Eccentricity of the ellipse with the same second moments, as skimage regionprops (a single
+    # pixel counts as a circle).
+    mrr = np.bincount(inv, dr * dr, n) / np.maximum(area, 1)
+    mcc = np.bincount(inv, dc * dc, n) / np.maximum(area, 1)
     mrc = np.bincount(inv, dr * dc, n) / np.maximum(area, 1)
     half_tr, root = (mrr + mcc) / 2, np.sqrt(((mrr - mcc) / 2) ** 2 + mrc**2)
     l1, l2 = half_tr + root, np.maximum(half_tr - root, 0)
-    ecc = np.sqrt(np.clip(1 - l2 / np.maximum(l1, 1e-12), 0, 1))
+    ecc = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / np.where(l1 > 0, l1, 1), 0, 1)), 0.0)
     hmean = np.bincount(inv, np.asarray(h, np.float64).ravel()[fg], n) / np.maximum(area, 1)
     return {"row": r, "col": c, "area_px": area, "eccentricity": ecc, "hematoxylin": hmean}
 
@@ -254,24 +256,31 @@ def _segment_section(
     upp = img.um_per_px
     half = int(np.ceil((radius_um + margin_um) / upp))
     cr = np.rint(img.um_to_px(centres_um)).astype(np.int64)
-    tiles = [img.read(r - half, r + half + 1, c - half, c + half + 1) for c, r in cr]
-    hs = [hematoxylin(t) for t in tiles]
+
+    def window(j: int) -> np.ndarray:
+        c, r = cr[j]
+        return img.read(r - half, r + half + 1, c - half, c + half + 1)
+
     if segmenter is None and threshold is None:
-        k = max(1, len(tiles) // 200)  # at most ~200 windows feed the threshold
-        threshold = tissue_threshold(np.stack(hs[::k]), np.stack(tiles[::k]))
+        # ~200 windows spread over the section set the threshold; windows are then streamed one
+        # by one, so memory does not grow with the number of spots.
+        sample = [window(j) for j in range(0, len(cr), max(1, len(cr) // 200))]
+        threshold = tissue_threshold(np.stack([hematoxylin(t) for t in sample]), np.stack(sample))
     px_area_um2 = abs(np.linalg.det(img.um_from_px[:2, :2]))
     rows = []
-    for j in tqdm(range(len(tiles)), desc=f"nuclei {section}", disable=not settings.progress_bar, leave=False):
+    for j in tqdm(range(len(cr)), desc=f"nuclei {section}", disable=not settings.progress_bar, leave=False):
+        tile = window(j)
+        h = hematoxylin(tile)
         if segmenter is None:
-            lab = segment_tile(hs[j], um_per_px=upp, threshold=threshold, min_distance_um=min_distance_um)
+            lab = segment_tile(h, um_per_px=upp, threshold=threshold, min_distance_um=min_distance_um)
         else:
-            lab = np.asarray(segmenter(tiles[j]))
-            if lab.shape != hs[j].shape or not np.issubdtype(lab.dtype, np.integer):
+            lab = np.asarray(segmenter(tile))
+            if lab.shape != h.shape or not np.issubdtype(lab.dtype, np.integer):
                 raise ValueError(
-                    f"segmenter returned {lab.dtype} {lab.shape} for a {tiles[j].shape} tile; it must return an "
+                    f"segmenter returned {lab.dtype} {lab.shape} for a {tile.shape} tile; it must return an "
                     "integer label image of the tile's height and width (0 = background)."
                 )
-        m = measure_labels(lab, hs[j])
+        m = measure_labels(lab, h)
         m["unit"] = np.full(len(m["row"]), j)
         m["row"] += cr[j, 1] - half
         m["col"] += cr[j, 0] - half
@@ -378,9 +387,9 @@ def segment_nuclei(
     >>> nuc = sdata.shapes["C2_nuclei"]
     >>> nuc.groupby("spot").size().median()  # tens of nuclei per 100 µm spot
     """
-    from ..io import validate
+    from sigmma_sc.io import validate
 
-    slide = validate(sdata, table_key=table_key)
+    slide = validate(sdata, table_key=table_key, require_image=False)
     if slide.unit_kind != "spot":
         raise ValueError(
             f"segment_nuclei is for spot data; table {table_key!r} holds {slide.technology!r} units of kind "
@@ -390,6 +399,9 @@ def segment_nuclei(
     unknown = [s for s in wanted if s not in slide.sections]
     if unknown:
         raise KeyError(f"section(s) {unknown} not in table {table_key!r} (sections: {slide.sections}).")
+    no_image = [s for s in wanted if s not in slide.images]
+    if no_image:
+        raise KeyError(f"section(s) {no_image} have no H&E image in sdata.images; nuclei need one per section.")
     if min_area_um2 >= max_area_um2:
         raise ValueError(f"min_area_um2={min_area_um2} must be below max_area_um2={max_area_um2}.")
     elements = {}
@@ -418,7 +430,7 @@ def segment_nuclei(
 
 
 def load_nuclei(slide) -> dict[str, np.ndarray]:
-    """The nuclei of every section of a validated slide, aligned with its table.
+    """Read the nuclei of every section of a validated slide, aligned with its table.
 
     Parameters
     ----------

@@ -1,1 +1,3 @@
 """Tools: training (fit), expression prediction, cross-modal retrieval and evaluation."""
+
+from ._fit import fit

@@ -346,8 +346,15 @@ def fit_single_scale(model: Sigmma, train_sdata: SpatialData, *, seed: int, **fi
     from .. import tl
 
     kwargs = dict(fit_kwargs)
-    kwargs.update(levels=(Levels.MESO,), graph=False, encoder=model.encoder, genes=list(model.genes), seed=seed)
-    return tl.fit(light_copy(train_sdata, table_key=kwargs.get("table_key", Keys.TABLE)), **kwargs)
+    # tl.fit picks its genes from the training units with the model's rule: same data, same genes.
+    kwargs.update(levels=(Levels.MESO,), graph=False, encoder=model.encoder, n_genes=len(model.genes), seed=seed)
+    base = tl.fit(light_copy(train_sdata, table_key=kwargs.get("table_key", Keys.TABLE)), **kwargs)
+    if list(base.genes) != list(model.genes):
+        logger.warning(
+            f"single_scale selected {len(set(base.genes) ^ set(model.genes))} genes different from the model's: "
+            "train_sdata is probably not the model's training data."
+        )
+    return base
 
 
 def _copy_dicts(value: Any) -> Any:

@@ -104,7 +104,8 @@ def embeddings_of(
                 "(e.g. model.reference) or the SpatialData itself."
             )
         return np.asarray(data.obsm[key], dtype=np.float32)
-    emb = model.get_embeddings(data, table_key=table_key).get(modality)
+    # An image-only request skips the expression side: H&E-only tables and tables with counts embed alike.
+    emb = model.get_embeddings(data, table_key=table_key, expression=modality == "expr").get(modality)
     if emb is None:
         raise ValueError(
             f"{what} has no expression counts in table {table_key!r}, so it has no expression embedding; "

@@ -1,0 +1,319 @@
+"""Quality benchmark: SIGMMA vs single-scale CLIP and ridge probes on real data, one script per dataset.
+
+her2st, leave-one-section-out over the sections given (C2-C6 of patient C by default layout, or any
+other her2st-layout folder):
+
+    python benchmarks/quality.py --dataset her2st --data ../shared/data/her2st \
+        --train C2,C3,C4,C5 --test C6 --seeds 0,1,2 --out results.json
+    python benchmarks/quality.py --dataset her2st --data DIR --train C2,C3,C4,C5,C6 --loso --seeds 0,1,2
+
+Visium HD kidney by spatial blocks (train on the other blocks, bins within the buffer of the test
+block dropped from training, every block tested once unless --folds picks some):
+
+    python benchmarks/quality.py --dataset kidney --data ../shared/data/visiumhd_kidney \
+        --blocks 4x4 --buffer-um 64 --seeds 0,1,2
+
+Prints method x metric (mean ± std over seeds of the mean over folds), SIGMMA's relative gain over
+each baseline and the wall time, and writes a JSON
+``{"protocol": {...}, "methods": {method: {metric: mean, metric_std: std, ..., "chance_r5": ...}}}``.
+Image features are computed once per section and kept in ``--cache`` (default
+``~/.cache/sigmma_sc/benchmarks``), so folds and seeds do not recompute them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import sigmma_sc as sg
+from sigmma_sc._constants import Keys
+
+METRIC_KEYS = (
+    "pcc_hvg50",
+    "pcc_heg50",
+    "pcc_hvg50_per_slide",
+    "r1_img2expr",
+    "r5_img2expr",
+    "r10_img2expr",
+    "r1_expr2img",
+    "r5_expr2img",
+    "r10_expr2img",
+)
+GAIN_KEYS = ("pcc_hvg50", "pcc_heg50", "r5_img2expr", "r5_expr2img", "r10_img2expr")
+METHOD_ORDER = ("sigmma", "single_scale", "ridge", "ridge_cv")
+QUICK_EPOCHS = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature cache: one section's hierarchy nodes and features are the same whether the section is
+# loaded alone or with others (the hierarchy never crosses sections), so features computed per
+# section can be assembled into any multi-section object.
+# ---------------------------------------------------------------------------------------------
+def _cache_file(cache: Path, dataset: str, section: str) -> Path:
+    return cache / f"{dataset}_{section}_features.npz"
+
+
+def _section_features(load, dataset: str, section: str, cache: Path) -> tuple[str, dict[str, np.ndarray]]:
+    """Per-level features of one section (and their node centres), computed once and cached on disk."""
+    from sigmma_sc.pp._features import get_features, image_features
+
+    path = _cache_file(cache, dataset, section)
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            key = str(z["key"])
+            return key, {name: z[name] for name in z.files if name != "key"}
+    t0 = time.perf_counter()
+    sdata = load([section])
+    hier = sg.pp.build_hierarchy(sdata)
+    key = image_features(sdata)
+    feats = get_features(sdata, key=key)
+    arrays = {f"feat_{lv}": f for lv, f in feats.items()}
+    arrays.update({f"centers_{lv}": lvl.centers_um for lv, lvl in hier.levels.items()})
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, key=np.asarray(key), **arrays)
+    print(f"  features of {section}: {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
+    return key, arrays
+
+
+def prepare(load, dataset: str, sections: list[str], cache: Path):
+    """A SpatialData of ``sections`` with its hierarchy built and image features filled from the cache."""
+    from sigmma_sc.pp._features import _write_features
+
+    per_section = {s: _section_features(load, dataset, s, cache) for s in sections}
+    sdata = load(sections)
+    hier = sg.pp.build_hierarchy(sdata)
+    keys = {k for k, _ in per_section.values()}
+    if len(keys) != 1:
+        raise RuntimeError(f"cached features of {sections} use different keys {keys}; clear {cache}.")
+    key = keys.pop()
+    feats: dict[str, np.ndarray] = {}
+    for lv, level in hier.levels.items():
+        out = None
+        for code, section in enumerate(hier.sections):
+            arrays = per_section[section][1]
+            rows = np.flatnonzero(np.asarray(level.section) == code)
+            f, centres = arrays.get(f"feat_{lv}"), arrays.get(f"centers_{lv}")
+            if f is None or len(f) != len(rows) or not np.allclose(centres, level.centers_um[rows]):
+                raise RuntimeError(f"cached {lv} features of section {section} do not match its hierarchy; clear {cache}.")
+            if out is None:
+                out = np.zeros((level.n_nodes, f.shape[1]), np.float32)
+            out[rows] = f
+        feats[lv] = out
+    _write_features(sdata.tables[Keys.TABLE], key, feats)
+    return sdata
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and splits
+# ---------------------------------------------------------------------------------------------
+def her2st_folds(args) -> tuple[Any, list[dict[str, Any]]]:
+    from sigmma_sc.datasets._her2st import her2st
+
+    train = [s for s in args.train.split(",") if s] if args.train else []
+    test = [s for s in args.test.split(",") if s] if args.test else []
+    if args.loso:
+        sections = list(dict.fromkeys(train + test))
+        if len(sections) < 2:
+            raise SystemExit("--loso needs at least two sections in --train / --test.")
+        folds = [{"train": [s for s in sections if s != t], "test": [t]} for t in sections]
+    else:
+        if not train or not test:
+            raise SystemExit("her2st needs --train and --test (or --loso).")
+        folds = [{"train": train, "test": test}]
+
+    def load(sections):
+        return her2st(args.data, sections=sections)
+
+    return load, folds
+
+
+def spatial_blocks(xy: np.ndarray, nx: int, ny: int, buffer_um: float) -> list[dict[str, np.ndarray]]:
+    """Grid blocks over the unit centres; training excludes the test block and a buffer around it."""
+    lo, hi = xy.min(axis=0), xy.max(axis=0) + 1e-6
+    edges_x = np.linspace(lo[0], hi[0], nx + 1)
+    edges_y = np.linspace(lo[1], hi[1], ny + 1)
+    bx = np.clip(np.searchsorted(edges_x, xy[:, 0], side="right") - 1, 0, nx - 1)
+    by = np.clip(np.searchsorted(edges_y, xy[:, 1], side="right") - 1, 0, ny - 1)
+    folds = []
+    for j in range(ny):
+        for i in range(nx):
+            test = (bx == i) & (by == j)
+            near = (
+                (xy[:, 0] >= edges_x[i] - buffer_um)
+                & (xy[:, 0] < edges_x[i + 1] + buffer_um)
+                & (xy[:, 1] >= edges_y[j] - buffer_um)
+                & (xy[:, 1] < edges_y[j + 1] + buffer_um)
+            )
+            folds.append({"block": j * nx + i, "train": np.flatnonzero(~near), "test": np.flatnonzero(test)})
+    return folds
+
+
+def subset_units(sdata, idx: np.ndarray):
+    """A SpatialData with the same image and shapes and the table restricted to some units."""
+    from spatialdata import SpatialData
+
+    table = sdata.tables[Keys.TABLE][np.sort(idx)].copy()
+    # Graphs, hierarchy and feature caches describe the full table: rebuilt for the subset.
+    table.uns.pop(Keys.UNS, None)
+    for key in list(table.obsp):
+        del table.obsp[key]
+    return SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={Keys.TABLE: table})
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs and aggregation
+# ---------------------------------------------------------------------------------------------
+def run_fold(train_sdata, test_sdata, *, seed: int, fit_kwargs: dict[str, Any], baselines: list[str]) -> pd.DataFrame:
+    model = sg.tl.fit(train_sdata, seed=seed, **fit_kwargs)
+    return sg.tl.evaluate(
+        model, test_sdata, train_sdata=train_sdata, baselines=baselines, seed=seed, fit_kwargs=fit_kwargs
+    )
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per method and metric: mean over folds within each seed, then mean and std over seeds."""
+    df = pd.DataFrame(runs)
+    out: dict[str, dict[str, float]] = {}
+    methods = [m for m in METHOD_ORDER if m in set(df["method"])] + sorted(set(df["method"]) - set(METHOD_ORDER))
+    for method in methods:
+        sub = df[df["method"] == method]
+        per_seed = sub.groupby("seed")[list(METRIC_KEYS) + ["chance_r5"]].mean()
+        entry: dict[str, float] = {}
+        for key in METRIC_KEYS:
+            vals = per_seed[key].to_numpy(dtype=float)
+            entry[key] = float(np.mean(vals))
+            entry[f"{key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        entry["chance_r5"] = float(per_seed["chance_r5"].mean())
+        out[method] = entry
+    return out
+
+
+def fold_wins(runs: list[dict[str, Any]], baseline: str, metric: str = "pcc_hvg50") -> tuple[int, int]:
+    """Folds where SIGMMA's seed-mean beats the baseline's, and the number of folds."""
+    df = pd.DataFrame(runs)
+    per_fold = df.groupby(["fold", "method"])[metric].mean().unstack()
+    if "sigmma" not in per_fold or baseline not in per_fold:
+        return 0, 0
+    return int((per_fold["sigmma"] > per_fold[baseline]).sum()), int(len(per_fold))
+
+
+def print_report(methods: dict[str, dict[str, float]], runs: list[dict[str, Any]], wall_s: float) -> None:
+    cols = list(METRIC_KEYS)
+    header = f"{'method':<14}" + "".join(f"{c:>22}" for c in cols)
+    print("\n" + header)
+    for name, m in methods.items():
+        print(f"{name:<14}" + "".join(f"{m[c]:>14.3f} ± {m[c + '_std']:<5.3f}" for c in cols))
+    chance = next(iter(methods.values()))["chance_r5"]
+    print(f"chance Recall@5: {chance:.3f}")
+    if "sigmma" in methods:
+        s = methods["sigmma"]
+        for base, b in methods.items():
+            if base == "sigmma":
+                continue
+            gains = []
+            for c in GAIN_KEYS:
+                rel = (s[c] - b[c]) / abs(b[c]) * 100 if b[c] else float("nan")
+                gains.append(f"{c} {rel:+.1f}%")
+            wins, n = fold_wins(runs, base)
+            print(f"SIGMMA vs {base}: " + ", ".join(gains) + f"; pcc_hvg50 wins {wins}/{n} folds")
+    print(f"wall time: {wall_s / 60:.1f} min")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=("her2st", "kidney"), required=True)
+    p.add_argument("--data", default=None, help="dataset folder (default: sigmma_sc.datasets path resolution)")
+    p.add_argument("--train", default="", help="her2st: training sections, comma-separated")
+    p.add_argument("--test", default="", help="her2st: test sections, comma-separated")
+    p.add_argument("--loso", action="store_true", help="her2st: leave-one-section-out over every section given")
+    p.add_argument("--blocks", default="4x4", help="kidney: spatial blocks, NXxNY")
+    p.add_argument("--buffer-um", type=float, default=64.0, help="kidney: training bins this close to the test block are dropped")
+    p.add_argument("--folds", default="", help="run only these fold indices (comma-separated; kidney: block ids)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--baselines", default="ridge,ridge_cv,single_scale")
+    p.add_argument("--epochs", type=int, default=None, help="max_epochs of every fit (default: tl.fit's)")
+    p.add_argument("--quick", action="store_true", help=f"short fits ({QUICK_EPOCHS} epochs unless --epochs)")
+    p.add_argument("--fit", default="{}", help="extra tl.fit arguments as JSON, e.g. '{\"inter_layers\": 2}'")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "sigmma_sc" / "benchmarks"))
+    p.add_argument("--out", default="results.json")
+    args = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    sg.settings.progress_bar = False
+    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    baselines = [b for b in args.baselines.split(",") if b]
+    fit_kwargs: dict[str, Any] = json.loads(args.fit)
+    if args.epochs is not None:
+        fit_kwargs["max_epochs"] = args.epochs
+    elif args.quick:
+        fit_kwargs["max_epochs"] = QUICK_EPOCHS
+    cache = Path(args.cache)
+
+    if args.dataset == "her2st":
+        load, folds = her2st_folds(args)
+        dataset_tag = f"her2st-{Path(args.data).name if args.data else 'default'}"
+        fold_data = lambda f: (prepare(load, dataset_tag, f["train"], cache), prepare(load, dataset_tag, f["test"], cache))  # noqa: E731
+    else:
+        from sigmma_sc import datasets
+
+        full = datasets.visium_hd_kidney(args.data)
+        nx, ny = (int(v) for v in args.blocks.lower().split("x"))
+        xy = np.asarray(full.tables[Keys.TABLE].obsm[Keys.SPATIAL], dtype=float)
+        folds = spatial_blocks(xy, nx, ny, args.buffer_um)
+        fold_data = lambda f: (subset_units(full, f["train"]), subset_units(full, f["test"]))  # noqa: E731
+    chosen = [int(i) for i in args.folds.split(",") if i != ""] or list(range(len(folds)))
+
+    runs: list[dict[str, Any]] = []
+    fold_protocols = []
+    for fi in chosen:
+        fold = folds[fi]
+        train_sdata, test_sdata = fold_data(fold)
+        desc = (
+            {"train": fold["train"], "test": fold["test"]}
+            if args.dataset == "her2st"
+            else {"block": fold["block"], "n_train": int(len(fold["train"])), "n_test": int(len(fold["test"]))}
+        )
+        for seed in seeds:
+            t0 = time.perf_counter()
+            df = run_fold(train_sdata, test_sdata, seed=seed, fit_kwargs=fit_kwargs, baselines=baselines)
+            print(f"\nfold {fi} {desc} seed {seed} ({time.perf_counter() - t0:.0f} s)")
+            print(df[["pcc_hvg50", "pcc_heg50", "r5_img2expr", "r10_img2expr", "r5_expr2img", "chance_r5"]].round(3))
+            for method, row in df.iterrows():
+                runs.append({"fold": fi, "seed": seed, "method": method, **{k: float(v) for k, v in row.items()}})
+            fold_protocols.append({"fold": fi, "seed": seed, **desc, "evaluate": df.attrs["protocol"]})
+            # Write what exists after every run: a long benchmark that stops early still reports.
+            wall = time.perf_counter() - t_start
+            result = {
+                "protocol": {
+                    "dataset": args.dataset,
+                    "data": str(args.data),
+                    "command": " ".join(sys.argv),
+                    "split": "leave-one-section-out" if args.loso else ("sections" if args.dataset == "her2st" else f"spatial blocks {args.blocks}, buffer {args.buffer_um} um"),
+                    "folds": fold_protocols,
+                    "seeds": seeds,
+                    "baselines": baselines,
+                    "fit_kwargs": fit_kwargs,
+                    "aggregation": "mean over folds per seed, then mean and sample std over seeds",
+                    "wall_time_s": round(wall, 1),
+                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                    "runs": runs,
+                },
+                "methods": aggregate(runs),
+            }
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print_report(result["methods"], runs, time.perf_counter() - t_start)
+    print(f"results: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""``tl.fit``: train SIGMMA on a slide and write its embeddings into the table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._constants import Defaults, Keys, Levels
+from .._logging import logger
+from .._settings import settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+    from ..model import Sigmma
+
+
+def fit(
+    sdata: SpatialData,
+    *,
+    table_key: str = Keys.TABLE,
+    levels: Sequence[str] = Levels.ALL,
+    graph: bool = True,
+    encoder: Any = Defaults.ENCODER,
+    n_genes: int = Defaults.N_GENES,
+    embed_dim: int = Defaults.EMBED_DIM,
+    hidden_dim: int = 256,
+    max_epochs: int = 30,
+    batch_size: int = Defaults.BATCH_SIZE,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    patience: int = 5,
+    val_fraction: float = 0.1,
+    coarse_targets: str = "soft",
+    consistency_weight: float = 0.1,
+    level_weights: dict[str, float] | None = None,
+    intra_layers: int = 1,
+    inter_layers: int = 1,
+    heads: int = 4,
+    dropout: float = 0.1,
+    accelerator: str = "auto",
+    devices: Any = "auto",
+    precision: str | None = None,
+    seed: int | None = None,
+    feature_method: str = "auto",
+    stain_normalize: str | None = None,
+    hierarchy_kwargs: dict[str, Any] | None = None,
+    checkpoint_dir: str | None = None,
+) -> Sigmma:
+    """Train SIGMMA (multi-scale graph contrastive alignment of H&E and expression) on a slide.
+
+    Runs what is missing of :func:`sigmma_sc.pp.build_hierarchy` and
+    :func:`sigmma_sc.pp.image_features` (cached in the table), selects the genes, trains the
+    image and expression encoders with PyTorch Lightning, then writes the embeddings of every unit.
+
+    Training: mini-batches of ``batch_size`` meso subgraphs (spots or niches) with their cells,
+    their GNN context and their regions; AdamW; a random ``val_fraction`` of the subgraphs is held
+    out for early stopping (``patience`` epochs) and the best validation epoch is kept (held-out
+    subgraphs still serve as GNN context of their neighbours, so the validation loss is an early
+    stopping signal, not a test score); bf16 mixed precision on GPU; DDP when more than one device;
+    seeded (bit-identical on CPU for a seed).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with H&E images and a table of units with raw counts (see
+        :func:`sigmma_sc.io.validate`; ``from_anndata`` for a plain AnnData + image).
+    table_key
+        Table of the units.
+    levels
+        Hierarchy levels to align, a subset of ``("micro", "meso", "macro")`` containing
+        ``"meso"``. ``levels=("meso",), graph=False`` is the single-scale CLIP baseline.
+    graph
+        Use the intra-subgraph (cells) and inter-subgraph (meso graph) GATv2 layers.
+    encoder
+        Frozen image encoder (see :func:`sigmma_sc.pp.image_features`).
+    n_genes
+        Genes to model: the most variable (log1p-normalised variance among genes detected in at
+        least 10% of units); capped at the genes available.
+    embed_dim, hidden_dim
+        Embedding size of every level, and width of the per-level MLPs.
+    max_epochs, batch_size, lr, weight_decay, patience, val_fraction
+        Optimisation.
+    coarse_targets
+        Macro regions of neighbouring subgraphs overlap almost entirely, so plain InfoNCE treats
+        near-duplicates as negatives. ``"soft"``: BLEEP-style soft targets from within-modality
+        similarity; ``"disjoint"``: only a non-overlapping subset of each batch's regions enters
+        the macro loss; ``"soft+disjoint"``: both; ``"hard"``: plain InfoNCE.
+    consistency_weight
+        Weight of the cross-scale term tying each node's embedding to its parent's.
+    level_weights
+        Weight of each level's InfoNCE (default 1 each).
+    intra_layers, inter_layers, heads, dropout
+        GNN depth (cells inside a subgraph, subgraph graph), attention heads, dropout.
+    accelerator, devices, precision
+        Lightning options; ``"auto"`` uses CUDA when present. Precision defaults to
+        ``"bf16-mixed"`` on GPU and ``"32-true"`` on CPU.
+    seed
+        Random seed (default ``sigmma_sc.settings.seed``).
+    feature_method, stain_normalize
+        Passed to :func:`sigmma_sc.pp.image_features`.
+    hierarchy_kwargs
+        Passed to :func:`sigmma_sc.pp.build_hierarchy` when the table has no hierarchy.
+    checkpoint_dir
+        Keep Lightning checkpoints here (default: a temporary folder, removed after training).
+
+    Returns
+    -------
+    The trained :class:`~sigmma_sc.Sigmma`. The table gets ``obsm["X_sigmma"]`` (joint),
+    ``obsm["X_sigmma_img"]``, ``obsm["X_sigmma_expr"]``, per-level
+    ``obsm["X_sigmma_{level}_{img|expr}"]`` and ``uns["sigmma"]["params" | "genes" | "history" |
+    "versions"]``; the hierarchy and feature caches stay in ``uns["sigmma"]``. Every other key of
+    the table is kept.
+
+    Examples
+    --------
+    >>> import sigmma_sc as sg
+    >>> import scanpy as sc
+    >>> sdata = sg.datasets.her2st()
+    >>> model = sg.tl.fit(sdata, max_epochs=20)
+    >>> adata = sdata["table"]
+    >>> sc.pp.neighbors(adata, use_rep="X_sigmma")
+    >>> clip = sg.tl.fit(sdata, levels=("meso",), graph=False)  # single-scale baseline
+    """
+    from ..model import Sigmma
+    from ..model._core import TrainConfig
+    from ..model._sigmma import _uns_safe, versions
+
+    config = TrainConfig(
+        levels=tuple(levels),
+        graph=bool(graph),
+        embed_dim=int(embed_dim),
+        hidden_dim=int(hidden_dim),
+        intra_layers=int(intra_layers),
+        inter_layers=int(inter_layers),
+        heads=int(heads),
+        dropout=float(dropout),
+        lr=float(lr),
+        weight_decay=float(weight_decay),
+        batch_size=int(batch_size),
+        max_epochs=int(max_epochs),
+        patience=int(patience),
+        val_fraction=float(val_fraction),
+        consistency_weight=float(consistency_weight),
+        coarse_targets=coarse_targets,
+        level_weights=level_weights,
+        seed=int(settings.seed if seed is None else seed),
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        checkpoint_dir=checkpoint_dir,
+    )
+    model, emb = Sigmma._train(
+        sdata,
+        table_key=table_key,
+        config=config,
+        encoder=encoder,
+        n_genes=int(n_genes),
+        feature_method=feature_method,
+        stain_normalize=stain_normalize,
+        hierarchy_kwargs=hierarchy_kwargs,
+    )
+    # Everything is computed; now the writes.
+    table = sdata.tables[table_key]
+    obsm = {Keys.X_SIGMMA: emb["joint"], Keys.X_SIGMMA_IMG: emb["img"], Keys.X_SIGMMA_EXPR: emb["expr"]}
+    for lv in model.levels:
+        for mod in ("img", "expr"):
+            obsm[Keys.level_embedding(lv, mod)] = emb.get(f"{lv}_{mod}")
+    for k, v in obsm.items():
+        if v is not None:
+            table.obsm[k] = np.asarray(v, dtype=np.float32)
+    root = table.uns.setdefault(Keys.UNS, {})
+    root[Keys.PARAMS] = _uns_safe(model.params)
+    root[Keys.GENES] = np.asarray(model.genes, dtype=object)
+    root[Keys.HISTORY] = {c: model.history[c].to_numpy() for c in model.history.columns}
+    root[Keys.VERSIONS] = versions()
+    logger.info(
+        f"wrote obsm[{Keys.X_SIGMMA!r}] ({emb['joint'].shape[1]}-d) and per-level embeddings to table {table_key!r}"
+    )
+    return model

@@ -1,0 +1,314 @@
+"""Encoders, dense / crop image features, the feature cache, standardisation and stain normalisation."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import sigmma_sc as sg
+from sigmma_sc._constants import Keys
+from sigmma_sc.pp._features import (
+    dense_feature_map,
+    feature_cache_key,
+    needed_cells,
+    pool_windows,
+    section_features,
+    window_cells,
+)
+from sigmma_sc.pp._patches import as_section_image
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setattr(sg.settings, "progress_bar", False)
+
+
+class TinyCNN(torch.nn.Module):
+    """Stride-32 CNN that counts its forward calls (stands in for a real encoder)."""
+
+    calls = 0
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, dim, kernel_size=32, stride=32)
+
+    def forward_features(self, x):
+        TinyCNN.calls += 1
+        return torch.relu(self.conv(x))
+
+    def forward(self, x):
+        return self.forward_features(x).mean(dim=(2, 3))
+
+
+class TinyViT(torch.nn.Module):
+    """Pooled features only (no spatial map), like a transformer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.lin(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def kidney_image():
+    sdata = sg.datasets.visium_hd_kidney(crop=True)
+    return sg.io.validate(sdata).images["kidney"]
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return sg.pp.get_encoder("efficientnet_lite0", device="cpu")
+
+
+# -- encoders --------------------------------------------------------------------------------
+def test_default_encoder_loads_imagenet_weights(lite0):
+    from PIL import Image
+    from skimage import data
+
+    cat = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)))
+    x = lite0._prepare(cat[None])
+    with torch.inference_mode():
+        top = lite0.module(x).softmax(-1).topk(3).indices[0].tolist()
+    assert set(top) & {281, 282, 285}  # tabby / tiger / Egyptian cat
+    assert lite0.dim == 1280 and lite0.dense and lite0.id == "efficientnet_lite0"
+
+
+def test_user_module_encoders():
+    enc = sg.pp.get_encoder(TinyCNN(), id="tiny")
+    assert enc.dense and enc.dim == 8 and enc.id == "tiny"
+    vit = sg.pp.get_encoder(TinyViT(), input_size=64)
+    assert not vit.dense and vit.dim == 5 and vit.id.startswith("tinyvit-")
+    # Different weights -> different cache ids.
+    other = TinyViT()
+    with torch.no_grad():
+        other.lin.weight.add_(1.0)
+    assert sg.pp.get_encoder(other, input_size=64).id != vit.id
+    img = np.full((64, 64, 3), 200, np.uint8)
+    with pytest.raises(ValueError, match="method='crop'"):
+        section_features(img, {"meso": np.array([[10.0, 10.0]])}, {"meso": 30.0}, encoder=vit, method="dense", px_from_um=np.eye(3))
+    feats = section_features(img, {"meso": np.array([[10.0, 10.0]])}, {"meso": 30.0}, encoder=vit, px_from_um=np.eye(3))
+    assert feats["meso"].shape == (1, 5)
+    with pytest.raises(ValueError, match="unknown encoder"):
+        sg.pp.get_encoder("no-such-encoder")
+    with pytest.raises(ValueError, match="obsm_key"):
+        sg.pp.get_encoder("precomputed")
+
+
+def test_registry_roundtrip():
+    sg.pp.register_encoder("tiny_test", lambda **kw: sg.pp.encoder_from_module(TinyCNN(), id="tiny_test"))
+    assert "tiny_test" in sg.pp.available_encoders()
+    assert sg.pp.get_encoder("tiny_test").dim == 8
+
+
+def _fake_timm(created: list):
+    timm = types.ModuleType("timm")
+    timm.data = types.SimpleNamespace(
+        resolve_data_config=lambda cfg, model: {"mean": (0.1, 0.2, 0.3), "std": (0.5, 0.5, 0.5), "input_size": (3, 96, 96)}
+    )
+
+    def create_model(name, pretrained=False, **kwargs):
+        created.append((name, pretrained, kwargs))
+        if "offline" in name:
+            raise OSError("couldn't connect to huggingface.co")
+        return TinyCNN()
+
+    timm.create_model = create_model
+    return timm
+
+
+def test_timm_path_with_local_module(monkeypatch):
+    created: list = []
+    monkeypatch.setitem(sys.modules, "timm", _fake_timm(created))
+    enc = sg.pp.get_encoder("timm:resnet_local")
+    assert created[-1][:2] == ("resnet_local", True)
+    assert enc.id == "timm-resnet_local" and enc.input_size == 96 and enc.mean == (0.1, 0.2, 0.3)
+    assert enc.dense and enc.dim == 8  # forward_features gives a stride-32 map
+    out = enc.encode(np.full((2, 96, 96, 3), 128, np.uint8))
+    assert out.shape == (2, 8) and np.isfinite(out).all()
+    uni = sg.pp.get_encoder("uni")
+    assert created[-1][0] == "hf-hub:MahmoodLab/UNI" and created[-1][2]["init_values"] == 1e-5
+    assert "/" not in uni.id  # ids become zarr group names
+    with pytest.raises(RuntimeError, match="huggingface"):
+        sg.pp.get_encoder("hf-hub:org/offline-model")
+
+
+def test_timm_missing_gives_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ImportError, match="pip install"):
+        sg.pp.get_encoder("hf-hub:MahmoodLab/UNI")
+
+
+# -- dense path ----------------------------------------------------------------------------------
+def test_pool_windows_is_exact_area_mean():
+    rng = np.random.default_rng(0)
+    fmap = rng.normal(size=(7, 9, 3)).astype(np.float32)
+    v0 = rng.uniform(-1, 5, 20)
+    u0 = rng.uniform(-1, 7, 20)
+    side = rng.uniform(0.3, 3.0, 20)
+    got = pool_windows(fmap, (v0, v0 + side, u0, u0 + side))
+    # Brute force: supersample each window on a fine grid (clipped to the map).
+    for k in range(20):
+        ys = np.linspace(max(v0[k], 0), min(v0[k] + side[k], 7), 400, endpoint=False)
+        xs = np.linspace(max(u0[k], 0), min(u0[k] + side[k], 9), 400, endpoint=False)
+        dy, dx = (ys[1] - ys[0]) / 2, (xs[1] - xs[0]) / 2
+        vals = fmap[np.floor(ys + dy).astype(int)][:, np.floor(xs + dx).astype(int)]
+        np.testing.assert_allclose(got[k], vals.mean(axis=(0, 1)), atol=0.02)
+
+
+def test_needed_cells_cover_windows():
+    mask = needed_cells([(np.array([1.2]), np.array([2.5]), np.array([0.1]), np.array([0.4]))], (5, 5))
+    assert mask.sum() == 2 and mask[1, 0] and mask[2, 0]
+    # A window off the map still reads its nearest cell.
+    assert needed_cells([(np.array([9.0]), np.array([10.0]), np.array([-3.0]), np.array([-2.0]))], (5, 5))[4, 0]
+
+
+def test_dense_map_has_no_seams_and_is_deterministic(kidney_image, lite0):
+    # 512 px of tissue: four 256 px tiles with a 128 px margin vs one tile with the same margin.
+    img = np.asarray(kidney_image.read(0, 512, 0, 512))
+    tiled = dense_feature_map(img, lite0, px_from_um=np.eye(3), tile_px=256, margin_px=128)
+    whole = dense_feature_map(img, lite0, px_from_um=np.eye(3), tile_px=512, margin_px=128)
+    again = dense_feature_map(img, lite0, px_from_um=np.eye(3), tile_px=256, margin_px=128)
+    assert tiled.shape == (16, 16, 1280) and np.isfinite(tiled).all()
+    np.testing.assert_array_equal(tiled, again)
+    rel = np.abs(tiled - whole).mean() / np.abs(whole).mean()
+    assert rel < 0.05, rel
+    # Without a margin the tile borders differ much more (the margin is what removes seams).
+    seams = dense_feature_map(img, lite0, px_from_um=np.eye(3), tile_px=256, margin_px=0)
+    assert np.abs(seams - whole).mean() / np.abs(whole).mean() > 2 * rel
+
+
+def test_dense_skips_tiles_without_nodes():
+    img = np.full((512, 512, 3), 120, np.uint8)
+    img[..., 0] = 200
+    enc = sg.pp.get_encoder(TinyCNN(), id="tiny")
+    TinyCNN.calls = 0
+    feats = section_features(
+        img, {"micro": np.array([[20.0, 20.0]])}, {"micro": 32.0}, encoder=enc, px_from_um=np.eye(3), tile_px=128, margin_px=32
+    )
+    assert feats["micro"].shape == (1, 8)
+    assert TinyCNN.calls == 1  # one tile of 16 holds the node
+
+
+def test_dense_and_crop_features_agree(kidney_image, lite0):
+    rng = np.random.default_rng(1)
+    h, w = kidney_image.shape
+    um = kidney_image.um_per_px
+    centres = rng.uniform(120, np.array([w, h]) * um - 120, (24, 2))
+    fov = {"meso": 200.0}
+    dense = section_features(kidney_image, {"meso": centres}, fov, encoder=lite0, method="dense")["meso"]
+    crop = section_features(kidney_image, {"meso": centres}, fov, encoder=lite0, method="crop", crop_px=128)["meso"]
+    assert np.isfinite(dense).all() and np.isfinite(crop).all()
+    # Across nodes, each channel of the dense features tracks the per-crop one.
+    d = dense - dense.mean(0)
+    c = crop - crop.mean(0)
+    r = (d * c).sum(0) / np.sqrt((d**2).sum(0) * (c**2).sum(0) + 1e-12)
+    varied = crop.std(0) > np.median(crop.std(0))
+    assert np.nanmean(r[varied]) > 0.4, np.nanmean(r[varied])
+
+
+def test_window_cells_centred_with_mirror():
+    img = as_section_image(np.zeros((640, 640, 3), np.uint8), np.array([[-2.0, 0, 640], [0, 2.0, 0], [0, 0, 1]]))
+    v0, v1, u0, u1 = window_cells(img, np.array([[100.0, 50.0]]), 64.0, 1)
+    # x = 100 um -> column 640 - 200 = 440 -> cell 13.75; y = 50 um -> row 100 -> cell 3.125.
+    np.testing.assert_allclose([(v0 + v1) / 2, (u0 + u1) / 2], [[100 / 32], [440 / 32]])
+    np.testing.assert_allclose(v1 - v0, 128 / 32)
+
+
+# -- SpatialData entry points and the cache --------------------------------------------------------
+@pytest.fixture(scope="module")
+def kidney_sdata():
+    sdata = sg.datasets.visium_hd_kidney(crop=True)
+    sg.pp.build_hierarchy(sdata)
+    return sdata
+
+
+def test_image_features_cached(kidney_sdata):
+    sg.pp.register_encoder("tiny_counting", lambda **kw: sg.pp.encoder_from_module(TinyCNN(), id="tiny_counting"))
+    TinyCNN.calls = 0
+    key = sg.pp.image_features(kidney_sdata, encoder="tiny_counting")
+    assert TinyCNN.calls > 0
+    h = sg.pp.get_hierarchy(kidney_sdata)
+    feats = sg.pp.get_features(kidney_sdata, key=key)
+    assert set(feats) == set(h.levels)
+    for level, f in feats.items():
+        assert f.shape == (h.levels[level].n_nodes, 8) and f.dtype == np.float32 and np.isfinite(f).all()
+    assert feats["micro"].std(0).max() > 0
+    calls = TinyCNN.calls
+    assert sg.pp.image_features(kidney_sdata, encoder="tiny_counting") == key
+    assert TinyCNN.calls == calls  # cache hit: no encoder work
+    table = kidney_sdata.tables["table"]
+    assert table.uns[Keys.UNS][Keys.FEATURES_LATEST] == key
+    # A different method is a different cache entry.
+    key_crop = sg.pp.image_features(kidney_sdata, encoder="tiny_counting", method="crop", levels=["macro"])
+    assert key_crop != key and TinyCNN.calls > calls
+    assert set(sg.pp.get_features(kidney_sdata)) == {"macro"}
+    assert set(sg.pp.get_features(kidney_sdata, key=key)) == set(h.levels)
+    with pytest.raises(KeyError, match="cached keys"):
+        sg.pp.get_features(kidney_sdata, key="nope")
+
+
+def test_image_features_precomputed(kidney_sdata):
+    table = kidney_sdata.tables["table"]
+    rng = np.random.default_rng(0)
+    table.obsm["X_mine"] = rng.normal(size=(table.n_obs, 6)).astype(np.float32)
+    key = sg.pp.image_features(kidney_sdata, encoder="precomputed", obsm_key="X_mine")
+    feats = sg.pp.get_features(kidney_sdata, key=key)
+    h = sg.pp.get_hierarchy(kidney_sdata)
+    unit = h.unit_nodes(h.unit_level)
+    np.testing.assert_allclose(feats[h.unit_level][unit], table.obsm["X_mine"], rtol=1e-6)
+    m = h.levels["meso"].members
+    expect = (m @ table.obsm["X_mine"]) / np.asarray(m.sum(1))
+    np.testing.assert_allclose(feats["meso"], expect, rtol=1e-5, atol=1e-6)
+    del table.obsm["X_mine"]
+
+
+def test_cache_key_is_a_zarr_name():
+    key = feature_cache_key("timm-hf-hub:MahmoodLab/UNI", "crop", {"meso": 150.0}, "macenko-default")
+    assert "/" not in key and "macenko" in key and "meso150" in key
+
+
+def test_standardize_features_clips_constant_channels():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(200, 5))
+    train[:, 4] = 3.0 + 1e-9 * rng.normal(size=200)  # near-constant in training
+    test = rng.normal(size=(50, 5))
+    test[:, 4] = 4.0
+    ztr, zte = sg.pp.standardize_features(train, test)
+    assert np.abs(zte).max() <= 5.0 and np.abs(ztr[:, :4].mean(0)).max() < 1e-6
+    np.testing.assert_allclose(ztr[:, :4].std(0), 1.0, rtol=1e-5)
+    unclipped = sg.pp.standardize_features(train, test, clip=None)[1]
+    assert np.abs(unclipped[:, 4]).max() > 5  # the clip is what bounds it
+
+
+# -- stain ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_normalize_stain_moves_towards_reference(kidney_image, method):
+    ref = np.asarray(kidney_image.read(0, 300, 0, 300))
+    # The same tissue, restained: more hematoxylin, less eosin, a colour cast.
+    src = sg.pp.hed_jitter(ref, sigma=0.0, bias=0.0)
+    od = -np.log((ref.astype(float) + 1) / 255)
+    od_src = od * np.array([1.35, 0.8, 1.1])
+    src = np.clip(255 * np.exp(-od_src) - 1, 0, 255).astype(np.uint8)
+    out = sg.pp.normalize_stain(src, method=method, reference=ref)
+    assert out.shape == src.shape and out.dtype == np.uint8
+
+    def dist(a):
+        return np.abs(a.astype(float).mean((0, 1)) - ref.astype(float).mean((0, 1))).sum()
+
+    assert dist(out) < 0.5 * dist(src), (dist(out), dist(src))
+
+
+def test_hed_jitter_is_seeded_and_bounded(kidney_image):
+    img = np.asarray(kidney_image.read(0, 64, 0, 64))
+    a = sg.pp.hed_jitter(np.stack([img, img]), seed=3)
+    b = sg.pp.hed_jitter(np.stack([img, img]), seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0], a[1])  # each image gets its own draw
+    assert 0 < np.abs(a[0].astype(int) - img).mean() < 20

@@ -1,0 +1,232 @@
+"""The SIGMMA model (sigmma_sc.model) and tl.fit.
+
+Array-level tests build Level-shaped inputs by hand (fast); slide-level tests run tl.fit on real
+her2st sections (hierarchy + features computed once per module), the Xenium fixture, an
+AnnData + image, and the synthetic tissue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import sigmma_sc as sg
+from sigmma_sc._constants import Keys
+from sigmma_sc.model._data import (
+    ExpressionSource,
+    LevelInput,
+    SubgraphBatcher,
+    csr_from_edges,
+    k_hop,
+    log1p_normalize,
+    select_genes,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_single_thread():
+    # Tiny matrices: one thread avoids OpenMP spin-waits on a shared CPU (10x faster here).
+    import torch
+
+    n = torch.get_num_threads()
+    bar = sg.settings.progress_bar
+    torch.set_num_threads(1)
+    sg.settings.progress_bar = False
+    yield
+    torch.set_num_threads(n)
+    sg.settings.progress_bar = bar
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic level arrays (spot-like: a grid of spots with nuclei and ring regions)
+# ---------------------------------------------------------------------------------------------
+def spot_levels(n_side: int = 10, n_sec: int = 2, n_nuc: int = 4, n_feat: int = 24, n_genes: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(np.arange(n_side), np.arange(n_side)), -1).reshape(-1, 2) * 200.0
+    xy = np.concatenate([grid] * n_sec)
+    sec = np.repeat(np.arange(n_sec), len(grid))
+    n = len(xy)
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    same = sec[:, None] == sec[None]
+    edges = np.array(np.nonzero((d > 0) & (d <= 201) & same))
+    region = sp.csr_matrix(((d <= 250) & same).astype(np.float32))
+    kind = ((xy[:, 0] // 600 + xy[:, 1] // 600) % 4).astype(int)
+    w_img = rng.normal(size=(4, n_feat))
+    w_expr = rng.gamma(1.0, 1.0, size=(4, n_genes))
+    f_meso = w_img[kind] + rng.normal(size=(n, n_feat))
+    counts = sp.csr_matrix(rng.poisson(w_expr[kind] * 5 + 0.5).astype(np.float32))
+    parent = np.repeat(np.arange(n), n_nuc)
+    f_micro = w_img[kind][parent] + 2 * rng.normal(size=(len(parent), n_feat))
+    pairs = [(a, b) for i in range(n) for a in range(i * n_nuc, (i + 1) * n_nuc) for b in range(i * n_nuc, (i + 1) * n_nuc) if a != b]
+    # One cross-spot micro edge: the intra-subgraph graph must drop it.
+    pairs.append((0, n_nuc))
+    f_macro = np.asarray(region @ f_meso) / np.asarray(region.sum(1))
+    levels = {
+        "micro": LevelInput("micro", len(parent), np.array(pairs).T, parent, f_micro.astype(np.float32), None),
+        "meso": LevelInput("meso", n, edges, np.arange(n), f_meso.astype(np.float32), sp.identity(n, format="csr")),
+        "macro": LevelInput("macro", n, edges, None, f_macro.astype(np.float32), region),
+    }
+    return levels, counts, [f"g{i}" for i in range(n_genes)], kind
+
+
+# ---------------------------------------------------------------------------------------------
+# gene selection and expression
+# ---------------------------------------------------------------------------------------------
+def test_select_genes_ranks_by_log_variance_and_filters_detection():
+    rng = np.random.default_rng(0)
+    x = np.zeros((200, 4))
+    x[:, 0] = rng.poisson(20, 200)  # detected, low log-variance
+    x[:, 1] = rng.poisson(1.0, 200) * rng.integers(0, 2, 200) * 10  # detected, very variable
+    x[:5, 2] = 1000  # detected in 2.5% of units: excluded however variable
+    x[:, 3] = rng.poisson(5, 200)
+    genes = select_genes(sp.csr_matrix(x), ["a", "b", "c", "d"], n_genes=10)
+    assert "c" not in genes
+    assert genes[0] == "b"
+    assert len(genes) == 3  # capped at the detected genes
+    with pytest.raises(ValueError, match="n_genes"):
+        select_genes(x, ["a", "b", "c", "d"], n_genes=0)
+
+
+def test_select_genes_log_normalized_input_is_not_logged_again():
+    x = np.abs(np.random.default_rng(1).normal(size=(50, 3))) * np.array([0.1, 1.0, 3.0])
+    assert select_genes(x, ["a", "b", "c"], n_genes=1, log_normalized=True) == ["c"]
+
+
+def test_expression_source_matches_log1p_normalize_of_summed_counts():
+    rng = np.random.default_rng(2)
+    counts = sp.csr_matrix(rng.poisson(3, size=(6, 5)).astype(np.float32))
+    members = sp.csr_matrix(np.array([[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=np.float32))
+    src = ExpressionSource.from_counts(counts, np.array([4, 0]), log_normalized=False)
+    expected = log1p_normalize(np.asarray((members @ counts).todense()))[:, [4, 0]]
+    np.testing.assert_allclose(src.node_expression(members), expected, rtol=1e-5)
+    # Already log-normalised tables: nodes average their units in linear scale.
+    logx = sp.csr_matrix(np.log1p(counts.toarray()))
+    src = ExpressionSource.from_counts(logx, np.arange(5), log_normalized=True)
+    np.testing.assert_allclose(src.node_expression(sp.identity(6, format="csr")), logx.toarray(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# subgraph batches
+# ---------------------------------------------------------------------------------------------
+def test_k_hop_and_subgraph_helpers():
+    a = csr_from_edges(np.array([[0, 1, 1, 2, 2, 3], [1, 0, 2, 1, 3, 2]]), 5)
+    assert k_hop(a, np.array([0]), 2).tolist() == [0, 1, 2]
+    assert k_hop(a, np.array([4]), 3).tolist() == [4]
+
+
+def test_batch_holds_targets_children_context_and_regions():
+    levels, counts, var, _ = spot_levels()
+    src = ExpressionSource.from_counts(counts, np.arange(10), log_normalized=False)
+    b = SubgraphBatcher(levels, use_levels=("micro", "meso", "macro"), expression=src, graph=True)
+    ids = np.array([0, 55, 120])
+    batch = b.batch(ids)
+    meso = batch["meso_ids"].numpy()
+    assert meso[:3].tolist() == ids.tolist()  # targets first
+    # Context: every meso node within one hop of the targets and of their regions' members.
+    region_members = np.unique(sp.coo_matrix(b.region[ids]).col)
+    needed = k_hop(b.meso_adj, np.union1d(ids, region_members), 1)
+    assert set(needed) == set(meso)
+    # Micro: exactly the children of the context nodes, parents pointing into the meso array.
+    micro_parent = batch["micro_parent"].numpy()
+    assert np.array_equal(levels["micro"].parent[batch["micro_ids"].numpy()], meso[micro_parent])
+    # Intra-subgraph edges never join two subgraphs.
+    e = batch["micro_edges"].numpy()
+    assert e.size and np.all(micro_parent[e[0]] == micro_parent[e[1]])
+    # Regions pool their meso members.
+    src_ = meso[batch["region_src"].numpy()]
+    dst = batch["macro_ids"].numpy()[batch["region_dst"].numpy()]
+    assert np.all(np.asarray(levels["macro"].members[dst, src_]).ravel() == 1)
+    assert batch["meso_expr"].shape == (len(meso), 10)
+    # Memory is bounded by the batch: far fewer than all nodes.
+    assert len(meso) < levels["meso"].n / 2
+
+
+def test_disjoint_macro_mask_selects_non_overlapping_regions():
+    levels, counts, var, _ = spot_levels()
+    src = ExpressionSource.from_counts(counts, np.arange(10), log_normalized=False)
+    b = SubgraphBatcher(levels, use_levels=("meso", "macro"), expression=src, graph=False, disjoint_macro=True)
+    batch = b.batch(np.arange(30))
+    keep = batch["macro_loss_mask"].numpy()
+    reg = b.region[batch["macro_ids"].numpy()[keep]]
+    overlap = (reg @ reg.T).toarray()
+    assert keep.sum() >= 2
+    assert np.all(overlap[~np.eye(len(overlap), dtype=bool)] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------------------
+def test_info_nce_soft_targets_forgive_near_duplicates():
+    import torch
+    import torch.nn.functional as F
+
+    from sigmma_sc.model._losses import consistency, info_nce
+
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(4, 16), dim=-1)
+    # Rows 0 and 1 are near-duplicates in both modalities.
+    z = base.clone()
+    z[1] = F.normalize(base[0] + 0.01 * torch.randn(16), dim=0)
+    scale = torch.tensor(20.0)
+
+    def grad_norm(soft: bool) -> float:
+        # How hard the loss pushes the perfectly aligned pairs apart.
+        zi = z.clone().requires_grad_(True)
+        info_nce(zi, z, scale, soft=soft).backward()
+        return float(zi.grad.norm())
+
+    assert grad_norm(soft=True) < 0.5 * grad_norm(soft=False)
+    assert float(info_nce(z, z, scale)) < float(info_nce(z, z.roll(1, 0), scale))
+    assert float(consistency(base, base)) == pytest.approx(0.0, abs=1e-6)
+    assert float(consistency(base, -base)) == pytest.approx(2.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# training on arrays
+# ---------------------------------------------------------------------------------------------
+def _train_arrays(level_inputs, counts, **kw):
+    from sigmma_sc.model._core import TrainConfig, embed_nodes, make_batcher, train, unit_embeddings
+
+    src = ExpressionSource.from_counts(counts, np.arange(counts.shape[1]), log_normalized=False)
+    cfg = TrainConfig(**{"max_epochs": 4, "batch_size": 32, "embed_dim": 32, "hidden_dim": 64, **kw})
+    module, history, stats, _ = train(level_inputs, src, cfg)
+    b = make_batcher(level_inputs, cfg, src, stats)
+    nodes = embed_nodes(module, b, batch_size=32, expression=True)
+    return history, unit_embeddings(nodes, level_inputs, "meso", counts.shape[0])
+
+
+def test_array_training_lowers_loss_aligns_modalities_and_is_deterministic():
+    levels, counts, var, kind = spot_levels()
+    history, emb = _train_arrays(levels, counts)
+    assert history["epoch"].tolist() == [0, 1, 2, 3, 4]
+    assert history["train_loss"].iloc[-1] < 0.7 * history["train_loss"].iloc[0]
+    assert {"train_loss_meso", "train_loss_macro", "train_loss_consistency", "val_loss"} <= set(history.columns)
+    n = counts.shape[0]
+    for key in ("img", "expr", "joint", "meso_img", "macro_expr", "micro_img"):
+        assert emb[key].shape[0] == n
+        np.testing.assert_allclose(np.linalg.norm(emb[key], axis=1), 1.0, rtol=1e-4)
+    assert emb["micro_expr"] is None  # nuclei carry no expression
+    assert emb["img"].shape[1] == 64  # meso + macro blocks
+    sim = emb["img"] @ emb["expr"].T
+    # The matched expression ranks in the top 5 far more often than chance (5 / n).
+    top5 = np.argsort(-sim, axis=1)[:, :5]
+    recall5 = float(np.mean([i in top5[i] for i in range(n)]))
+    assert recall5 > 4 * 5 / n
+    _, emb2 = _train_arrays(levels, counts)
+    np.testing.assert_array_equal(emb["joint"], emb2["joint"])
+
+
+def test_single_scale_baseline_and_coarse_variants_run_from_the_same_core():
+    levels, counts, var, _ = spot_levels(n_side=8)
+    history, emb = _train_arrays(levels, counts, levels=("meso",), graph=False, max_epochs=2)
+    assert emb["img"].shape[1] == 32 and "macro_img" not in emb
+    assert "train_loss_macro" not in history
+    for variant in ("hard", "disjoint", "soft+disjoint"):
+        history, emb = _train_arrays(levels, counts, coarse_targets=variant, max_epochs=1)
+        assert np.isfinite(history["train_loss"]).all()
+    with pytest.raises(ValueError, match="coarse_targets"):
+        _train_arrays(levels, counts, coarse_targets="nope")
+    with pytest.raises(ValueError, match="meso"):
+        _train_arrays(levels, counts, levels=("micro",))

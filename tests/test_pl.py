@@ -1,0 +1,402 @@
+"""sigmma_sc.pl on real her2st data and the synthetic tissue: every plot writes a real image.
+
+"Real image" = a PNG whose pixels vary (a blank or single-colour canvas fails), checked with
+matplotlib's reader. Plots that need a fitted model get inputs built to the contract in
+docs/architecture.md (obsm keys, history columns, the tl.evaluate table, a model exposing
+``genes`` and ``get_embeddings``); tl.fit itself is exercised by the model tests.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import anndata as ad
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+import sigmma_sc as sg
+from sigmma_sc._constants import Keys, Levels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def assert_image(path: Path, *, min_std: float = 0.02) -> np.ndarray:
+    """The PNG exists, is not tiny, and its pixels vary (not a blank canvas)."""
+    assert path.exists(), f"{path} was not written"
+    img = plt.imread(path)
+    assert img.ndim == 3 and min(img.shape[:2]) > 100, img.shape
+    std = float(img[..., :3].std())
+    assert std > min_std, f"{path.name}: pixel std {std:.4f}, the figure looks blank"
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# objects built to the contract (no training in this file)
+# ---------------------------------------------------------------------------------------------
+def _pca(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=n, random_state=seed).fit_transform(x).astype(np.float32)
+
+
+def _embedded_table(sdata, genes: list[str]) -> ad.AnnData:
+    """A copy of the table with the obsm keys tl.fit writes (from PCA of expression + image-like noise)."""
+    slide = sg.io.validate(sdata)
+    expr = slide.expression(genes)
+    rng = np.random.default_rng(0)
+    table = sdata["table"].copy()
+    z_expr = _pca(expr, 16)
+    z_img = z_expr + rng.normal(0, 0.5 * z_expr.std(), z_expr.shape).astype(np.float32)
+    table.obsm[Keys.X_SIGMMA_EXPR] = z_expr
+    table.obsm[Keys.X_SIGMMA_IMG] = z_img
+    table.obsm[Keys.X_SIGMMA] = np.concatenate([z_img, z_expr], axis=1)
+    for lv in (Levels.MESO, Levels.MACRO):
+        shift = 3.0 if lv == Levels.MACRO else 0.0
+        table.obsm[Keys.level_embedding(lv, "img")] = z_img + shift
+        table.obsm[Keys.level_embedding(lv, "expr")] = z_expr + shift
+    return table
+
+
+class ContractModel:
+    """What tl.retrieve needs from a Sigmma: ``genes`` and ``get_embeddings`` (per table unit)."""
+
+    def __init__(self, genes: list[str], noise: float = 0.5):
+        self.genes = genes
+        self.noise = noise
+
+    def get_embeddings(self, sdata, *, table_key: str = Keys.TABLE) -> dict[str, np.ndarray]:
+        slide = sg.io.validate(sdata, table_key=table_key)
+        expr = slide.expression(self.genes)
+        rng = np.random.default_rng(1)
+        img = expr + rng.normal(0, self.noise * expr.std(), expr.shape)
+        return {"img": img, "expr": expr, "joint": np.concatenate([img, expr], axis=1)}
+
+
+def _history(levels=Levels.ALL, epochs: int = 12) -> pd.DataFrame:
+    """One row per epoch, columns as the model writes them (train_loss, train_loss_{level}, val_..., temperature_...)."""
+    e = np.arange(epochs + 1)
+    rows = {"epoch": e}
+    for split, off in (("train", 0.0), ("val", 0.15)):
+        rows[f"{split}_loss"] = 4.0 * np.exp(-e / 4) + 1.0 + off
+        for i, lv in enumerate(levels):
+            rows[f"{split}_loss_{lv}"] = (1.5 + i) * np.exp(-e / (3 + i)) + 0.3 + off
+        rows[f"{split}_loss_consistency"] = 0.2 * np.exp(-e / 5)
+    for lv in levels:
+        rows[f"temperature_{lv}"] = np.full(len(e), 0.07)
+    return pd.DataFrame(rows)
+
+
+def _scores() -> pd.DataFrame:
+    """A table shaped like tl.evaluate's (METRICS columns, one row per method)."""
+    from sigmma_sc.tl._evaluate import METRICS
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(
+        rng.uniform(0.05, 0.6, (3, len(METRICS))),
+        columns=list(METRICS),
+        index=pd.Index(["sigmma", "ridge", "single_scale"], name="method"),
+    )
+    for k in (1, 5, 10):
+        df[f"chance_r{k}"] = k / 180
+    df["median_rank_img2expr"] = [12.0, 30.0, 25.0]
+    df["median_rank_expr2img"] = [10.0, 31.0, 22.0]
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# her2st (real)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def her2st_c2(her2st_dir):
+    """Section C2 alone with its hierarchy (nuclei from the H&E): an object of our own, free to modify."""
+    sdata = sg.datasets.her2st(her2st_dir, sections=["C2"])
+    sg.pp.build_hierarchy(sdata)
+    return sdata
+
+
+def test_spatial_gene_and_categories_her2st(her2st_sdata, tmp_path):
+    fig = sg.pl.spatial(her2st_sdata, color="ERBB2", sections=["C2", "C3"], save=tmp_path / "erbb2.png")
+    assert isinstance(fig, plt.Figure)
+    # Two map panels, each with a colour bar.
+    assert len(fig.axes) == 4
+    img = assert_image(tmp_path / "erbb2.png")
+    # The H&E is drawn under the spots: the panel is not just white + spot colours (H&E is pink/purple).
+    rgb = img[..., :3]
+    pinkish = (rgb[..., 0] > rgb[..., 1] + 0.08) & (rgb[..., 2] > rgb[..., 1] + 0.05)
+    assert pinkish.mean() > 0.05, "no H&E under the spots"
+    ax = sg.pl.spatial(her2st_sdata, color=Keys.SECTION, sections="C4", save=tmp_path / "section.png")
+    leg = ax.get_legend()
+    assert leg is not None and [t.get_text() for t in leg.get_texts()] == list(her2st_sdata["table"].obs[Keys.SECTION].cat.categories)
+    assert_image(tmp_path / "section.png")
+
+
+def test_spatial_units_sit_on_their_microns(her2st_sdata):
+    """The spot discs are placed at obsm['spatial'] with the true 100 µm diameter."""
+    ax = sg.pl.spatial(her2st_sdata, color="ERBB2", sections="C2")
+    coll = ax.collections[0]
+    table = her2st_sdata["table"]
+    xy = np.asarray(table.obsm[Keys.SPATIAL])[table.obs[Keys.SECTION].to_numpy() == "C2"]
+    offsets = coll.get_offsets()
+    assert len(offsets) == len(xy)
+    np.testing.assert_allclose(np.sort(offsets[:, 0]), np.sort(xy[:, 0]))
+    np.testing.assert_allclose(coll._widths * 2, 100.0)  # matplotlib stores half-widths
+    # y grows downwards, as in the image.
+    y0, y1 = ax.get_ylim()
+    assert y0 > y1
+
+
+def test_spatial_prediction_from_adata(her2st_sdata, tmp_path):
+    table = her2st_sdata["table"]
+    c3 = table.obs_names[table.obs[Keys.SECTION] == "C3"]
+    pred = ad.AnnData(
+        np.random.default_rng(0).gamma(2.0, 1.0, (len(c3), 2)).astype(np.float32),
+        obs=pd.DataFrame(index=c3),
+        var=pd.DataFrame(index=["ERBB2", "GRB7"]),
+    )
+    ax = sg.pl.spatial(her2st_sdata, color="GRB7", adata=pred, sections="C3", save=tmp_path / "pred.png")
+    assert len(ax.collections[0].get_offsets()) == len(c3)
+    assert_image(tmp_path / "pred.png")
+    with pytest.raises(KeyError, match="neither an obs column nor a gene"):
+        sg.pl.spatial(her2st_sdata, color="NOT_A_GENE", sections="C2")
+
+
+def test_predicted_vs_observed_her2st(her2st_sdata, tmp_path):
+    slide = sg.io.validate(her2st_sdata)
+    genes = ["ERBB2", "KRT19"]
+    keep = slide.section_units("C2")
+    observed = slide.expression(genes)[keep]
+    rng = np.random.default_rng(0)
+    pred = ad.AnnData(
+        (0.6 * observed + rng.normal(0, 0.4, observed.shape)).astype(np.float32),
+        obs=pd.DataFrame(index=her2st_sdata["table"].obs_names[keep]),
+        var=pd.DataFrame(index=genes),
+    )
+    fig = sg.pl.predicted_vs_observed(pred, her2st_sdata, genes=genes, save=tmp_path / "pvo.png")
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    from sigmma_sc.tl._metrics import pearson_per_gene
+
+    r = pearson_per_gene(observed, pred.X)
+    assert f"ERBB2 predicted, r = {r[0]:.2f}" in titles
+    assert f"KRT19 predicted, r = {r[1]:.2f}" in titles
+    assert_image(tmp_path / "pvo.png")
+
+
+def test_embedding_her2st(her2st_sdata, tmp_path):
+    genes = list(her2st_sdata["table"].var_names[:300])
+    table = _embedded_table(her2st_sdata, genes)
+    # A 2-D basis is drawn as is; the UMAP itself is tested (slow) below.
+    table.obsm["X_sigmma_umap"] = _pca(table.obsm[Keys.X_SIGMMA], 2)
+    before = set(table.obsm)
+    fig = sg.pl.embedding(table, color=[Keys.SECTION, "ERBB2"], save=tmp_path / "emb.png")
+    assert set(table.obsm) == before, "embedding must not write into the user's AnnData"
+    assert isinstance(fig, plt.Figure)
+    pts = fig.axes[0].collections[0].get_offsets()
+    np.testing.assert_allclose(np.sort(pts[:, 0]), np.sort(table.obsm["X_sigmma_umap"][:, 0]))
+    assert_image(tmp_path / "emb.png")
+
+
+def test_levels_her2st(her2st_c2, tmp_path):
+    hier = sg.pp.get_hierarchy(her2st_c2)
+    unit = str(her2st_c2["table"].obs_names[40])
+    ax = sg.pl.levels(her2st_c2, region=unit, save=tmp_path / "levels.png")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(lab.startswith("micro: nuclei of the centre") for lab in labels)
+    assert f"macro view ({hier.levels[Levels.MACRO].fov_um:g} µm)" in labels
+    # The view is the macro field of view around the region (plus a margin).
+    x0, x1 = ax.get_xlim()
+    assert hier.levels[Levels.MACRO].fov_um < x1 - x0 < 1.5 * hier.levels[Levels.MACRO].fov_um
+    assert_image(tmp_path / "levels.png")
+    with pytest.raises(IndexError, match="out of range"):
+        sg.pl.levels(her2st_c2, region=10**6)
+
+
+def test_retrieval_her2st(her2st_c2, tmp_path):
+    genes = list(her2st_c2["table"].var_names[:200])
+    model = ContractModel(genes, noise=0.05)
+    q = str(her2st_c2["table"].obs_names[7])
+    fig = sg.pl.retrieval(model, her2st_c2, query=q, k=4, n_genes=12, save=tmp_path / "retrieval.png")
+    titles = [a.get_title() for a in fig.axes]
+    # Little noise: the query's own spot is the best match and is marked as the correct answer.
+    assert titles[1].startswith(f"#1 {q} ✓")
+    heat = fig.axes[-2]  # heatmap (the last axes is its colour bar)
+    assert len(heat.get_yticklabels()) == 5 and len(heat.get_xticklabels()) == 12
+    assert_image(tmp_path / "retrieval.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic (cells)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synthetic_hier(synthetic_sdata):
+    """A copy of the synthetic tissue's table in a new SpatialData (shared elements untouched), with its hierarchy."""
+    from spatialdata import SpatialData
+
+    sdata = SpatialData(
+        images=dict(synthetic_sdata.images),
+        shapes=dict(synthetic_sdata.shapes),
+        tables={Keys.TABLE: synthetic_sdata[Keys.TABLE].copy()},
+    )
+    sg.pp.build_hierarchy(sdata)
+    return sdata
+
+
+def test_spatial_synthetic(synthetic_sdata, tmp_path):
+    fig = sg.pl.spatial(synthetic_sdata, color=Keys.CELL_TYPE, ncols=1, save=tmp_path / "ct.pdf")
+    assert (tmp_path / "ct.pdf").stat().st_size > 10_000
+    assert len(fig.axes) == 2
+    ax = sg.pl.spatial(
+        synthetic_sdata, color=Keys.CELL_TYPE, sections="S0", groups=["type0"], save=tmp_path / "groups.png"
+    )
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["type0"]
+    assert_image(tmp_path / "groups.png")
+    gene = synthetic_sdata["table"].var_names[0]
+    fig, axs = plt.subplots(1, 2)
+    out = sg.pl.spatial(synthetic_sdata, color=gene, sections="S1", ax=axs[1], vmax=1.0)
+    assert out is axs[1]
+    mappable = out.collections[0]
+    assert mappable.get_facecolors().shape[0] == int((synthetic_sdata["table"].obs[Keys.SECTION] == "S1").sum())
+    with pytest.raises(ValueError, match="one section"):
+        sg.pl.spatial(synthetic_sdata, color=gene, ax=axs[0])
+
+
+def test_embedding_stacked_levels_synthetic(synthetic_sdata, tmp_path):
+    table = _embedded_table(synthetic_sdata, list(synthetic_sdata["table"].var_names))
+    bases = [Keys.level_embedding(lv, m) for lv in (Levels.MESO, Levels.MACRO) for m in ("img", "expr")]
+    # 2-D stand-ins keep this test free of UMAP's compile time; the stacking logic is what is checked.
+    for b in bases:
+        table.obsm[b] = table.obsm[b][:, :2]
+    ax = sg.pl.embedding(table, basis=bases[:1], color="level", legend_loc="none")
+    assert len(ax.collections[0].get_offsets()) == table.n_obs
+    with pytest.raises(ValueError, match="key_added"):
+        sg.pl.embedding(table, basis=bases, color="level", key_added="X_umap_levels")
+    with pytest.raises(KeyError, match="Run sg.tl.fit"):
+        sg.pl.embedding(table, basis="X_missing")
+
+
+@pytest.mark.slow
+def test_embedding_umap_synthetic(synthetic_sdata, tmp_path):
+    table = _embedded_table(synthetic_sdata, list(synthetic_sdata["table"].var_names))
+    bases = [Keys.level_embedding(lv, m) for lv in (Levels.MESO, Levels.MACRO) for m in ("img", "expr")]
+    fig = sg.pl.embedding(table, basis=bases, color=["level", "modality", Keys.CELL_TYPE], save=tmp_path / "u.png")
+    assert len(fig.axes[0].collections[0].get_offsets()) == 4 * table.n_obs
+    assert_image(tmp_path / "u.png")
+    sg.pl.embedding(table, key_added="X_sigmma_umap", color=None)
+    assert table.obsm["X_sigmma_umap"].shape == (table.n_obs, 2)
+
+
+def test_levels_synthetic(synthetic_hier, tmp_path):
+    ax = sg.pl.levels(synthetic_hier, region=3, save=tmp_path / "levels.png")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("cells of the centre" in lab for lab in labels)
+    assert any(lab.startswith("macro: region (") and "niches" in lab for lab in labels)
+    assert_image(tmp_path / "levels.png")
+
+
+def test_retrieval_synthetic_reference_gallery(synthetic_sdata, tmp_path):
+    table = synthetic_sdata["table"]
+    genes = list(table.var_names[:40])
+    model = ContractModel(genes)
+    slide = sg.io.validate(synthetic_sdata)
+    reference = ad.AnnData(
+        slide.expression(genes)[:300], obs=pd.DataFrame(index=table.obs_names[:300]), var=pd.DataFrame(index=genes)
+    )
+    reference.obsm[Keys.X_SIGMMA_EXPR] = reference.X.copy()
+    reference.obsm[Keys.X_SIGMMA_IMG] = reference.X.copy()
+    fig = sg.pl.retrieval(model, synthetic_sdata, query=5, k=3, gallery=reference, save=tmp_path / "r.png")
+    assert "no H&E" in fig.axes[1].texts[0].get_text()
+    assert_image(tmp_path / "r.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# tables: history and evaluation
+# ---------------------------------------------------------------------------------------------
+def test_history_panels_per_level(tmp_path):
+    df = _history()
+    fig = sg.pl.history(df, save=tmp_path / "h.png")
+    titles = [a.get_title() for a in fig.axes]
+    assert titles == ["total", "micro level", "meso level", "macro level", "consistency"]
+    # Train solid, validation dashed, both present in every panel; temperatures are not losses.
+    for a in fig.axes:
+        styles = sorted(line.get_linestyle() for line in a.get_lines())
+        assert styles == ["--", "-"]
+    assert_image(tmp_path / "h.png")
+    # The same from an AnnData holding uns["sigmma"]["history"], into one axes.
+    holder = ad.AnnData(np.zeros((2, 1), np.float32), uns={Keys.UNS: {Keys.HISTORY: df.to_dict(orient="list")}})
+    _, ax = plt.subplots()
+    out = sg.pl.history(holder, keys=["train_loss", "val_loss"], ax=ax)
+    assert out is ax and len(ax.get_lines()) == 2
+    with pytest.raises(TypeError, match="history"):
+        sg.pl.history(object())
+
+
+def test_evaluation_bars_chance_and_errors(tmp_path):
+    df = _scores()
+    ax = sg.pl.evaluation(df, save=tmp_path / "eval.png")
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    # Median ranks (outside [-1, 1]) are left out by default; chance columns are not metrics.
+    assert "median_rank_img2expr" not in ticks and not any(t.startswith("chance") for t in ticks)
+    assert "r5_img2expr" in ticks
+    bars = [p for p in ax.patches if p.get_height() != 0]
+    assert len(bars) == 3 * len(ticks)
+    # Chance drawn as dashed ticks over the retrieval metrics only.
+    assert len(ax.collections) == sum(t.startswith("r") for t in ticks)
+    assert_image(tmp_path / "eval.png")
+    # Error bars from *_std columns; a long table works too.
+    wide = df[["pcc_hvg50", "r1_img2expr"]].assign(pcc_hvg50_std=[0.05, 0.02, 0.03])
+    ax = sg.pl.evaluation(wide)
+    assert len(ax.containers) == 3 + 1  # 3 bar groups + 1 error-bar container
+    long = wide.reset_index().melt(id_vars="method", value_vars=["pcc_hvg50", "r1_img2expr"], var_name="metric")
+    ax = sg.pl.evaluation(long, metrics=["r1_img2expr"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["r1_img2expr"]
+    with pytest.raises(KeyError, match="not in the evaluation table"):
+        sg.pl.evaluation(df, metrics=["nope"])
+
+
+# ---------------------------------------------------------------------------------------------
+# documentation
+# ---------------------------------------------------------------------------------------------
+def test_api_page_lists_every_public_function():
+    """Every name a subpackage exports (``__all__``) appears on docs/api.md."""
+    api = (REPO / "docs" / "api.md").read_text()
+    skip = {"DATA_DIR_ENV", "local_dataset_dir", "resolve_dataset_dir"}  # path helpers, not user API
+    missing = []
+    for sub in ("datasets", "io", "pp", "tl", "pl"):
+        mod = getattr(sg, sub)
+        for name in getattr(mod, "__all__", []):
+            if name not in skip and f"{sub}.{name}" not in api:
+                missing.append(f"{sub}.{name}")
+    assert not missing, f"add to docs/api.md: {missing}"
+
+
+@pytest.mark.slow
+def test_docs_build_warnings_as_errors(tmp_path):
+    """``sphinx-build -W`` passes (offline: intersphinx off, notebooks not executed)."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_nb")
+    out = tmp_path / "html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "-d", str(tmp_path / "doctrees"),
+         str(REPO / "docs"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "SIGMMA_DOCS_INTERSPHINX": "0"},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    html = (out / "api.html").read_text()
+    assert "sigmma_sc.pl.spatial" in html
+    assert (out / "generated" / "sigmma_sc.pl.spatial.html").exists()

@@ -332,7 +332,7 @@ def test_history_panels_per_level(tmp_path):
     # Train solid, validation dashed, both present in every panel; temperatures are not losses.
     for a in fig.axes:
         styles = sorted(line.get_linestyle() for line in a.get_lines())
-        assert styles == ["--", "-"]
+        assert styles == ["-", "--"]
     assert_image(tmp_path / "h.png")
     # The same from an AnnData holding uns["sigmma"]["history"], into one axes.
     holder = ad.AnnData(np.zeros((2, 1), np.float32), uns={Keys.UNS: {Keys.HISTORY: df.to_dict(orient="list")}})
@@ -358,7 +358,7 @@ def test_evaluation_bars_chance_and_errors(tmp_path):
     # Error bars from *_std columns; a long table works too.
     wide = df[["pcc_hvg50", "r1_img2expr"]].assign(pcc_hvg50_std=[0.05, 0.02, 0.03])
     ax = sg.pl.evaluation(wide)
-    assert len(ax.containers) == 3 + 1  # 3 bar groups + 1 error-bar container
+    assert len(ax.containers) == 3 + 3  # a bar group and an error-bar container per method
     long = wide.reset_index().melt(id_vars="method", value_vars=["pcc_hvg50", "r1_img2expr"], var_name="metric")
     ax = sg.pl.evaluation(long, metrics=["r1_img2expr"])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["r1_img2expr"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import sparse
 
 from sigmma_sc._constants import Keys
+from sigmma_sc._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -332,6 +333,22 @@ def _remap_columns(counts: sparse.csr_matrix, src_genes: Sequence[str], genes: p
     return out
 
 
+def _without_empty_units(arrays: SectionArrays) -> SectionArrays:
+    counts = sparse.csr_matrix(arrays.counts)
+    counts.eliminate_zeros()
+    keep = np.diff(counts.indptr) > 0
+    if keep.all():
+        return arrays
+    logger.info(f"section {arrays.section!r}: dropped {int((~keep).sum())} of {len(keep)} units without counts.")
+    return replace(
+        arrays,
+        xy_um=np.asarray(arrays.xy_um)[keep],
+        counts=counts[keep],
+        barcodes=None if arrays.barcodes is None else np.asarray(arrays.barcodes)[keep],
+        obs=None if arrays.obs is None else arrays.obs.iloc[np.flatnonzero(keep)],
+    )
+
+
 def build_sdata(
     sections: Sequence[SectionArrays],
     *,
@@ -339,6 +356,7 @@ def build_sdata(
     unit_kind: Literal["spot", "cell"],
     unit_diameter_um: float,
     log_normalized: bool = False,
+    drop_empty: bool = False,
 ) -> SpatialData:
     """Assemble sections into one SpatialData object (the layout of ``docs/architecture.md`` §1).
 
@@ -357,6 +375,9 @@ def build_sdata(
         Unit diameter in microns, written to ``uns["sigmma_dataset"]``.
     log_normalized
         ``counts`` hold log1p-normalised values: ``X`` is float32 and there is no ``layers["counts"]``.
+    drop_empty
+        Drop units without any count (their shapes too) and genes without any count in the loaded
+        sections: downstream steps refuse empty units and genes (:func:`sigmma_sc.io.validate`).
 
     Returns
     -------
@@ -390,6 +411,8 @@ def build_sdata(
     if len(set(names)) != len(names):
         raise ValueError(f"section names must be unique, got {names}.")
 
+    if drop_empty:
+        sections = [_without_empty_units(s) for s in sections]
     genes = _union_genes(sections)
     images: dict[str, Any] = {}
     shapes: dict[str, Any] = {}
@@ -431,6 +454,12 @@ def build_sdata(
 
     X = sparse.vstack(blocks, format="csr")
     X = X.astype(np.float32) if log_normalized else X.astype(np.int32)
+    if drop_empty:
+        X.eliminate_zeros()
+        measured = np.bincount(X.indices, minlength=X.shape[1]) > 0
+        if not measured.all():
+            logger.info(f"dropped {int((~measured).sum())} of {len(genes)} genes without counts.")
+            X, genes = X[:, measured], genes[measured]
     obs = pd.concat(obs_parts, axis=0)
     obs[Keys.SECTION] = pd.Categorical(obs[Keys.SECTION], categories=names)
     obs[Keys.REGION] = pd.Categorical(obs[Keys.REGION], categories=[shapes_keys[n] for n in names])

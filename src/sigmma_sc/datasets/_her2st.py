@@ -111,7 +111,9 @@ def _read_section(folder: Path, section: str) -> SectionArrays:
     )
 
 
-def her2st(path: str | os.PathLike | None = None, *, sections: Sequence[str] | None = None) -> SpatialData:
+def her2st(
+    path: str | os.PathLike | None = None, *, sections: Sequence[str] | None = None, drop_empty: bool = True
+) -> SpatialData:
     """HER2-positive breast cancer sections (legacy ST, 100 µm spots on a 200 µm pitch).
 
     Reads the layout of the public repository `almaan/her2st <https://github.com/almaan/her2st>`_
@@ -122,7 +124,8 @@ def her2st(path: str | os.PathLike | None = None, *, sections: Sequence[str] | N
     selected.
 
     Genes are the **union** across the loaded sections (first-appearance order); a gene that a
-    section did not report is 0 in that section's spots.
+    section did not report is 0 in that section's spots. Genes without a single count in the
+    loaded spots are dropped (``drop_empty``; 534 of the 17,418 genes of C2-C6).
 
     Parameters
     ----------
@@ -131,6 +134,9 @@ def her2st(path: str | os.PathLike | None = None, *, sections: Sequence[str] | N
         next to the repository, then a download of sections C2-C6 into the pooch cache.
     sections
         Sections to load; default all sections found in the folder (sorted).
+    drop_empty
+        Drop spots without counts and genes without counts in the loaded sections (downstream
+        steps refuse them); ``False`` keeps the files' full gene union.
 
     Returns
     -------
@@ -167,4 +173,6 @@ def her2st(path: str | os.PathLike | None = None, *, sections: Sequence[str] | N
     workers = max(1, min(len(chosen), os.cpu_count() or 1, 8))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         arrays = list(pool.map(lambda s: _read_section(folder, s), chosen))
-    return build_sdata(arrays, technology="st", unit_kind="spot", unit_diameter_um=ST_SPOT_DIAMETER_UM)
+    return build_sdata(
+        arrays, technology="st", unit_kind="spot", unit_diameter_um=ST_SPOT_DIAMETER_UM, drop_empty=drop_empty
+    )

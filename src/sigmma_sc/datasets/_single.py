@@ -42,7 +42,7 @@ def _read_h5ad(path: os.PathLike) -> AnnData:
     return ad.read_h5ad(path)
 
 
-def xenium_lung(path: str | os.PathLike | None = None) -> SpatialData:
+def xenium_lung(path: str | os.PathLike | None = None, *, drop_empty: bool = True) -> SpatialData:
     """200 Xenium cells of human lung with their H&E (a subsample of HEST-1k sample NCBI858).
 
     From `ratschlab/DeepSpot <https://github.com/ratschlab/DeepSpot>`_ ``example_data/``: 200 cells x
@@ -55,6 +55,8 @@ def xenium_lung(path: str | os.PathLike | None = None) -> SpatialData:
     path
         The ``deepspot_NCBI858`` folder (``NCBI858.h5ad``, ``NCBI858.jpg``, ``NCBI858.json``).
         Default: ``$SIGMMA_DATA_DIR``, ``../shared/data``, then a download into the pooch cache.
+    drop_empty
+        Drop cells without counts and genes without counts (downstream steps refuse them).
 
     Returns
     -------
@@ -89,7 +91,9 @@ def xenium_lung(path: str | os.PathLike | None = None) -> SpatialData:
         obs=adata.obs,
         var=adata.var,
     )
-    return build_sdata([section], technology="xenium", unit_kind="cell", unit_diameter_um=diameter)
+    return build_sdata(
+        [section], technology="xenium", unit_kind="cell", unit_diameter_um=diameter, drop_empty=drop_empty
+    )
 
 
 def spot_pitch_px(coords_px: np.ndarray) -> float:
@@ -109,7 +113,7 @@ def spot_pitch_px(coords_px: np.ndarray) -> float:
     return float(np.median(dist[:, 1]))
 
 
-def visium_mouse_brain(path: str | os.PathLike | None = None) -> SpatialData:
+def visium_mouse_brain(path: str | os.PathLike | None = None, *, drop_empty: bool = True) -> SpatialData:
     """49 Visium spots of adult mouse brain with a full-resolution H&E crop (squidpy's test data).
 
     From `scverse/squidpy <https://github.com/scverse/squidpy>`_ ``tests/_data/`` (10x
@@ -124,6 +128,8 @@ def visium_mouse_brain(path: str | os.PathLike | None = None) -> SpatialData:
     path
         The ``squidpy_tests`` folder (``test_data.h5ad``, ``test_img.jpg``). Default:
         ``$SIGMMA_DATA_DIR``, ``../shared/data``, then a download into the pooch cache.
+    drop_empty
+        Drop spots and genes whose values are all 0 (598 of the 1,999 genes here).
 
     Returns
     -------
@@ -162,10 +168,13 @@ def visium_mouse_brain(path: str | os.PathLike | None = None) -> SpatialData:
         unit_kind="spot",
         unit_diameter_um=VISIUM_SPOT_DIAMETER_UM,
         log_normalized=True,
+        drop_empty=drop_empty,
     )
 
 
-def visium_hd_kidney(path: str | os.PathLike | None = None, *, crop: bool = False) -> SpatialData:
+def visium_hd_kidney(
+    path: str | os.PathLike | None = None, *, crop: bool = False, drop_empty: bool = True
+) -> SpatialData:
     """Visium HD human kidney (FFPE) at 16 µm bins over the whole-section H&E (2.007 µm/px).
 
     165,184 bins x 1,011 genes (1,000 highly variable genes plus kidney markers), raw counts, from the
@@ -184,6 +193,9 @@ def visium_hd_kidney(path: str | os.PathLike | None = None, *, crop: bool = Fals
         The ``visiumhd_kidney`` folder.
     crop
         Load the small fixture crop (``fixture_16um_crop.h5ad`` + ``fixture_he_crop.png``).
+    drop_empty
+        Drop bins without counts in the stored genes (12 of the whole section, 178 of the crop,
+        whose 216 genes miss some bins) and genes without counts; downstream steps refuse them.
 
     Returns
     -------
@@ -195,6 +207,8 @@ def visium_hd_kidney(path: str | os.PathLike | None = None, *, crop: bool = Fals
     >>> import sigmma_sc as sg
     >>> sdata = sg.datasets.visium_hd_kidney(crop=True)
     >>> sdata["table"].n_obs
+    5517
+    >>> sg.datasets.visium_hd_kidney(crop=True, drop_empty=False)["table"].n_obs
     5695
     """
     h5ad, image = KIDNEY_CROP_FILES if crop else REQUIRED_FILES["visiumhd_kidney"]
@@ -222,4 +236,6 @@ def visium_hd_kidney(path: str | os.PathLike | None = None, *, crop: bool = Fals
         barcodes=adata.obs_names.astype(str).tolist(),
         obs=pd.DataFrame(adata.obs),
     )
-    return build_sdata([section], technology="visium_hd", unit_kind="cell", unit_diameter_um=bin_um)
+    return build_sdata(
+        [section], technology="visium_hd", unit_kind="cell", unit_diameter_um=bin_um, drop_empty=drop_empty
+    )

@@ -7,8 +7,11 @@ without a slide. Imported only from inside functions (torch, lightning).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
+import warnings
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +182,25 @@ def split_nodes(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning's banner lines only at debug verbosity; its pytree deprecation warnings never.
+
+    Those warnings are Lightning's to fix (torch 2.x API change), not the user's.
+    """
+    lg = logging.getLogger("lightning.pytorch")
+    level = lg.level
+    if settings.verbosity < 3:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        lg.setLevel(level)
+
+
 @torch.no_grad()
 def initial_losses(module: SigmmaModule, data: SubgraphBatches) -> dict[str, float]:
     """Mean loss terms of the untrained module (eval mode) over the first batches of ``data``."""
@@ -248,31 +270,33 @@ def train(
     if val_data is not None:
         ckpt = ModelCheckpoint(dirpath=root, monitor="val_loss", mode="min", save_top_k=1, filename="best")
         callbacks += [EarlyStopping(monitor="val_loss", mode="min", patience=config.patience, min_delta=1e-4), ckpt]
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        precision=precision,
-        max_epochs=config.max_epochs,
-        default_root_dir=root,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=ckpt is not None,
-        enable_progress_bar=settings.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        # Bit-identical CPU runs for a seed; CUDA's index_add_ has no deterministic kernel.
-        deterministic=accelerator == "cpu",
-        gradient_clip_val=1.0,
-    )
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            precision=precision,
+            max_epochs=config.max_epochs,
+            default_root_dir=root,
+            logger=False,
+            callbacks=callbacks,
+            enable_checkpointing=ckpt is not None,
+            enable_progress_bar=settings.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            # Bit-identical CPU runs for a seed; CUDA's index_add_ has no deterministic kernel.
+            deterministic=accelerator == "cpu",
+            gradient_clip_val=1.0,
+        )
     t0 = time.perf_counter()
     try:
-        trainer.fit(
-            module,
-            train_dataloaders=DataLoader(train_data, batch_size=None, shuffle=False),
-            val_dataloaders=None if val_data is None else DataLoader(val_data, batch_size=None, shuffle=False),
-        )
+        with _quiet_lightning():
+            trainer.fit(
+                module,
+                train_dataloaders=DataLoader(train_data, batch_size=None, shuffle=False),
+                val_dataloaders=None if val_data is None else DataLoader(val_data, batch_size=None, shuffle=False),
+            )
         seconds = time.perf_counter() - t0
         if ckpt is not None and ckpt.best_model_path:
             state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]

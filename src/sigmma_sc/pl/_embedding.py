@@ -48,6 +48,8 @@ def _coordinates(
     adata: AnnData, bases: list[str], *, n_neighbors: int, random_state: int, key_added: str | None
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """2-D coordinates of every (unit, basis) pair and the obs to colour them with."""
+    if key_added is not None and len(bases) > 1:
+        raise ValueError("key_added stores one UMAP per unit; it cannot be used with several bases.")
     missing = [b for b in bases if b not in adata.obsm]
     if missing:
         raise KeyError(
@@ -74,8 +76,6 @@ def _coordinates(
     logger.info(f"computing neighbors + UMAP of {bases} on a copy ({len(rep)} points)")
     xy = _umap(rep, n_neighbors=n_neighbors, random_state=random_state)
     if key_added is not None:
-        if len(bases) > 1:
-            raise ValueError("key_added stores one UMAP per unit; it cannot be used with several bases.")
         adata.obsm[key_added] = xy
     return xy, obs_all
 

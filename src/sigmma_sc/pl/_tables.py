@@ -162,7 +162,7 @@ def history(
             a.plot(x[ok], y[ok], ls="--" if split == "val" else "-", marker="o" if ok.sum() < 15 else None,
                    ms=3, color=color, label=label)
         if not shared:
-            a.set_title(g if g == "total" else f"{g} level", fontsize=11)
+            a.set_title(f"{g} level" if g in Levels.ALL else g, fontsize=11)
         a.set_xlabel("epoch")
         a.set_ylabel("loss")
         if logy:

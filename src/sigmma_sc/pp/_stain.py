@@ -29,6 +29,7 @@ _OD_BACKGROUND = 0.15  # optical density below which a pixel is glass
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+_GLASS_L = 88.0  # L* above which a pixel is glass (Reinhard statistics)
 _THUMB_PX = 2048  # side of the thumbnail a per-slide normaliser is fitted on
 
 
@@ -68,7 +69,9 @@ def _lab_stats(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from skimage.color import rgb2lab
 
     lab = rgb2lab(rgb.reshape(-1, 1, 3)).reshape(-1, 3)
-    tissue = _tissue(_od(rgb))
+    # Statistics of tissue only (glass would dominate them); lightness decides, not colour, so the
+    # same tissue stained differently keeps the same pixels.
+    tissue = lab[:, 0] < _GLASS_L
     if tissue.sum() >= 100:
         lab = lab[tissue]
     return lab.mean(axis=0), lab.std(axis=0) + 1e-6
@@ -106,8 +109,6 @@ class StainNormalizer:
             conc = np.linalg.pinv(stains) @ od.T
             conc *= (ref_maxc / np.maximum(maxc, 1e-6))[:, None]
             out = _IO * np.exp(-(ref_stains @ conc)).T - 1.0
-            # Glass stays glass: the projection would tint near-white pixels otherwise.
-            out[~_tissue(od)] = rgb.reshape(-1, 3)[~_tissue(od)]
         else:
             from skimage.color import lab2rgb, rgb2lab
 

@@ -24,7 +24,8 @@ from contextlib import contextmanager
 import numpy as np
 
 import sigmma_sc as sg
-from sigmma_sc.pp._features import map_grid_shape, needed_cells, window_cells
+from sigmma_sc._constants import Defaults
+from sigmma_sc.pp._features import map_grid_shape, needed_cells, tile_rects, window_cells
 from sigmma_sc.pp._patches import crop_geometry
 
 sg.settings.progress_bar = False
@@ -59,16 +60,20 @@ def measure(label: str, rows: list, **extra):
     dt = time.perf_counter() - t0
     stop.set()
     th.join()
-    row = {"step": label, "seconds": round(dt, 2), "peak_rss_gb": round(peak[0], 2), "rss_delta_gb": round(peak[0] - start_rss, 2)}
+    row = {
+        "step": label,
+        "seconds": round(dt, 2),
+        "peak_rss_gb": round(peak[0], 2),
+        "rss_delta_gb": round(peak[0] - start_rss, 2),
+    }
     row.update(info)
     rows.append(row)
     print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
-def dense_tile_count(slide, hier, tile_px: int, coarse_fov_um: float) -> dict[int, int]:
-    """Tiles the dense path encodes per scale (same rule as pp.image_features)."""
-    cells = tile_px // 32
-    out: dict[int, int] = {}
+def dense_tiles(slide, hier, tile_px: int, margin_px: int, coarse_fov_um: float) -> dict:
+    """Tiles and megapixels the dense path encodes per scale (same rule as pp.image_features)."""
+    out: dict = {}
     for code, section in enumerate(slide.sections):
         img = slide.images[section]
         for scale in (1, 2):
@@ -77,10 +82,14 @@ def dense_tile_count(slide, hier, tile_px: int, coarse_fov_um: float) -> dict[in
             wins = [w for w in wins if len(w[0])]
             if not wins:
                 continue
-            grid = map_grid_shape(img.shape, scale)
-            need = needed_cells(wins, grid)
-            n = sum(need[i : i + cells, j : j + cells].any() for i in range(0, grid[0], cells) for j in range(0, grid[1], cells))
-            out[scale] = out.get(scale, 0) + int(n)
+            rects = tile_rects(needed_cells(wins, map_grid_shape(img.shape, scale)), tile_px)
+            mpx = (
+                sum(((a1 - a0) * 32 + 2 * margin_px) * ((b1 - b0) * 32 + 2 * margin_px) for a0, a1, b0, b1 in rects)
+                / 1e6
+            )
+            key = f"x{scale}"
+            n, m = out.get(key, (0, 0.0))
+            out[key] = (n + len(rects), round(m + mpx, 1))
     return out
 
 
@@ -89,7 +98,9 @@ def limits(image, enc, rows: list, *, tile_px: int, margin_px: int) -> None:
     rng = np.random.default_rng(0)
     side = tile_px + 2 * margin_px
     h, w = image.shape
-    tiles = np.stack([image.read(r, r + side, c, c + side) for r, c in rng.integers(0, max(1, min(h, w) - side), (2, 2))])
+    tiles = np.stack(
+        [image.read(r, r + side, c, c + side) for r, c in rng.integers(0, max(1, min(h, w) - side), (2, 2))]
+    )
     enc.encode_map(tiles[:1])  # warm-up
     with measure("encoder forward, dense tiles", rows, tiles=len(tiles), px=side) as info:
         enc.encode_map(tiles)
@@ -127,20 +138,26 @@ def run_dataset(name: str, *, patch_sample: int, args) -> dict:
         idx = np.sort(rng.choice(lvl.n_nodes, n, replace=False))
         first = slide.images[slide.sections[0]]
         pyr, side, _ = crop_geometry(first, lvl.centers_um[:1], lvl.fov_um, 224)
-        with measure(f"patches {level} (224 px, {lvl.fov_um:g} um)", rows, n=n, pyramid_level=pyr, side_px=side) as info:
+        with measure(
+            f"patches {level} (224 px, {lvl.fov_um:g} um)", rows, n=n, pyramid_level=pyr, side_px=side
+        ) as info:
             sg.pp.extract_patches(sdata, level=level, indices=idx)
         rows[-1]["crops_per_s"] = round(n / rows[-1]["seconds"], 1)
         rows[-1]["all_nodes_s_est"] = round(lvl.n_nodes / rows[-1]["crops_per_s"], 1)
 
     enc = sg.pp.get_encoder("efficientnet_lite0", device="auto")
-    tiles = dense_tile_count(slide, hier, args.tile_px, sg._constants.Defaults.DENSE_COARSE_FOV_UM)
-    with measure("features dense, all levels", rows, tiles=tiles) as info:
+    tiles = dense_tiles(slide, hier, Defaults.DENSE_TILE_PX, Defaults.DENSE_MARGIN_PX, Defaults.DENSE_COARSE_FOV_UM)
+    with measure("features dense, all levels", rows, tiles_mpx=tiles) as info:
         key = sg.pp.image_features(sdata, encoder=enc, method="dense")
-    rows[-1]["tiles_per_s"] = round(sum(tiles.values()) / rows[-1]["seconds"], 3)
+    n_tiles = sum(n for n, _ in tiles.values())
+    rows[-1]["tiles_per_s"] = round(n_tiles / rows[-1]["seconds"], 3)
+    rows[-1]["mpx_per_s"] = round(sum(m for _, m in tiles.values()) / rows[-1]["seconds"], 3)
     feats = sg.pp.get_features(sdata, key=key)
     for level, f in feats.items():
         print(f"  {level}: {f.shape}, finite {bool(np.isfinite(f).all())}", flush=True)
-    limits(slide.images[slide.sections[0]], enc, rows, tile_px=args.tile_px, margin_px=sg._constants.Defaults.DENSE_MARGIN_PX)
+    limits(
+        slide.images[slide.sections[0]], enc, rows, tile_px=Defaults.DENSE_TILE_PX, margin_px=Defaults.DENSE_MARGIN_PX
+    )
     return {"rows": rows, "sdata": sdata, "hier": hier, "slide": slide, "dense_key": key}
 
 
@@ -162,7 +179,11 @@ def ridge_probe(slide, feats: np.ndarray, *, n_genes: int = 50) -> float:
         x_tr, x_te = sg.pp.standardize_features(feats[train], feats[test])
         model = RidgeCV(alphas=np.logspace(0, 5, 11)).fit(x_tr, y_tr)
         pred = model.predict(x_te)
-        r = [np.corrcoef(pred[:, g], y_te[:, g])[0, 1] for g in range(len(genes)) if y_te[:, g].std() > 0 and pred[:, g].std() > 0]
+        r = [
+            np.corrcoef(pred[:, g], y_te[:, g])[0, 1]
+            for g in range(len(genes))
+            if y_te[:, g].std() > 0 and pred[:, g].std() > 0
+        ]
         rs.append(float(np.mean(r)))
         print(f"    held-out {section}: mean r {rs[-1]:.3f}", flush=True)
     return float(np.mean(rs))
@@ -200,7 +221,6 @@ def main() -> None:
     ap.add_argument("--patch-sample", type=int, default=2000, help="nodes per level timed for patch extraction")
     ap.add_argument("--probe", action="store_true", help="her2st ridge probe: dense vs per-crop features")
     ap.add_argument("--stain", action="store_true", help="with --probe: add Macenko / Reinhard normalised features")
-    ap.add_argument("--tile-px", type=int, default=sg._constants.Defaults.DENSE_TILE_PX)
     args = ap.parse_args()
     import torch
 

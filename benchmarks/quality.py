@@ -23,6 +23,7 @@ Image features are computed once per section and kept in ``--cache`` (default
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -103,7 +104,9 @@ def prepare(load, dataset: str, sections: list[str], cache: Path):
             rows = np.flatnonzero(np.asarray(level.section) == code)
             f, centres = arrays.get(f"feat_{lv}"), arrays.get(f"centers_{lv}")
             if f is None or len(f) != len(rows) or not np.allclose(centres, level.centers_um[rows]):
-                raise RuntimeError(f"cached {lv} features of section {section} do not match its hierarchy; clear {cache}.")
+                raise RuntimeError(
+                    f"cached {lv} features of section {section} do not match its hierarchy; clear {cache}."
+                )
             if out is None:
                 out = np.zeros((level.n_nodes, f.shape[1]), np.float32)
             out[rows] = f
@@ -167,6 +170,31 @@ def subset_units(sdata, idx: np.ndarray):
     for key in list(table.obsp):
         del table.obsp[key]
     return SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={Keys.TABLE: table})
+
+
+def make_folds(args, cache: Path):
+    """The folds of the dataset and a function that turns one fold into (train, test) SpatialData."""
+    if args.dataset == "her2st":
+        load, folds = her2st_folds(args)
+        folder = Path(args.data).resolve() if args.data else Path("default")
+        # Cache files are per data folder: another folder's section of the same name is another slide.
+        tag = f"her2st-{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
+
+        def fold_data(fold):
+            return prepare(load, tag, fold["train"], cache), prepare(load, tag, fold["test"], cache)
+
+        return folds, fold_data
+
+    from sigmma_sc import datasets
+
+    full = datasets.visium_hd_kidney(args.data)
+    nx, ny = (int(v) for v in args.blocks.lower().split("x"))
+    xy = np.asarray(full.tables[Keys.TABLE].obsm[Keys.SPATIAL], dtype=float)
+
+    def block_data(fold):
+        return subset_units(full, fold["train"]), subset_units(full, fold["test"])
+
+    return spatial_blocks(xy, nx, ny, args.buffer_um), block_data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--test", default="", help="her2st: test sections, comma-separated")
     p.add_argument("--loso", action="store_true", help="her2st: leave-one-section-out over every section given")
     p.add_argument("--blocks", default="4x4", help="kidney: spatial blocks, NXxNY")
-    p.add_argument("--buffer-um", type=float, default=64.0, help="kidney: training bins this close to the test block are dropped")
+    p.add_argument(
+        "--buffer-um", type=float, default=64.0, help="kidney: training bins this close to the test block are dropped"
+    )
     p.add_argument("--folds", default="", help="run only these fold indices (comma-separated; kidney: block ids)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--baselines", default="ridge,ridge_cv,single_scale")
@@ -258,18 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fit_kwargs["max_epochs"] = QUICK_EPOCHS
     cache = Path(args.cache)
 
-    if args.dataset == "her2st":
-        load, folds = her2st_folds(args)
-        dataset_tag = f"her2st-{Path(args.data).name if args.data else 'default'}"
-        fold_data = lambda f: (prepare(load, dataset_tag, f["train"], cache), prepare(load, dataset_tag, f["test"], cache))  # noqa: E731
-    else:
-        from sigmma_sc import datasets
-
-        full = datasets.visium_hd_kidney(args.data)
-        nx, ny = (int(v) for v in args.blocks.lower().split("x"))
-        xy = np.asarray(full.tables[Keys.TABLE].obsm[Keys.SPATIAL], dtype=float)
-        folds = spatial_blocks(xy, nx, ny, args.buffer_um)
-        fold_data = lambda f: (subset_units(full, f["train"]), subset_units(full, f["test"]))  # noqa: E731
+    folds, fold_data = make_folds(args, cache)
     chosen = [int(i) for i in args.folds.split(",") if i != ""] or list(range(len(folds)))
 
     runs: list[dict[str, Any]] = []
@@ -297,7 +316,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "dataset": args.dataset,
                     "data": str(args.data),
                     "command": " ".join(sys.argv),
-                    "split": "leave-one-section-out" if args.loso else ("sections" if args.dataset == "her2st" else f"spatial blocks {args.blocks}, buffer {args.buffer_um} um"),
+                    "split": "leave-one-section-out"
+                    if args.loso
+                    else (
+                        "sections"
+                        if args.dataset == "her2st"
+                        else f"spatial blocks {args.blocks}, buffer {args.buffer_um} um"
+                    ),
                     "folds": fold_protocols,
                     "seeds": seeds,
                     "baselines": baselines,

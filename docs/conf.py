@@ -144,5 +144,5 @@ def _drop_empty_tutorial_toctree(app, docname: str, source: list[str]) -> None:
             source[0] = source[0][:start] + source[0][end + 3 :]
 
 
-def setup(app):  # noqa: D103
+def setup(app):
     app.connect("source-read", _drop_empty_tutorial_toctree)

@@ -479,6 +479,8 @@ def test_build_sdata_rejects_bad_images_and_shapes():
         build_sdata([section(), section()], **opts)
     with pytest.raises(ValueError, match="xy_um"):
         build_sdata([section(xy_um=np.zeros((2, 2)))], **opts)
+    with pytest.raises(ValueError, match="duplicated gene"):
+        build_sdata([section(genes=["a", "a"])], **opts)
     squares = build_sdata([section(shape="square", unit="bin")], **opts)
     assert squares.shapes["S_bins"].geometry.iloc[0].area == pytest.approx(16.0)
 

@@ -10,8 +10,6 @@ import sigmma_sc as sg
 from sigmma_sc._constants import Keys
 from sigmma_sc.tl import _metrics as m
 
-# ruff: noqa: D103
-
 
 def _section(sdata, section: str):
     """The elements and units of one section as their own SpatialData."""
@@ -21,10 +19,10 @@ def _section(sdata, section: str):
     table = table[table.obs[Keys.SECTION] == section].copy()
     table.obs[Keys.REGION] = table.obs[Keys.REGION].astype(str).astype("category")
     table.uns["spatialdata_attrs"]["region"] = sorted(table.obs[Keys.REGION].unique())
-    keep = lambda name: name.startswith(f"{section}_")  # noqa: E731
+    prefix = f"{section}_"
     return SpatialData(
-        images={k: v for k, v in sdata.images.items() if keep(k)},
-        shapes={k: v for k, v in sdata.shapes.items() if keep(k)},
+        images={k: v for k, v in sdata.images.items() if k.startswith(prefix)},
+        shapes={k: v for k, v in sdata.shapes.items() if k.startswith(prefix)},
         tables={Keys.TABLE: table},
     )
 
@@ -58,6 +56,13 @@ def test_predict_expression_he_only_equals_with_counts(split):
     with_counts = sg.tl.predict_expression(model, test, k=10)
     he_only = sg.tl.predict_expression(model, _he_only(test), k=10)
     np.testing.assert_allclose(he_only.X, with_counts.X, rtol=1e-5, atol=1e-6)
+    # The image embedding does not depend on the expression being embedded alongside (no leak in evaluate).
+    from sigmma_sc.tl._predict import weighted_average
+
+    emb = model.get_embeddings(test)
+    ref = model.reference
+    both = weighted_average(emb["img"], ref.obsm[Keys.X_SIGMMA_EXPR], np.asarray(ref.X), k=10)
+    np.testing.assert_allclose(both, he_only.X, rtol=1e-5, atol=1e-6)
     table = test.tables[Keys.TABLE]
     assert with_counts.shape == (table.n_obs, len(model.genes))
     assert list(with_counts.var_names) == list(model.genes)

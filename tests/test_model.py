@@ -230,3 +230,157 @@ def test_single_scale_baseline_and_coarse_variants_run_from_the_same_core():
         _train_arrays(levels, counts, coarse_targets="nope")
     with pytest.raises(ValueError, match="meso"):
         _train_arrays(levels, counts, levels=("micro",))
+
+
+# ---------------------------------------------------------------------------------------------
+# tl.fit on real slides
+# ---------------------------------------------------------------------------------------------
+FAST = {"max_epochs": 3, "batch_size": 16, "embed_dim": 32, "hidden_dim": 64, "n_genes": 100}
+
+
+def _recall_at_5(img: np.ndarray, expr: np.ndarray) -> float:
+    sim = img @ expr.T
+    top5 = np.argsort(-sim, axis=1)[:, :5]
+    return float(np.mean([i in top5[i] for i in range(len(sim))]))
+
+
+@pytest.fixture(scope="module")
+def xenium_fit():
+    sdata = sg.datasets.xenium_lung()
+    table = sdata["table"]
+    before = {
+        "obs": list(table.obs.columns),
+        "obsm": {k: np.array(v, copy=True) for k, v in table.obsm.items()},
+        "uns": set(table.uns),
+        "layers": set(table.layers),
+        "var": list(table.var.columns),
+    }
+    model = sg.tl.fit(sdata, seed=0, **FAST)
+    return sdata, model, before
+
+
+def test_fit_writes_every_key_and_keeps_the_table(xenium_fit):
+    sdata, model, before = xenium_fit
+    table = sdata["table"]
+    assert list(table.obs.columns) == before["obs"]
+    assert list(table.var.columns) == before["var"]
+    assert before["uns"] <= set(table.uns) and before["layers"] <= set(table.layers)
+    for k, v in before["obsm"].items():
+        np.testing.assert_array_equal(table.obsm[k], v)
+    n = table.n_obs
+    # Cell data: unit embedding = micro | meso parent | macro parent, both modalities.
+    for key in (Keys.X_SIGMMA, Keys.X_SIGMMA_IMG, Keys.X_SIGMMA_EXPR):
+        assert table.obsm[key].shape == (n, 3 * 32)
+        np.testing.assert_allclose(np.linalg.norm(table.obsm[key], axis=1), 1.0, rtol=1e-4)
+    for lv in ("micro", "meso", "macro"):
+        for mod in ("img", "expr"):
+            assert table.obsm[Keys.level_embedding(lv, mod)].shape == (n, 32)
+    uns = table.uns[Keys.UNS]
+    assert list(uns[Keys.GENES]) == model.genes and len(model.genes) == 100
+    assert uns[Keys.PARAMS]["coarse_targets"] == "soft"
+    assert "torch" in uns[Keys.VERSIONS]
+    assert len(uns[Keys.HISTORY]["train_loss"]) == len(model.history)
+    assert model.levels == ("micro", "meso", "macro") and model.encoder == "efficientnet_lite0"
+    ref = model.reference
+    assert ref.n_obs == n and list(ref.var_names) == model.genes
+    np.testing.assert_array_equal(ref.obsm[Keys.X_SIGMMA_IMG], table.obsm[Keys.X_SIGMMA_IMG])
+    # The written embeddings are what get_embeddings gives.
+    emb = model.get_embeddings(sdata)
+    np.testing.assert_allclose(emb["joint"], table.obsm[Keys.X_SIGMMA], atol=1e-5)
+
+
+def test_fit_same_seed_identical_and_save_load_roundtrip(xenium_fit, tmp_path):
+    sdata, model, _ = xenium_fit
+    first = np.array(sdata["table"].obsm[Keys.X_SIGMMA], copy=True)
+    again = sg.tl.fit(sdata, seed=0, **FAST)  # hierarchy and features now cached
+    np.testing.assert_array_equal(sdata["table"].obsm[Keys.X_SIGMMA], first)
+    emb = again.get_embeddings(sdata)
+    again.save(tmp_path / "model")
+    loaded = sg.Sigmma.load(tmp_path / "model", sdata=sdata)
+    emb2 = loaded.get_embeddings(sdata)
+    for key in ("img", "expr", "joint", "micro_img", "macro_expr"):
+        np.testing.assert_array_equal(emb[key], emb2[key])
+    assert loaded.genes == again.genes and loaded.encoder == again.encoder
+    pd.testing.assert_frame_equal(loaded.history, again.history, check_dtype=False)
+    assert loaded.reference.n_obs == again.reference.n_obs
+
+
+def test_get_embeddings_on_he_only_table_and_gene_mismatch(xenium_fit, tmp_path):
+    sdata, model, _ = xenium_fit
+    table = sdata["table"]
+    # An H&E-only table: same units, no genes.
+    sdata["table"] = table[:, []].copy()
+    try:
+        emb = model.get_embeddings(sdata)
+        assert emb["expr"] is None and emb["img"].shape == (table.n_obs, 96)
+        np.testing.assert_array_equal(emb["joint"], emb["img"])
+        # A different gene panel is refused with a clear message.
+        sdata["table"] = table[:, table.var_names[:20]].copy()
+        with pytest.raises(ValueError, match="gene panel"):
+            model.get_embeddings(sdata)
+        model.save(tmp_path / "m")
+        with pytest.raises(ValueError, match="gene panel"):
+            sg.Sigmma.load(tmp_path / "m", sdata=sdata)
+        img_only = model.get_embeddings(sdata, expression=False)
+        np.testing.assert_allclose(img_only["img"], emb["img"], atol=1e-6)
+    finally:
+        sdata["table"] = table
+
+
+def test_single_scale_baseline_from_fit(xenium_fit):
+    sdata, _, _ = xenium_fit
+    clip = sg.tl.fit(sdata, levels=("meso",), graph=False, **FAST)
+    assert clip.levels == ("meso",)
+    assert sdata["table"].obsm[Keys.X_SIGMMA].shape[1] == 32
+    assert "train_loss_macro" not in clip.history
+    assert Keys.level_embedding("macro", "img") in sdata["table"].obsm  # earlier keys are kept
+
+
+def test_fit_from_anndata_with_log_normalized_spots():
+    import anndata as ad
+
+    from sigmma_sc.datasets._build import read_rgb
+
+    folder = sg.datasets.resolve_dataset_dir("squidpy_tests", required=["test_data.h5ad", "test_img.jpg"])
+    adata = ad.read_h5ad(folder / "test_data.h5ad")
+    image = read_rgb(folder / "test_img.jpg")
+    sdata = sg.io.from_anndata(adata, image, mpp=100 / 137, spot_diameter=55.0)
+    assert sdata["table"].uns[Keys.DATASET][Keys.LOG_NORMALIZED]
+    model = sg.tl.fit(sdata, **{**FAST, "batch_size": 8}, hierarchy_kwargs={"nuclei": False})
+    assert sdata["table"].obsm[Keys.X_SIGMMA].shape == (sdata["table"].n_obs, 64)
+    assert np.isfinite(model.history["train_loss"]).all()
+
+
+@pytest.mark.slow
+def test_fit_synthetic_joint_embedding_separates_niches():
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score
+
+    sdata = sg.datasets.synthetic(n_cells=3000, seed=0)
+    table = sdata["table"]
+    sg.tl.fit(sdata, max_epochs=15, n_genes=200, seed=0)
+
+    def leiden_ari(rep: str, truth: str) -> float:
+        a = table.copy()
+        sc.pp.neighbors(a, use_rep=rep, random_state=0)
+        sc.tl.leiden(a, flavor="igraph", n_iterations=2, random_state=0, resolution=0.5)
+        return adjusted_rand_score(a.obs[truth], a.obs["leiden"])
+
+    pca = table.copy()
+    sc.pp.normalize_total(pca, target_sum=1e4)
+    sc.pp.log1p(pca)
+    sc.pp.pca(pca, n_comps=30, random_state=0)
+    table.obsm["X_pca_expr"] = pca.obsm["X_pca"]
+    for truth in (Keys.NICHE,):
+        assert leiden_ari(Keys.X_SIGMMA, truth) > leiden_ari("X_pca_expr", truth) + 0.1
+
+
+@pytest.mark.slow
+def test_fit_her2st_loss_falls_and_image_retrieves_expression():
+    sdata = sg.datasets.her2st(sections=["C2", "C3"])
+    model = sg.tl.fit(sdata, max_epochs=8, seed=0)
+    h = model.history
+    assert h["train_loss"].iloc[-1] < 0.6 * h["train_loss"].iloc[0]
+    table = sdata["table"]
+    r5 = _recall_at_5(table.obsm[Keys.X_SIGMMA_IMG], table.obsm[Keys.X_SIGMMA_EXPR])
+    assert r5 > 5 * 5 / table.n_obs

@@ -45,7 +45,9 @@ def _dark_centroid(crops: np.ndarray) -> np.ndarray:
 def test_patches_centred_on_node(mirrored, fov_um, size_px):
     mpp = 0.5  # microns per pixel
     spacing = 1.6 * fov_um
-    centres = np.array([[spacing * (i + 0.6) + 3.3 * i, spacing * (j + 0.6) - 2.1 * j] for i in range(2) for j in range(2)])
+    centres = np.array(
+        [[spacing * (i + 0.6) + 3.3 * i, spacing * (j + 0.6) - 2.1 * j] for i in range(2) for j in range(2)]
+    )
     width_um = spacing * 2.4
     shape = (int(width_um / mpp), int(width_um / mpp))
     a = np.diag([1 / mpp, 1 / mpp, 1.0])
@@ -100,9 +102,9 @@ def test_as_section_image_rejects_bad_input():
         as_section_image(np.zeros((4, 4), np.uint8), np.eye(3))
 
 
-def test_extract_patches_on_kidney_crop():
+def test_extract_patches_on_kidney_crop(monkeypatch):
+    monkeypatch.setattr(sg.settings, "progress_bar", False)
     sdata = sg.datasets.visium_hd_kidney(crop=True)
-    sg.settings.progress_bar = False
     h = sg.pp.build_hierarchy(sdata)
     slide = sg.io.validate(sdata)
     for level in h.levels:

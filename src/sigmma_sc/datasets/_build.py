@@ -428,6 +428,12 @@ def build_sdata(
             raise ValueError(f"section {s.section!r}: xy_um must have shape ({n}, 2), got {xy.shape}.")
         if len(s.genes) != s.counts.shape[1]:
             raise ValueError(f"section {s.section!r}: {len(s.genes)} gene names for {s.counts.shape[1]} count columns.")
+        duplicated = pd.Index(s.genes)[pd.Index(s.genes).duplicated()]
+        if len(duplicated):
+            raise ValueError(
+                f"section {s.section!r}: duplicated gene names {list(duplicated[:5])}; make them unique first "
+                "(e.g. anndata's var_names_make_unique)."
+            )
         ids = np.arange(n, dtype=np.int64)
         image_keys[s.section] = f"{s.section}{IMAGE_SUFFIX}"
         shapes_keys[s.section] = f"{s.section}{UNIT_SUFFIX[s.unit]}"

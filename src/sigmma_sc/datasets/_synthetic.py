@@ -271,6 +271,20 @@ def _stamp(
     np.maximum.at(hema.reshape(-1), flat[keep], nucleus[keep])
 
 
+def _linear_weights(pos_um: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Linear-interpolation weights ``(len(pos), n)`` from a grid of step ``step`` and its centres ``(n,)``."""
+    first = np.floor(pos_um[0] / step - 0.5)
+    centres = (np.arange(first, np.floor(pos_um[-1] / step - 0.5) + 2) + 0.5) * step
+    pos = pos_um / step - 0.5 - first
+    i0 = np.floor(pos).astype(np.int64)
+    frac = (pos - i0).astype(np.float32)
+    weights = np.zeros((len(pos_um), len(centres)), dtype=np.float32)
+    rows = np.arange(len(pos_um))
+    weights[rows, i0] = 1 - frac
+    weights[rows, i0 + 1] += frac
+    return weights, centres
+
+
 def _draw_tile(
     scene: _Scene, mpp_y: float, mpp_x: float, row0: int, row1: int, col0: int, col1: int, level: int
 ) -> np.ndarray:
@@ -281,16 +295,14 @@ def _draw_tile(
     xs = (np.arange(col0, col1) + 0.5) * mpp_x
     rng = np.random.default_rng([*scene.section_seed, level, row0, col0])
 
-    # Extracellular eosin: the niche tint, looked up on a coarse grid and spread to the pixels.
-    step = max(_NICHE_GRID_UM, mpp_x, mpp_y)
-    gy0, gx0 = ys[0] // step, xs[0] // step
-    gy = (np.arange(gy0, ys[-1] // step + 1) + 0.5) * step
-    gx = (np.arange(gx0, xs[-1] // step + 1) + 0.5) * step
+    # Extracellular eosin: the niche tint on a coarse grid, linearly interpolated to the pixels
+    # (soft niche borders without a niche lookup per pixel).
+    step = max(_NICHE_GRID_UM, 4 * mpp_x, 4 * mpp_y)
+    wy, gy = _linear_weights(ys, step)
+    wx, gx = _linear_weights(xs, step)
     grid = np.stack(np.meshgrid(gx, gy, indexing="xy"), axis=-1).reshape(-1, 2)
     tint = p.niche_eosin[scene.niche_at(grid)].reshape(len(gy), len(gx)).astype(np.float32)
-    iy = (ys // step - gy0).astype(np.int64)
-    ix = (xs // step - gx0).astype(np.int64)
-    eosin = np.ascontiguousarray(tint[iy[:, None], ix[None, :]])
+    eosin = np.ascontiguousarray(wy @ tint @ wx.T)
     hema = np.zeros((h, w), dtype=np.float32)
 
     # Cells whose cytoplasm reaches into the tile, in batches to bound the stamp's memory.

@@ -221,8 +221,13 @@ def train(
     levels: dict[str, LevelInput],
     expression: ExpressionSource,
     config: TrainConfig,
+    *,
+    nodes: np.ndarray | None = None,
 ) -> tuple[SigmmaModule, pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]], float]:
-    """Train a module on every meso subgraph of ``levels`` (minus a held-out validation fraction).
+    """Train a module on the meso subgraphs ``nodes`` (default all) minus a held-out validation fraction.
+
+    Subgraphs outside ``nodes`` never enter a batch unless they are graph neighbours of a training
+    subgraph (graphs never cross sections, so leaving out whole sections isolates them).
 
     Returns the trained module (best validation epoch when there is a validation set, on CPU),
     the per-epoch history (epoch 0 = at initialisation), the expression standardisation and the
@@ -232,8 +237,9 @@ def train(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    n_meso = levels[Levels.MESO].n
-    train_nodes, val_nodes = split_nodes(n_meso, config.val_fraction, config.seed)
+    pool = np.arange(levels[Levels.MESO].n) if nodes is None else np.unique(np.asarray(nodes, dtype=np.int64))
+    tr, va = split_nodes(pool.size, config.val_fraction, config.seed)
+    train_nodes, val_nodes = pool[tr], pool[va]
     stat_nodes = {Levels.MESO: train_nodes}
     probe = make_batcher(levels, config, expression, {})
     if probe.use_micro and probe.has_expression(Levels.MICRO):

@@ -95,20 +95,15 @@ def _uns_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of sigmma-sc and the libraries that shape its results."""
-    import anndata
-    import lightning
-    import torch
-    import torch_geometric
+    from importlib.metadata import PackageNotFoundError, version
 
-    from .. import __version__
-
-    return {
-        "sigmma_sc": __version__,
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "torch_geometric": torch_geometric.__version__,
-        "anndata": anndata.__version__,
-    }
+    out = {}
+    for name in ("sigmma-sc", "torch", "lightning", "torch-geometric", "anndata", "spatialdata"):
+        try:
+            out[name.replace("-", "_")] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def has_expression_matrix(table: AnnData) -> bool:

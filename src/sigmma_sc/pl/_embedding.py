@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Keys
-from .._logging import logger
+from sigmma_sc._constants import Keys
+from sigmma_sc._logging import logger
+
 from . import _utils as u
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,8 +124,9 @@ def embedding(
     basis
         ``obsm`` key, or a list of keys to stack.
     color
-        ``obs`` column(s) or gene(s); one panel each. Genes are read from ``X`` (or ``layer``) as
-        stored.
+        ``obs`` column(s) or gene(s); one panel each. Genes of a sigmma-sc table (raw counts,
+        ``uns["sigmma_dataset"]``) are shown as ``log1p(normalize_total(counts, 1e4))``; otherwise
+        ``X`` (or ``layer``) is read as stored.
     table_key
         Table to use when ``data`` is a SpatialData.
     layer
@@ -236,5 +238,7 @@ def _color_values(adata: AnnData, obs: pd.DataFrame, key: str | None, *, layer: 
     from_obs = u.obs_color(obs, key)
     if from_obs is not None:
         return from_obs
-    cv = u.resolve_color(adata, key, layer=layer)
+    # sigmma tables hold raw counts: genes are shown log1p-normalised, as in the spatial maps.
+    expression = u.table_slide(adata).expression if Keys.DATASET in adata.uns and layer is None else None
+    cv = u.resolve_color(adata, key, layer=layer, expression=expression)
     return u.ColorValues(cv.kind, np.tile(cv.values, n_bases), cv.label)

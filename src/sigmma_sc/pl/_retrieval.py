@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from .._constants import Defaults, Keys
+from sigmma_sc._constants import Defaults, Keys
+
 from . import _utils as u
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -16,8 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
-    from ..io import SlideData
-    from ..model import Sigmma
+    from sigmma_sc.io import SlideData
+    from sigmma_sc.model import Sigmma
 
 _PATCH_PX = 192
 
@@ -35,8 +36,8 @@ def _unit_index(slide: SlideData, query: int | str) -> int:
 
 
 def _patch(slide: SlideData, unit: int, fov_um: float) -> np.ndarray:
-    """The H&E view of one unit (white when its section has no image)."""
-    from ..pp._patches import iter_crops
+    """Read the H&E view of one unit (white when its section has no image)."""
+    from sigmma_sc.pp._patches import iter_crops
 
     section = slide.sections[int(slide.unit_section[unit])]
     if section not in slide.images:
@@ -77,7 +78,7 @@ def retrieval(
     save: str | Path | None = None,
     show: bool | None = None,
 ) -> Figure:
-    """A query unit and its top-``k`` cross-modal matches: H&E views and expression profiles.
+    """Show a query unit and its top-``k`` cross-modal matches: H&E views and expression profiles.
 
     Runs :func:`sigmma_sc.tl.retrieve` and draws, on the top row, the H&E view of the query and
     of each match (titled with rank, unit and cosine similarity; a tick marks the query's own
@@ -130,8 +131,8 @@ def retrieval(
     import matplotlib.pyplot as plt
     from anndata import AnnData
 
-    from ..io import validate
-    from ..tl._retrieve import retrieve
+    from sigmma_sc.io import validate
+    from sigmma_sc.tl import retrieve
 
     slide = validate(sdata, table_key=table_key)
     q = _unit_index(slide, query)
@@ -180,7 +181,9 @@ def retrieval(
         else:
             a.imshow(_patch(gal, int(h), fov))
         own = gallery is None and int(h) == q
-        a.set_title(f"#{j + 1} {name}{' ✓' if own else ''}\ncos {s:.2f}", fontsize=9, color="#1a7f37" if own else "black")
+        a.set_title(
+            f"#{j + 1} {name}{' ✓' if own else ''}\ncos {s:.2f}", fontsize=9, color="#1a7f37" if own else "black"
+        )
     for a in fig.axes:
         a.set_xticks([])
         a.set_yticks([])
@@ -197,9 +200,15 @@ def retrieval(
         hm.set_yticklabels(labels, fontsize=8)
         hm.set_xticks(np.arange(len(genes)))
         hm.set_xticklabels(genes, rotation=90, fontsize=8)
-        hm.set_title(f"{what_m} profiles of the matches (log1p)" if direction == "img2expr" else "expression profiles (log1p)", fontsize=9)
+        hm.set_title(
+            f"{what_m} profiles of the matches (log1p)" if direction == "img2expr" else "expression profiles (log1p)",
+            fontsize=9,
+        )
         cb = fig.colorbar(im, ax=hm, fraction=0.03, pad=0.01)
         cb.set_label("log1p expression", fontsize=8)
-    fig.suptitle(f"{'image → expression' if direction == 'img2expr' else 'expression → image'} retrieval, top {len(hits)}", fontsize=11)
+    fig.suptitle(
+        f"{'image → expression' if direction == 'img2expr' else 'expression → image'} retrieval, top {len(hits)}",
+        fontsize=11,
+    )
     u.savefig_or_show(fig, save=save, show=show)
     return fig

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Keys
+from sigmma_sc._constants import Keys
+
 from . import _utils as u
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
-    from ..io import SlideData
+    from sigmma_sc.io import SlideData
 
 # Padding around the units of a section, in unit diameters: the tissue edge stays visible.
 _PAD_DIAMETERS = 1.5
@@ -40,7 +41,7 @@ class _Layer:
 
 
 def _slide(sdata: SpatialData, table_key: str) -> SlideData:
-    from ..io import validate
+    from sigmma_sc.io import validate
 
     return validate(sdata, table_key=table_key)
 
@@ -97,6 +98,7 @@ def map_panel(
     crop_coord: tuple[float, float, float, float] | None,
     title: str | None,
     outline: bool | None,
+    legend_present: set[str] | None = None,
 ) -> tuple[float, float, float, float]:
     """Draw one section: H&E, units coloured by ``lay``, legend / colour bar, scale bar.
 
@@ -125,9 +127,12 @@ def map_panel(
             vmax=vmax,
             groups=groups,
             na_color=na_color,
+            present=legend_present,
         )
         # High values on top so hot spots are not hidden under their neighbours (cells overlap).
-        order = np.argsort(np.nan_to_num(np.asarray(vals, dtype=float), nan=-np.inf)) if sub.kind == "continuous" else None
+        order = (
+            np.argsort(np.nan_to_num(np.asarray(vals, dtype=float), nan=-np.inf)) if sub.kind == "continuous" else None
+        )
         if outline is None:
             # A thin white rim separates adjacent spots and lifts them off the purple H&E; on
             # dense small units (cells, Visium HD bins) it would only paint a white lattice.
@@ -286,10 +291,14 @@ def spatial(
         u.savefig_or_show(ax.figure, save=save, show=show)
         return ax
     fig, axs = u.panel_grid(len(secs), ncols=ncols, panel_size=_PANEL)
+    present = None
+    if lay.color.kind == "categorical":  # the one legend lists what any drawn panel shows
+        drawn = np.isin(lay.section, [slide.sections.index(s) for s in secs])
+        present = set(pd.Series(np.asarray(lay.color.values)[drawn]).dropna().astype(str))
     for a, s, t in zip(axs, secs, titles):
         # One legend for categorical keys: the right-most panel of the first row carries it.
         loc = legend_loc if a is axs[min(ncols, len(axs)) - 1] else None
-        map_panel(a, slide, s, lay, title=t, **{**kwargs, "legend_loc": loc})
+        map_panel(a, slide, s, lay, title=t, legend_present=present, **{**kwargs, "legend_loc": loc})
     u.savefig_or_show(fig, save=save, show=show)
     return fig
 
@@ -313,42 +322,6 @@ def _titles(title: str | Sequence[str] | None, secs: list[str]) -> list[str | No
     if len(titles) != len(secs):
         raise ValueError(f"title has {len(titles)} entries for {len(secs)} sections.")
     return titles
-
-
-def _slide_of(data: SpatialData | AnnData, table_key: str) -> SlideData:
-    """A :class:`~sigmma_sc.io.SlideData` for a SpatialData (validated, with H&E) or a bare AnnData (no image)."""
-    from anndata import AnnData
-
-    from ..io import SlideData
-
-    if not isinstance(data, AnnData):
-        return _slide(data, table_key)
-    if Keys.SPATIAL not in data.obsm:
-        raise KeyError(f"the AnnData has no obsm[{Keys.SPATIAL!r}] (unit centres in microns) to draw its map.")
-    info = data.uns.get(Keys.DATASET, {})
-    sec = data.obs[Keys.SECTION].astype(str) if Keys.SECTION in data.obs else pd.Series("section", index=data.obs_names)
-    sections = list(dict.fromkeys(sec))
-    xy = np.asarray(data.obsm[Keys.SPATIAL], dtype=np.float64)
-    if Keys.UNIT_DIAMETER in info:
-        diameter = float(info[Keys.UNIT_DIAMETER])
-    else:  # no stated size: discs as wide as 80% of the median nearest-neighbour distance
-        from scipy.spatial import cKDTree
-
-        dist = cKDTree(xy).query(xy, k=2)[0][:, 1] if len(xy) > 1 else np.ones(1)
-        diameter = 0.8 * float(np.median(dist))
-    return SlideData(
-        sdata=None,
-        table=data,
-        table_key=table_key,
-        sections=sections,
-        unit_section=pd.Categorical(sec, categories=sections).codes.astype(np.int64),
-        xy_um=xy,
-        images={},
-        technology=str(info.get(Keys.TECHNOLOGY, "custom")),
-        unit_kind=str(info.get(Keys.UNIT_KIND, "spot")),
-        unit_diameter_um=diameter,
-        log_normalized=bool(info.get(Keys.LOG_NORMALIZED, False)),
-    )
 
 
 def predicted_vs_observed(
@@ -424,9 +397,11 @@ def predicted_vs_observed(
     >>> pred = sg.tl.predict_expression(model, test_sdata)
     >>> fig = sg.pl.predicted_vs_observed(pred, test_sdata, genes=["ERBB2", "GRB7"])
     """
-    from ..tl._metrics import pearson_per_gene
+    from anndata import AnnData
 
-    slide = _slide_of(observed, table_key)
+    from sigmma_sc.tl._metrics import pearson_per_gene
+
+    slide = _slide(observed, table_key) if not isinstance(observed, AnnData) else u.table_slide(observed, table_key)
     genes = [genes] if isinstance(genes, str) else list(genes)
     missing = [g for g in genes if g not in pred.var_names or g not in slide.table.var_names]
     if missing:

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Keys, Levels
-from .._logging import logger
+from sigmma_sc._constants import Keys, Levels
+from sigmma_sc._logging import logger
+
 from . import _utils as u
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +32,7 @@ _VALUE_COLS = ("value", "mean", "score")
 # history
 # ---------------------------------------------------------------------------------------------
 def _history_frame(model_or_df: Any) -> pd.DataFrame:
-    """The history DataFrame of a model, a DataFrame, an AnnData / SpatialData table's ``uns``."""
+    """Get the history DataFrame of a model, a DataFrame, an AnnData / SpatialData table's ``uns``."""
     if isinstance(model_or_df, pd.DataFrame):
         return model_or_df
     hist = getattr(model_or_df, "history", None)
@@ -60,7 +61,7 @@ def _split_of(col: str) -> str | None:
 
 
 def _group_of(col: str) -> str:
-    """The panel of a loss column: its level (``micro`` / ``meso`` / ``macro``), else the term name, else total."""
+    """Name the panel of a loss column: its level (``micro`` / ``meso`` / ``macro``), else the term name, else total."""
     tokens = [t for t in re.split(r"[^a-z0-9]+", col.lower()) if t]
     for lv in Levels.ALL:
         if lv in tokens:
@@ -159,8 +160,15 @@ def history(
             ok = np.isfinite(y)  # validation runs every n epochs: skip the gaps
             color = level_colors.get(g, split_colors[split])
             label = f"{g} {split or c}" if shared else (split or str(c))
-            a.plot(x[ok], y[ok], ls="--" if split == "val" else "-", marker="o" if ok.sum() < 15 else None,
-                   ms=3, color=color, label=label)
+            a.plot(
+                x[ok],
+                y[ok],
+                ls="--" if split == "val" else "-",
+                marker="o" if ok.sum() < 15 else None,
+                ms=3,
+                color=color,
+                label=label,
+            )
         if not shared:
             a.set_title(f"{g} level" if g in Levels.ALL else g, fontsize=11)
         a.set_xlabel("epoch")
@@ -185,7 +193,7 @@ def _first(cols: Sequence[str], wanted: Sequence[str]) -> str | None:
 
 
 def tidy_scores(df: pd.DataFrame) -> pd.DataFrame:
-    """An evaluation table in long form: columns ``method``, ``metric``, ``value``, ``std``, ``chance``.
+    """Reshape an evaluation table to long form: columns ``method``, ``metric``, ``value``, ``std``, ``chance``.
 
     Accepts the wide table of :func:`sigmma_sc.tl.evaluate` (one row per method, one column per
     metric; ``{metric}_std`` columns become error bars and ``chance_{prefix}`` columns the chance
@@ -237,7 +245,7 @@ def evaluation(
     save: str | Path | None = None,
     show: bool | None = None,
 ) -> Axes:
-    """The metric table of :func:`sigmma_sc.tl.evaluate` as grouped bars, with error bars.
+    """Draw the metric table of :func:`sigmma_sc.tl.evaluate` as grouped bars, with error bars.
 
     One group of bars per metric, one bar per method; ``{metric}_std`` columns (or a ``std``
     column in long tables) become error bars. A method named ``chance`` is drawn as a dashed
@@ -316,9 +324,15 @@ def evaluation(
         # Chance from a "chance" row, else from the table's chance_* columns.
         v = idx["value"].get((chance, m), np.nan) if chance in methods else np.nan
         if not np.isfinite(v):
-            v = float(np.nanmax(idx["chance"].xs(m, level="metric"))) if idx["chance"].xs(m, level="metric").notna().any() else np.nan
+            v = (
+                float(np.nanmax(idx["chance"].xs(m, level="metric")))
+                if idx["chance"].xs(m, level="metric").notna().any()
+                else np.nan
+            )
         if np.isfinite(v):
-            ax.hlines(v, i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1, label=None if labelled else "chance")
+            ax.hlines(
+                v, i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1, label=None if labelled else "chance"
+            )
             labelled = True
     ax.set_xticks(np.arange(len(metrics)))
     tilt = len(metrics) > 3 or max(len(m) for m in metrics) * len(metrics) > 30  # long names would collide

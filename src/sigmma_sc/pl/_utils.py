@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._logging import logger
+from sigmma_sc._constants import Keys
+from sigmma_sc._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..io._image import SectionImage
+    from sigmma_sc.io import SlideData
+    from sigmma_sc.io._image import SectionImage
 
 # Matplotlib backends that cannot show a window: ``show`` is a no-op there (and would warn).
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
@@ -53,7 +55,7 @@ class ColorValues:
 
 
 def obs_color(obs: pd.DataFrame, key: str) -> ColorValues | None:
-    """An ``obs`` column as colour values (``None`` when ``key`` is not a column)."""
+    """Read an ``obs`` column as colour values (``None`` when ``key`` is not a column)."""
     if key not in obs.columns:
         return None
     col = obs[key]
@@ -61,6 +63,20 @@ def obs_color(obs: pd.DataFrame, key: str) -> ColorValues | None:
         cat = col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype(str).astype("category")
         return ColorValues("categorical", pd.Categorical(cat), key)
     return ColorValues("continuous", col.to_numpy(dtype=np.float64), key)
+
+
+def stored_scale(values: np.ndarray) -> str:
+    """Name the scale of values read as stored: ``counts`` (integers), ``log1p`` (small) or ``X``.
+
+    log1p of counts normalised to 1e4 stays below ~10: larger values are not on that scale, and a
+    colour bar must not claim they are.
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size and np.all(finite == np.round(finite)) and finite.max() > 1:
+        return "counts"
+    if finite.size == 0 or finite.max() <= 20:
+        return "log1p"
+    return "X"
 
 
 def resolve_color(
@@ -105,9 +121,10 @@ def resolve_color(
             label = f"{key} (log1p)"
         else:
             x = adata[:, key].X
-            label = f"{key} (log1p)"
+            label = None
         x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-        return ColorValues("continuous", np.asarray(x, dtype=np.float64).ravel(), label)
+        values = np.asarray(x, dtype=np.float64).ravel()
+        return ColorValues("continuous", values, label or f"{key} ({stored_scale(values)})")
     raise KeyError(
         f"color={key!r} is neither an obs column nor a gene of the table. "
         f"obs columns: {list(adata.obs.columns)[:20]}; pass a gene from var_names (e.g. {list(adata.var_names[:3])})."
@@ -190,8 +207,11 @@ def unit_colors(
     vmax: Any = None,
     groups: Sequence[str] | None = None,
     na_color: Any = NA_COLOR,
+    present: set[str] | None = None,
 ) -> tuple[np.ndarray, Any]:
     """RGBA per unit plus what the legend / colour bar needs.
+
+    ``present``: categories the legend lists (default: those among ``cv.values``).
 
     Returns
     -------
@@ -212,7 +232,10 @@ def unit_colors(
         lut = np.array([to_rgba(colors[c]) for c in cats] + [to_rgba(na_color)])
         codes = np.asarray(cv.values.codes)
         rgba = lut[np.where(codes < 0, len(cats), codes)]
-        shown = {c: colors[c] for c in cats if groups is None or c in groups}
+        # The legend lists only categories that are drawn (one section of five: not all five names).
+        if present is None:
+            present = set(np.asarray(cv.values.categories)[np.unique(codes[codes >= 0])].astype(str))
+        shown = {c: colors[c] for c in cats if (groups is None or c in groups) and c in present}
         return rgba, shown
     values = np.asarray(cv.values, dtype=np.float64)
     lo, hi = percentile_limits(values, vmin, vmax)
@@ -336,7 +359,7 @@ def bbox_of(xy: np.ndarray, *, pad: float) -> tuple[float, float, float, float]:
 
 
 def nice_length(span_um: float) -> float:
-    """A round scale-bar length close to a fifth of ``span_um``."""
+    """Pick a round scale-bar length close to a fifth of ``span_um``."""
     target = span_um / 5.0
     return float(min(_NICE_UM, key=lambda v: abs(np.log(v / target))))
 
@@ -349,7 +372,7 @@ def format_um(length_um: float) -> str:
 
 
 def add_scalebar(ax: Axes, *, length_um: float | None = None, loc: str = "lower right") -> None:
-    """A scale bar in microns (the axes' data units) on a light box, readable over H&E."""
+    """Add a scale bar in microns (the axes' data units) on a light box, readable over H&E."""
     from matplotlib.font_manager import FontProperties
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
@@ -375,7 +398,7 @@ def add_scalebar(ax: Axes, *, length_um: float | None = None, loc: str = "lower 
 
 
 def add_colorbar(ax: Axes, mappable: Any, label: str) -> Any:
-    """A slim colour bar attached to ``ax`` (its own axes, so panels keep their size)."""
+    """Attach a slim colour bar to ``ax`` (its own axes, so panels keep their size)."""
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.08)
@@ -426,7 +449,7 @@ def panel_grid(
     wspace: float = 0.35,
     hspace: float = 0.25,
 ) -> tuple[Figure, list[Axes]]:
-    """A figure of ``n`` panels in rows of ``ncols``; unused grid cells are removed."""
+    """Make a figure of ``n`` panels in rows of ``ncols``; unused grid cells are removed."""
     import matplotlib.pyplot as plt
 
     ncols = max(1, min(ncols, n))
@@ -445,7 +468,7 @@ def panel_grid(
 
 
 def single_axes(ax: Axes | None, *, figsize: tuple[float, float]) -> Axes:
-    """The user's ``ax`` or a new figure's axes."""
+    """Return the user's ``ax`` or a new figure's axes."""
     import matplotlib.pyplot as plt
 
     if ax is not None:
@@ -478,7 +501,7 @@ def savefig_or_show(fig: Figure, *, save: str | Path | None, show: bool | None, 
 
 
 def as_table(data: Any, table_key: str) -> AnnData:
-    """The AnnData behind ``data``: itself, or ``sdata.tables[table_key]``."""
+    """Return the AnnData behind ``data``: itself, or ``sdata.tables[table_key]``."""
     from anndata import AnnData
 
     if isinstance(data, AnnData):
@@ -489,3 +512,43 @@ def as_table(data: Any, table_key: str) -> AnnData:
     if table_key not in tables:
         raise KeyError(f"table {table_key!r} not in the SpatialData; tables are {list(tables)}. Pass table_key=.")
     return tables[table_key]
+
+
+def table_slide(data: AnnData, table_key: str = Keys.TABLE) -> SlideData:
+    """Describe a bare AnnData as a :class:`~sigmma_sc.io.SlideData` without image.
+
+    Reuses :meth:`SlideData.expression` (log1p of normalised counts) for tables that are not in a
+    SpatialData. Units are placed by ``obsm["spatial"]`` (microns) when present.
+    """
+    from sigmma_sc.io import SlideData
+
+    info = data.uns.get(Keys.DATASET, {})
+    sec = data.obs[Keys.SECTION].astype(str) if Keys.SECTION in data.obs else pd.Series("section", index=data.obs_names)
+    sections = list(dict.fromkeys(sec))
+    xy = (
+        np.asarray(data.obsm[Keys.SPATIAL], dtype=np.float64)
+        if Keys.SPATIAL in data.obsm
+        else np.zeros((data.n_obs, 2))
+    )
+    if Keys.UNIT_DIAMETER in info:
+        diameter = float(info[Keys.UNIT_DIAMETER])
+    elif Keys.SPATIAL not in data.obsm:
+        diameter = 1.0
+    else:  # no stated size: discs as wide as 80% of the median nearest-neighbour distance
+        from scipy.spatial import cKDTree
+
+        dist = cKDTree(xy).query(xy, k=2)[0][:, 1] if len(xy) > 1 else np.ones(1)
+        diameter = 0.8 * float(np.median(dist))
+    return SlideData(
+        sdata=None,
+        table=data,
+        table_key=table_key,
+        sections=sections,
+        unit_section=pd.Categorical(sec, categories=sections).codes.astype(np.int64),
+        xy_um=xy,
+        images={},
+        technology=str(info.get(Keys.TECHNOLOGY, "custom")),
+        unit_kind=str(info.get(Keys.UNIT_KIND, "spot")),
+        unit_diameter_um=diameter,
+        log_normalized=bool(info.get(Keys.LOG_NORMALIZED, False)),
+    )

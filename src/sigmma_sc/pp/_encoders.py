@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._logging import logger
+from sigmma_sc._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -113,7 +113,10 @@ class Encoder:
         import torch
 
         device = self._device or "cpu"
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        images = np.ascontiguousarray(images)
+        if not images.flags.writeable:  # torch warns on read-only numpy memory
+            images = images.copy()
+        x = torch.from_numpy(images).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
@@ -404,7 +407,7 @@ def _timm_encoder(name: str, **kwargs: Any) -> Encoder:
     try:
         cfg = timm.data.resolve_data_config({}, model=model)
         mean, std, size = tuple(cfg["mean"]), tuple(cfg["std"]), int(cfg["input_size"][-1])
-    except Exception:  # noqa: BLE001 - preprocessing config is optional in timm's model card
+    except Exception:
         logger.warning(f"timm gave no preprocessing config for {model_name!r}; using ImageNet mean/std at 224 px.")
     return encoder_from_module(model, id=f"timm-{model_name}", input_size=size, mean=mean, std=std)
 

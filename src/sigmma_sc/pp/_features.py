@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import sparse
 
-from .._constants import Defaults, Keys
-from .._logging import logger
-from .._settings import settings
+from sigmma_sc._constants import Defaults, Keys
+from sigmma_sc._logging import logger
+from sigmma_sc._settings import settings
+
 from ._encoders import DENSE_STRIDE, Encoder, get_encoder
 from ._patches import as_section_image, iter_crops
 
@@ -83,6 +84,32 @@ def map_grid_shape(shape: tuple[int, int], scale: int) -> tuple[int, int]:
     return -(-h // DENSE_STRIDE), -(-w // DENSE_STRIDE)
 
 
+def tile_rects(needed: np.ndarray, tile_px: int = Defaults.DENSE_TILE_PX) -> list[tuple[int, int, int, int]]:
+    """Tiles of the dense path: ``(row0, row1, col0, col1)`` in map cells, one per ``tile_px`` block with needed cells.
+
+    Each tile is trimmed to the bounding box of the cells it must fill, so tiles at the tissue edge
+    and at the image border do not pay for glass or padding.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> need = np.zeros((40, 40), bool)
+    >>> need[3:5, 30:38] = True
+    >>> tile_rects(need, 1024)
+    [(3, 5, 30, 32), (3, 5, 32, 38)]
+    """
+    cells = tile_px // DENSE_STRIDE
+    gh, gw = needed.shape
+    rects = []
+    for ti in range(0, gh, cells):
+        for tj in range(0, gw, cells):
+            block = needed[ti : ti + cells, tj : tj + cells]
+            if block.any():
+                rows, cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
+                rects.append((ti + int(rows[0]), ti + int(rows[-1]) + 1, tj + int(cols[0]), tj + int(cols[-1]) + 1))
+    return rects
+
+
 def dense_feature_map(
     image: Any,
     encoder: Encoder,
@@ -95,7 +122,7 @@ def dense_feature_map(
     stain: StainNormalizer | None = None,
     px_from_um: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The encoder's stride-32 feature map over a whole section image.
+    """Compute the encoder's stride-32 feature map over a whole section image.
 
     Parameters
     ----------
@@ -106,8 +133,8 @@ def dense_feature_map(
     scale
         1: native resolution; 2: downsampled 2x (a wider receptive field per map cell).
     needed
-        ``(gh, gw)`` bool mask of the map cells that some node's window touches; tiles without any
-        are skipped (left zero). Default: every cell.
+        ``(gh, gw)`` bool mask of the map cells that some node's window touches; tiles are trimmed
+        to them and tiles without any are skipped (cells left zero). Default: every cell.
     tile_px, margin_px
         Tile core and context margin in pixels (multiples of 32); the encoder sees
         ``tile_px + 2 * margin_px`` pixels and the margin's map cells are dropped, so neighbouring
@@ -142,49 +169,39 @@ def dense_feature_map(
     gh, gw = map_grid_shape(image.shape, scale)
     if needed is None:
         needed = np.ones((gh, gw), dtype=bool)
-    cells, mcells = tile_px // DENSE_STRIDE, margin_px // DENSE_STRIDE
-    tiles = [
-        (ti, tj)
-        for ti in range(0, gh, cells)
-        for tj in range(0, gw, cells)
-        if needed[ti : ti + cells, tj : tj + cells].any()
-    ]
+    mcells = margin_px // DENSE_STRIDE
+    rects = tile_rects(needed, tile_px)
     fmap = np.zeros((gh, gw, encoder.dim), dtype=np.float32)
     blank: np.ndarray | None = None
-    side = tile_px + 2 * margin_px
+    groups: dict[tuple[int, int], list[tuple[tuple[int, int, int, int], np.ndarray]]] = {}
 
-    def place(ti: int, tj: int, core: np.ndarray) -> None:
-        h, w = min(cells, gh - ti), min(cells, gw - tj)
-        fmap[ti : ti + h, tj : tj + w] = core[:h, :w]
-
-    batch: list[tuple[int, int]] = []
-    pixels: list[np.ndarray] = []
-
-    def flush() -> None:
-        if not batch:
+    def flush(shape: tuple[int, int]) -> None:
+        items = groups.pop(shape, [])
+        if not items:
             return
-        maps = encoder.encode_map(np.stack(pixels))
-        for (ti, tj), m in zip(batch, maps):
-            place(ti, tj, m[mcells : mcells + cells, mcells : mcells + cells])
-        batch.clear()
-        pixels.clear()
+        maps = encoder.encode_map(np.stack([rgb for _, rgb in items]))
+        for (a0, a1, b0, b1), m in zip((rect for rect, _ in items), maps):
+            fmap[a0:a1, b0:b1] = m[mcells : mcells + a1 - a0, mcells : mcells + b1 - b0]
 
-    for ti, tj in _progress(tiles, desc=f"dense features x{scale}", unit="tile", leave=False):
-        r0, c0 = ti * DENSE_STRIDE - margin_px, tj * DENSE_STRIDE - margin_px
-        rgb = _read_scaled(image, scale, r0, r0 + side, c0, c0 + side)
-        if not _is_tissue(rgb[margin_px : margin_px + tile_px, margin_px : margin_px + tile_px]):
+    for a0, a1, b0, b1 in _progress(rects, desc=f"dense features x{scale}", unit="tile", leave=False):
+        r0, c0 = a0 * DENSE_STRIDE - margin_px, b0 * DENSE_STRIDE - margin_px
+        r1, c1 = a1 * DENSE_STRIDE + margin_px, b1 * DENSE_STRIDE + margin_px
+        rgb = _read_scaled(image, scale, r0, r1, c0, c1)
+        if not _is_tissue(rgb[margin_px : -margin_px or None, margin_px : -margin_px or None]):
             if blank is None:
-                white = np.full((1, side, side, 3), 255, dtype=np.uint8)
-                blank = encoder.encode_map(white)[0, mcells : mcells + cells, mcells : mcells + cells]
-            place(ti, tj, blank)
+                side = tile_px + 2 * margin_px
+                white = encoder.encode_map(np.full((1, side, side, 3), 255, dtype=np.uint8))[0]
+                blank = white[white.shape[0] // 2, white.shape[1] // 2]
+            fmap[a0:a1, b0:b1] = blank
             continue
         if stain is not None:
             rgb = stain.transform(rgb)
-        batch.append((ti, tj))
-        pixels.append(rgb)
-        if len(batch) >= tiles_per_batch:
-            flush()
-    flush()
+        shape = rgb.shape[:2]
+        groups.setdefault(shape, []).append(((a0, a1, b0, b1), rgb))
+        if len(groups[shape]) >= tiles_per_batch:
+            flush(shape)
+    for shape in list(groups):
+        flush(shape)
     return fmap
 
 
@@ -251,9 +268,7 @@ def _box_operator(
     )
 
 
-def pool_windows(
-    fmap: np.ndarray, windows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-) -> np.ndarray:
+def pool_windows(fmap: np.ndarray, windows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     """Mean of a feature map over each window, via a summed-area table (O(1) per window).
 
     Parameters
@@ -405,11 +420,14 @@ def _resolve_method(method: str, enc: Encoder) -> str:
 # ---------------------------------------------------------------------------------------------
 # SpatialData entry points
 # ---------------------------------------------------------------------------------------------
-def _slide_and_hierarchy(sdata: SpatialData, *, table_key: str = Keys.TABLE, build: bool = True) -> tuple[Any, Any]:
-    from ..io import validate
+def _slide_and_hierarchy(
+    sdata: SpatialData, *, table_key: str = Keys.TABLE, build: bool = True, require_image: bool = True
+) -> tuple[Any, Any]:
+    from sigmma_sc.io import validate
+
     from ._hierarchy import build_hierarchy, get_hierarchy
 
-    slide = validate(sdata, table_key=table_key)
+    slide = validate(sdata, table_key=table_key, require_image=require_image)
     try:
         hier = get_hierarchy(sdata, table_key=table_key)
     except (KeyError, ValueError):
@@ -525,14 +543,14 @@ def image_features(
     >>> feats["meso"].shape
     (n_spots, 1280)
     """
-    slide, hier = _slide_and_hierarchy(sdata, table_key=table_key)
+    enc = get_encoder(encoder, obsm_key=obsm_key)
+    slide, hier = _slide_and_hierarchy(sdata, table_key=table_key, require_image=not enc.precomputed)
     table = slide.table
     names = list(hier.levels)
     levels = names if levels is None else list(levels)
     unknown = [lv for lv in levels if lv not in hier.levels]
     if unknown:
         raise ValueError(f"levels {unknown} are not in the hierarchy; it has {names}.")
-    enc = get_encoder(encoder, obsm_key=obsm_key)
     fovs = {lv: float(hier.levels[lv].fov_um) for lv in names}
     if enc.precomputed:
         method_used, stain_id = "precomputed", None
@@ -549,9 +567,7 @@ def image_features(
 
     cache = table.uns.get(Keys.UNS, {}).get(Keys.FEATURES, {}).get(key, {})
     todo = [
-        lv
-        for lv in levels
-        if overwrite or lv not in cache or np.shape(cache[lv])[0] != len(hier.levels[lv].centers_um)
+        lv for lv in levels if overwrite or lv not in cache or np.shape(cache[lv])[0] != len(hier.levels[lv].centers_um)
     ]
     if not todo:
         logger.info(f"image features {key!r} found in the table cache")
@@ -599,8 +615,10 @@ def _write_features(table: AnnData, key: str, new: dict[str, np.ndarray]) -> Non
     root[Keys.FEATURES_LATEST] = key
 
 
-def get_features(sdata: SpatialData | AnnData, *, key: str | None = None, table_key: str = Keys.TABLE) -> dict[str, np.ndarray]:
-    """Cached image features per level.
+def get_features(
+    sdata: SpatialData | AnnData, *, key: str | None = None, table_key: str = Keys.TABLE
+) -> dict[str, np.ndarray]:
+    """Return the cached image features per level.
 
     Parameters
     ----------

@@ -216,11 +216,14 @@ def graph_edges(adj: sp.spmatrix) -> np.ndarray:
     >>> graph_edges(sp.csr_matrix([[0, 1], [1, 0]])).tolist()
     [[0, 1], [1, 0]]
     """
-    coo = sp.coo_matrix(adj)
-    keep = (coo.row != coo.col) & (coo.data != 0)
-    edges = np.vstack([coo.row[keep], coo.col[keep]]).astype(np.int64)
-    order = np.lexsort((edges[1], edges[0]))
-    return edges[:, order]
+    csr = sp.csr_matrix(adj)
+    if not csr.has_sorted_indices:
+        csr = csr.sorted_indices()
+    # CSR with sorted indices is already in (row, column) order: no sort needed.
+    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
+    cols = csr.indices.astype(np.int64)
+    keep = (rows != cols) & (csr.data != 0)
+    return np.vstack([rows[keep], cols[keep]])
 
 
 def grouped_delaunay_edges(xy: np.ndarray, group: np.ndarray) -> np.ndarray:

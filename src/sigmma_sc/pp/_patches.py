@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import Defaults, Keys, Levels
+from sigmma_sc._constants import Defaults, Keys, Levels
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
-    from ..io import SectionImage
+    from sigmma_sc.io import SectionImage
 
 
 def as_section_image(image: Any, px_from_um: np.ndarray | None = None) -> SectionImage:
@@ -49,7 +49,7 @@ def as_section_image(image: Any, px_from_um: np.ndarray | None = None) -> Sectio
         raise ValueError(f"image array must be (height, width, 3) RGB, got shape {tuple(image.shape)}.")
     import xarray as xr
 
-    from ..io import SectionImage
+    from sigmma_sc.io import SectionImage
 
     element = xr.DataArray(image, dims=("y", "x", "c"))
     return SectionImage.from_element(
@@ -107,7 +107,7 @@ def resize_batch(crops: np.ndarray, size_px: int) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.array(crops, copy=True)).permute(0, 3, 1, 2).float()
     antialias = crops.shape[1] > size_px
     y = F.interpolate(x, size=(size_px, size_px), mode="bilinear", align_corners=False, antialias=antialias)
     return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
@@ -221,8 +221,6 @@ def extract_patches(
         if rows.size == 0:
             continue
         image = slide.images[name]
-        for pos, crops in iter_crops(
-            image, lvl.centers_um[idx[rows]], fov, size_px=size_px, batch_size=batch_size
-        ):
+        for pos, crops in iter_crops(image, lvl.centers_um[idx[rows]], fov, size_px=size_px, batch_size=batch_size):
             out[rows[pos]] = crops
     return out

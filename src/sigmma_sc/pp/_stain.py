@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import Keys
+from sigmma_sc._constants import Keys
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -209,7 +209,7 @@ def normalize_stain(
     """
     if isinstance(image_or_sdata, np.ndarray):
         return fit_stain_normalizer(image_or_sdata, method=method, reference=reference).transform(image_or_sdata)
-    from ..io import validate
+    from sigmma_sc.io import validate
 
     slide = validate(image_or_sdata, table_key=table_key)
     out = {}

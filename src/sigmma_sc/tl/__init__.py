@@ -1,3 +1,6 @@
 """Tools: training (fit), expression prediction, cross-modal retrieval and evaluation."""
 
+from ._evaluate import evaluate
 from ._fit import fit
+from ._predict import predict_expression
+from ._retrieve import retrieve

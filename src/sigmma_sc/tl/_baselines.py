@@ -266,7 +266,7 @@ def baseline_features(
     feature_key: str | None,
     table_key: str = Keys.TABLE,
 ) -> np.ndarray:
-    """Unit features a ridge baseline reads from a SpatialData whose hierarchy and features exist.
+    """Return the unit features a ridge baseline reads from a SpatialData with hierarchy and features.
 
     Parameters
     ----------
@@ -365,7 +365,7 @@ def _copy_dicts(value: Any) -> Any:
 
 
 def light_copy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> SpatialData:
-    """A SpatialData sharing images and shapes with ``sdata`` but with its own table object.
+    """Return a SpatialData sharing images and shapes with ``sdata`` but with its own table object.
 
     Writes into the copy's ``obs``, ``obsm``, ``obsp`` and ``uns`` (dict structure) do not reach
     ``sdata``; the large arrays (counts, cached features) are shared, not duplicated.

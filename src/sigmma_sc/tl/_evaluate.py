@@ -67,7 +67,7 @@ def _versions() -> dict[str, str]:
 
 
 def gene_sets(model: Sigmma, train_expression: Any, *, n_genes: int = 50) -> dict[str, list[str]]:
-    """The evaluation genes: ``hvg`` (most variable) and ``heg`` (most expressed) among ``model.genes``.
+    """Pick the evaluation genes: ``hvg`` (most variable) and ``heg`` (most expressed) among ``model.genes``.
 
     ``hvg``: the highest variance of log1p(normalize_total) among genes detected in at least 10% of
     the training units (the model's own gene rule, :func:`sigmma_sc.model._data.select_genes`);

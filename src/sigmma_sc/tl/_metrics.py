@@ -218,7 +218,9 @@ def retrieval_ranks(similarity: np.ndarray) -> np.ndarray:
     """
     s = np.asarray(similarity, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
-        raise ValueError(f"similarity must be square (queries x their gallery, true match on the diagonal), got {s.shape}.")
+        raise ValueError(
+            f"similarity must be square (queries x their gallery, true match on the diagonal), got {s.shape}."
+        )
     s = np.where(np.isnan(s), -np.inf, s)
     true = np.diag(s).copy()
     # Counts the true item itself and every tie; a NaN true score (now -inf) therefore ranks last.
@@ -328,7 +330,7 @@ def top_k(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def subsample(n: int, *, max_n: int = 1000, seed: int = 0) -> np.ndarray:
-    """Fixed, seeded subsample of ``max_n`` of ``n`` units (all units, in order, when ``n <= max_n``).
+    """Draw a fixed, seeded subsample of ``max_n`` of ``n`` units (all units, in order, when ``n <= max_n``).
 
     Retrieval metrics depend on the gallery size; capping it keeps figures comparable across folds.
 
@@ -346,7 +348,7 @@ def subsample(n: int, *, max_n: int = 1000, seed: int = 0) -> np.ndarray:
 
 
 def top_expressed_genes(expression, *, n: int = 50) -> np.ndarray:
-    """Indices of the ``n`` genes with the highest mean log1p expression (HEST's highly expressed genes).
+    """Return the ``n`` genes with the highest mean log1p expression (HEST's highly expressed genes).
 
     The highly *variable* genes of the evaluation come from the model's own gene selection
     (:func:`sigmma_sc.model._data.select_genes`), so training and evaluation share one rule.

@@ -217,7 +217,11 @@ def predict_expression(
 
     uns: dict[str, Any] = {
         Keys.UNS: {
-            Keys.PARAMS: {"k": int(min(k, len(ref_emb))), "temperature": float(temperature), "n_reference": len(ref_emb)}
+            Keys.PARAMS: {
+                "k": int(min(k, len(ref_emb))),
+                "temperature": float(temperature),
+                "n_reference": len(ref_emb),
+            }
         }
     }
     info = table.uns.get(Keys.DATASET)

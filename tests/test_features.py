@@ -175,14 +175,12 @@ def test_needed_cells_cover_windows():
     assert needed_cells([(np.array([9.0]), np.array([10.0]), np.array([-3.0]), np.array([-2.0]))], (5, 5))[4, 0]
 
 
-def test_dense_map_has_no_seams_and_is_deterministic(kidney_image, lite0):
+def test_dense_map_has_no_seams(kidney_image, lite0):
     # 512 px of tissue: four 256 px tiles vs one 512 px tile, both with the default context margin.
     img = np.asarray(kidney_image.read(0, 512, 0, 512))
     tiled = dense_feature_map(img, lite0, px_from_um=np.eye(3), tile_px=256)
     whole = dense_feature_map(img, lite0, px_from_um=np.eye(3), tile_px=512)
-    again = dense_feature_map(img, lite0, px_from_um=np.eye(3), tile_px=256)
     assert tiled.shape == (16, 16, 1280) and np.isfinite(tiled).all()
-    np.testing.assert_array_equal(tiled, again)
 
     def cos(a, b):
         return ((a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1)))[2:-2, 2:-2]
@@ -236,11 +234,14 @@ def test_dense_and_crop_features_agree(kidney_image, lite0):
     assert matched > 0.1 and matched > shuffled + 0.08, (matched, shuffled)
 
 
-def test_crop_equals_dense_without_context(kidney_image, lite0):
+def test_crop_equals_dense_without_context_and_is_deterministic(kidney_image, lite0):
     # The dense map of a lone 224 px tile (no margin) pooled over the whole tile is the crop feature.
     crop = np.asarray(kidney_image.read(100, 324, 50, 274))
     fmap = dense_feature_map(crop, lite0, px_from_um=np.eye(3), tile_px=224, margin_px=0)
     np.testing.assert_allclose(fmap.mean(axis=(0, 1)), lite0.encode(crop[None])[0], rtol=1e-4, atol=1e-5)
+    # Deterministic: the same pixels give the same map, bit for bit.
+    again = dense_feature_map(crop, lite0, px_from_um=np.eye(3), tile_px=224, margin_px=0)
+    np.testing.assert_array_equal(fmap, again)
 
 
 def test_window_cells_centred_with_mirror():

@@ -88,7 +88,9 @@ def test_segmenter_hook_replaces_the_default(c2):
     c2.shapes["C2_nuclei"] = default  # the default nuclei, for the other tests
 
 
-def test_spot_hierarchy_micro_level_from_nuclei(c2):
+def test_spot_hierarchy_micro_level_from_nuclei(c2, tmp_path):
+    import spatialdata as sd
+
     h = sg.pp.build_hierarchy(c2)
     micro, meso = h.levels["micro"], h.levels["meso"]
     assert list(h.levels) == ["micro", "meso", "macro"] and h.unit_level == "meso"
@@ -102,6 +104,19 @@ def test_spot_hierarchy_micro_level_from_nuclei(c2):
     area = c2.shapes["C2_nuclei"][Keys.NUCLEUS_AREA].to_numpy()
     spot_area = h.children_mean("micro", area)
     assert spot_area.shape == (meso.n_nodes,) and spot_area.max() > 0
+    # nuclei and hierarchy survive write / read_zarr (images left out: slow to write, not needed)
+    sd.SpatialData(shapes=dict(c2.shapes), tables={"table": c2["table"]}).write(tmp_path / "c2.zarr")
+    back = sd.read_zarr(tmp_path / "c2.zarr")
+    h2 = sg.pp.get_hierarchy(back)
+    for name, lv in h.levels.items():
+        lv2 = h2.levels[name]
+        np.testing.assert_array_equal(lv.edges, lv2.edges)
+        np.testing.assert_allclose(lv.centers_um, lv2.centers_um)
+        assert (lv.parent is None and lv2.parent is None) or np.array_equal(lv.parent, lv2.parent)
+    # rebuilding from the stored nuclei needs no image and gives the same micro level
+    h3 = sg.pp.build_hierarchy(back)
+    np.testing.assert_array_equal(h3.levels["micro"].edges, micro.edges)
+    np.testing.assert_allclose(h3.levels["micro"].centers_um, micro.centers_um)
 
 
 def test_segment_tile_splits_touching_nuclei():

@@ -286,11 +286,11 @@ def spatial(
     if ax is not None or len(secs) == 1:
         if ax is not None and len(secs) > 1:
             raise ValueError(f"ax= draws one section but {len(secs)} were asked; pass sections='{secs[0]}'.")
-        ax = u.single_axes(ax, figsize=_PANEL)
+        ax = u.single_axes(ax, figsize=_panel_size(slide, lay, secs, crop_coord))
         map_panel(ax, slide, secs[0], lay, title=titles[0], **kwargs)
         u.savefig_or_show(ax.figure, save=save, show=show)
         return ax
-    fig, axs = u.panel_grid(len(secs), ncols=ncols, panel_size=_PANEL)
+    fig, axs = u.panel_grid(len(secs), ncols=ncols, panel_size=_panel_size(slide, lay, secs, crop_coord))
     present = None
     if lay.color.kind == "categorical":  # the one legend lists what any drawn panel shows
         drawn = np.isin(lay.section, [slide.sections.index(s) for s in secs])
@@ -301,6 +301,23 @@ def spatial(
         map_panel(a, slide, s, lay, title=t, legend_present=present, **{**kwargs, "legend_loc": loc})
     u.savefig_or_show(fig, save=save, show=show)
     return fig
+
+
+def _panel_size(
+    slide: SlideData, lay: _Layer, secs: list[str], crop_coord: tuple[float, float, float, float] | None
+) -> tuple[float, float]:
+    """Panel size following the sections' shape, so wide sections do not float in white space."""
+    aspects = []
+    for s in secs:
+        xy = lay.xy[lay.section == slide.sections.index(s)]
+        if len(xy) == 0:
+            continue
+        x0, x1, y0, y1 = crop_coord or u.bbox_of(xy, pad=_PAD_DIAMETERS * slide.unit_diameter_um)
+        aspects.append((y1 - y0) / max(x1 - x0, 1e-9))
+    aspect = max(aspects) if aspects else 1.0
+    width = _PANEL[0]
+    # The colour bar / legend takes ~15% of the width: the map itself is narrower than the panel.
+    return width, float(np.clip(0.85 * width * aspect, 0.5 * width, 1.5 * width)) + 0.4
 
 
 def _sections(slide: SlideData, sections: str | Sequence[str] | None) -> list[str]:
@@ -419,7 +436,8 @@ def predicted_vs_observed(
     present = [slide.sections[c] for c in dict.fromkeys(obs_sub.unit_section.tolist())]
     secs = present if sections is None else _sections(obs_sub, sections)
     rows = [(g, s) for g in genes for s in secs]
-    fig, axs = u.panel_grid(2 * len(rows), ncols=2, panel_size=(5.0, 4.6), wspace=0.3)
+    all_units = _Layer(obs_sub.xy_um, obs_sub.unit_section, u.ColorValues("none", None, ""), None)
+    fig, axs = u.panel_grid(2 * len(rows), ncols=2, panel_size=_panel_size(obs_sub, all_units, secs, None), wspace=0.3)
     kwargs = dict(
         img=img,
         img_alpha=img_alpha,

@@ -704,13 +704,13 @@ def build_hierarchy(
     if slide.unit_kind == "spot":
         nuc = None
         if nuclei:
-            no_image = [s for s in slide.sections if s not in slide.images]
+            missing = [s for s in slide.sections if nuclei_key(s) not in sdata.shapes]
+            no_image = [s for s in missing if s not in slide.images]
             if no_image:
                 raise ValueError(
-                    f"section(s) {no_image} have no H&E image, so nuclei cannot be segmented. Add the images or "
-                    "pass nuclei=False for a hierarchy without the micro level."
+                    f"section(s) {no_image} have neither nuclei elements nor an H&E image to segment them from. Add "
+                    "the images or pass nuclei=False for a hierarchy without the micro level."
                 )
-            missing = [s for s in slide.sections if nuclei_key(s) not in sdata.shapes]
             if missing:
                 segment_nuclei(sdata, table_key=table_key, section=missing, **(nuclei_kwargs or {}))
             nuc = load_nuclei(slide)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/patches_features.py --datasets kidney her2st --probe --stain
+    python benchmarks/patches_features.py --datasets kidney her2st --probe --stain crop
 
 For each data set (her2st: 5 sections; the full Visium HD kidney: 165k bins) and every level it
 prints seconds and peak resident memory for the hierarchy, patch extraction and the dense
@@ -193,7 +193,17 @@ def unit_features(hier, feats: dict, levels: tuple[str, ...]) -> np.ndarray:
     return np.concatenate([feats[lv][hier.unit_nodes(lv)] for lv in levels], axis=1)
 
 
-def probe_her2st(res: dict, *, stain: bool) -> list:
+def stain_variants(sdata, rows: list, *, method: str) -> list:
+    """Features after Macenko / Reinhard normalisation (fitted per section, applied per tile / crop)."""
+    out = []
+    for stain in ("macenko", "reinhard"):
+        with measure(f"features {method} + {stain}, meso + macro", rows):
+            key = sg.pp.image_features(sdata, method=method, levels=["meso", "macro"], stain_normalize=stain)
+        out.append((f"{method}+{stain}", key))
+    return out
+
+
+def probe_her2st(res: dict, *, stain: str | None) -> list:
     sdata, hier, slide = res["sdata"], res["hier"], res["slide"]
     rows: list = []
     variants = [("dense", res["dense_key"])]
@@ -201,10 +211,7 @@ def probe_her2st(res: dict, *, stain: bool) -> list:
         key = sg.pp.image_features(sdata, method="crop", levels=["meso", "macro"])
     variants.append(("crop", key))
     if stain:
-        for method in ("macenko", "reinhard"):
-            with measure(f"features dense + {method}, meso + macro", rows):
-                key = sg.pp.image_features(sdata, method="dense", levels=["meso", "macro"], stain_normalize=method)
-            variants.append((f"dense+{method}", key))
+        variants += stain_variants(sdata, rows, method=stain)
     for label, key in variants:
         feats = sg.pp.get_features(sdata, key=key)
         for levels in (("meso",), ("meso", "macro")):
@@ -220,7 +227,12 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["kidney", "her2st"], choices=["kidney", "her2st"])
     ap.add_argument("--patch-sample", type=int, default=2000, help="nodes per level timed for patch extraction")
     ap.add_argument("--probe", action="store_true", help="her2st ridge probe: dense vs per-crop features")
-    ap.add_argument("--stain", action="store_true", help="with --probe: add Macenko / Reinhard normalised features")
+    ap.add_argument(
+        "--stain",
+        choices=["dense", "crop"],
+        default=None,
+        help="with --probe: add Macenko / Reinhard normalised features computed with this method",
+    )
     args = ap.parse_args()
     import torch
 

@@ -11,6 +11,7 @@ squidpy / spatialdata / torch, and an offline laptop builds without fetch warnin
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from datetime import datetime
@@ -144,5 +145,40 @@ def _drop_empty_tutorial_toctree(app, docname: str, source: list[str]) -> None:
             source[0] = source[0][:start] + source[0][end + 3 :]
 
 
+# -- docstrings: prose "Returns" sections ------------------------------------------------------
+_HEADER = re.compile(r"^(-{3,}|={3,})$")
+
+
+def _prose_returns(app, what, name, obj, options, lines: list[str]) -> None:
+    """Render a prose ``Returns`` section (scanpy style) as one description, not as a return type.
+
+    numpydoc reads every unindented line of ``Returns`` as ``name : type`` or a bare type, so
+    ``The axes for one panel.`` became the return *type* and a literal broken over two lines
+    became two broken fields. Sections whose first line is a sentence (three words or more, or
+    ending with a period) and has no indented description become a ``:returns:`` field; the
+    type still comes from the annotation (sphinx-autodoc-typehints). Runs before napoleon.
+    """
+    for i in range(len(lines) - 1):
+        if lines[i].strip() != "Returns" or not _HEADER.match(lines[i + 1].strip()):
+            continue
+        end = i + 2
+        while end < len(lines) and not (
+            end + 1 < len(lines) and lines[end].strip() and _HEADER.match(lines[end + 1].strip())
+        ):
+            end += 1
+        body = lines[i + 2 : end]
+        while body and not body[-1].strip():
+            body.pop()
+        if not body or " : " in body[0] or any(line.startswith((" ", "\t")) for line in body):
+            return
+        first = body[0].strip()
+        if len(first.split()) < 3 and not first.endswith("."):
+            return  # a bare type such as ``pandas.DataFrame``
+        lines[i : i + 2 + len(body)] = [f":returns: {first}", *(f"   {line.strip()}" for line in body[1:]), ""]
+        return
+
+
 def setup(app):
     app.connect("source-read", _drop_empty_tutorial_toctree)
+    # Before napoleon (priority 500), which would read the prose as a type.
+    app.connect("autodoc-process-docstring", _prose_returns, priority=400)

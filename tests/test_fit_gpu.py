@@ -29,7 +29,14 @@ def _spot_inputs():
 
 
 def test_bf16_training_on_gpu_lowers_loss_and_embeds():
-    from sigmma_sc.model._core import TrainConfig, embed_nodes, make_batcher, resolve_accelerator, train, unit_embeddings
+    from sigmma_sc.model._core import (
+        TrainConfig,
+        embed_nodes,
+        make_batcher,
+        resolve_accelerator,
+        train,
+        unit_embeddings,
+    )
     from sigmma_sc.model._data import ExpressionSource
 
     accelerator, devices, strategy, precision = resolve_accelerator("auto", 1)

@@ -59,7 +59,13 @@ def spot_levels(n_side: int = 10, n_sec: int = 2, n_nuc: int = 4, n_feat: int = 
     counts = sp.csr_matrix(rng.poisson(w_expr[kind] * 5 + 0.5).astype(np.float32))
     parent = np.repeat(np.arange(n), n_nuc)
     f_micro = w_img[kind][parent] + 2 * rng.normal(size=(len(parent), n_feat))
-    pairs = [(a, b) for i in range(n) for a in range(i * n_nuc, (i + 1) * n_nuc) for b in range(i * n_nuc, (i + 1) * n_nuc) if a != b]
+    pairs = [
+        (a, b)
+        for i in range(n)
+        for a in range(i * n_nuc, (i + 1) * n_nuc)
+        for b in range(i * n_nuc, (i + 1) * n_nuc)
+        if a != b
+    ]
     # One cross-spot micro edge: the intra-subgraph graph must drop it.
     pairs.append((0, n_nuc))
     f_macro = np.asarray(region @ f_meso) / np.asarray(region.sum(1))
@@ -124,9 +130,9 @@ def test_batch_holds_targets_children_context_and_regions():
     batch = b.batch(ids)
     meso = batch["meso_ids"].numpy()
     assert meso[:3].tolist() == ids.tolist()  # targets first
-    # Context: every meso node within one hop of the targets and of their regions' members.
+    # Context: the 1-hop ball of the targets (inter-subgraph GNN) and their regions' members.
     region_members = np.unique(sp.coo_matrix(b.region[ids]).col)
-    needed = k_hop(b.meso_adj, np.union1d(ids, region_members), 1)
+    needed = np.union1d(k_hop(b.meso_adj, ids, 1), region_members)
     assert set(needed) == set(meso)
     # Micro: exactly the children of the context nodes, parents pointing into the meso array.
     micro_parent = batch["micro_parent"].numpy()

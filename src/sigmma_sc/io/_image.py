@@ -160,9 +160,11 @@ def _numpy_source(arr: Any) -> np.ndarray | None:
     if graph is None:
         return None
     layers = getattr(graph, "layers", {})
-    if any(not str(name).startswith(("array-", "original-array", "rechunk-")) for name in layers):
+    # "sigmma-image-" layers wrap the loaders' in-memory arrays without a copy (datasets._build).
+    if any(not str(name).startswith(("array-", "original-", "rechunk-", "sigmma-image-")) for name in layers):
         return None
-    found = [v for v in dict(graph).values() if isinstance(v, np.ndarray) and v.shape == data.shape]
+    values = [getattr(v, "_array", v) for v in dict(graph).values()]
+    found = [v for v in values if isinstance(v, np.ndarray) and v.shape == data.shape]
     if len(found) != 1 or found[0].dtype != data.dtype:
         return None
     src = found[0]

@@ -11,8 +11,8 @@ import contextlib
 import logging
 import shutil
 import tempfile
-import warnings
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +21,17 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .._constants import Levels
-from .._logging import logger
-from .._settings import settings
+from sigmma_sc._constants import Levels
+from sigmma_sc._logging import logger
+from sigmma_sc._settings import settings
+
 from ._data import MAX_MICRO_PAIRS, ExpressionSource, LevelInput, SubgraphBatcher, expression_stats
 from ._module import SigmmaModule, SubgraphBatches
 
 #: Values of ``coarse_targets``: how the coarse (macro) InfoNCE treats overlapping regions.
 COARSE_TARGETS = ("hard", "soft", "disjoint", "soft+disjoint")
+#: Levels whose nodes overlap their neighbours almost entirely (regions), for spot and cell data alike.
+COARSE_LEVELS = (Levels.MACRO,)
 #: Fewest meso subgraphs for which a validation split (and early stopping) is made.
 MIN_NODES_FOR_VALIDATION = 40
 #: At most this many batches are scored for the loss at initialisation (history row ``epoch 0``).
@@ -77,11 +80,6 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}.")
 
 
-def coarse_levels(unit_level: str) -> tuple[str, ...]:
-    """Levels whose nodes overlap their neighbours (regions): macro, whatever the unit level."""
-    return (Levels.MACRO,)
-
-
 def resolve_accelerator(accelerator: str, devices: Any) -> tuple[str, Any, str, str]:
     """``(accelerator, devices, strategy, precision)`` for Lightning from the user's choice.
 
@@ -97,7 +95,11 @@ def resolve_accelerator(accelerator: str, devices: Any) -> tuple[str, Any, str, 
     if accelerator in ("gpu", "cuda"):
         accelerator = "gpu"
         n_avail = torch.cuda.device_count()
-        n = n_avail if devices in ("auto", -1) else (len(devices) if isinstance(devices, list | tuple) else int(devices))
+        n = (
+            n_avail
+            if devices in ("auto", -1)
+            else (len(devices) if isinstance(devices, list | tuple) else int(devices))
+        )
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     else:
         n = 1 if devices in ("auto", -1) else (len(devices) if isinstance(devices, list | tuple) else int(devices))
@@ -114,7 +116,7 @@ def make_batcher(
     expression: ExpressionSource | None,
     expr_stats: dict[str, tuple[np.ndarray, np.ndarray]],
 ) -> SubgraphBatcher:
-    """The batcher of a configuration (disjoint macro masks when ``coarse_targets`` asks)."""
+    """Build the batcher of a configuration (disjoint macro masks when ``coarse_targets`` asks)."""
     return SubgraphBatcher(
         levels=levels,
         use_levels=tuple(lv for lv in config.levels if lv in levels),
@@ -142,9 +144,9 @@ def module_dims(
 def build_module(
     img_dims: dict[str, int], expr_dims: dict[str, int], pair_levels: tuple[str, ...], config: TrainConfig
 ) -> SigmmaModule:
-    """A fresh module of the given input dimensions and configuration."""
-    soft = coarse_levels("") if "soft" in config.coarse_targets else ()
-    disjoint = coarse_levels("") if "disjoint" in config.coarse_targets else ()
+    """Build a fresh module of the given input dimensions and configuration."""
+    soft = COARSE_LEVELS if "soft" in config.coarse_targets else ()
+    disjoint = COARSE_LEVELS if "disjoint" in config.coarse_targets else ()
     return SigmmaModule(
         img_dims,
         expr_dims,
@@ -257,10 +259,14 @@ def train(
     accelerator, devices, strategy, precision = resolve_accelerator(config.accelerator, config.devices)
     precision = config.precision or precision
     bs = min(config.batch_size, max(2, train_nodes.size))
-    train_data = SubgraphBatches(batcher, train_nodes, batch_size=bs, shuffle=True, seed=config.seed, max_micro_pairs=MAX_MICRO_PAIRS)
+    train_data = SubgraphBatches(
+        batcher, train_nodes, batch_size=bs, shuffle=True, seed=config.seed, max_micro_pairs=MAX_MICRO_PAIRS
+    )
     module.train_data = train_data
     val_data = (
-        SubgraphBatches(batcher, val_nodes, batch_size=bs, shuffle=False, seed=config.seed, max_micro_pairs=MAX_MICRO_PAIRS)
+        SubgraphBatches(
+            batcher, val_nodes, batch_size=bs, shuffle=False, seed=config.seed, max_micro_pairs=MAX_MICRO_PAIRS
+        )
         if val_nodes.size
         else None
     )

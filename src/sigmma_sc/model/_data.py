@@ -5,9 +5,9 @@ Everything here is index arithmetic on numpy / scipy arrays; torch appears only 
 subgraphs (spots or niches) with
 
 - their micro children (cells or nuclei) and the micro edges inside each subgraph,
-- the meso nodes their inter-subgraph GNN reads (the ``inter_hops``-hop ball around the batch and
-  around the meso members of the batch's macro regions), and
-- their macro parents with the meso members each region pools.
+- the meso nodes their inter-subgraph GNN reads (the ``inter_hops``-hop ball around the batch), and
+- their macro parents with the meso members each region pools (regions pool the members' local
+  embeddings, before the inter-subgraph GNN, so members need no neighbours of their own).
 
 Memory is bounded by the batch size times the neighbourhood size, never by the slide.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._constants import Levels
+from sigmma_sc._constants import Levels
 
 if TYPE_CHECKING:
     import torch
@@ -381,12 +381,13 @@ class SubgraphBatcher:
         meso_ids = np.asarray(meso_ids, dtype=np.int64)
         n_b = meso_ids.size
         out: dict[str, Any] = {"n_target": n_b}
-        core = meso_ids
+        # The inter-subgraph GNN of the targets reads their k-hop ball; regions pool the local
+        # (pre-GNN) state of their members, which needs no neighbours: memory ~ batch x ball size.
+        ctx = k_hop(self.meso_adj, meso_ids, self.inter_hops) if self.graph else np.unique(meso_ids)
         if self.use_macro:
             macro_ids, macro_of_target = np.unique(self.meso_parent[meso_ids], return_inverse=True)
             reg = sp.coo_matrix(self.region[macro_ids])
-            core = np.union1d(meso_ids, reg.col)
-        ctx = k_hop(self.meso_adj, core, self.inter_hops) if self.graph else core
+            ctx = np.union1d(ctx, reg.col)
         rest = np.setdiff1d(ctx, meso_ids, assume_unique=True)
         ctx = np.concatenate([meso_ids, rest])
         pos = np.full(self.n_meso, -1, dtype=np.int64)

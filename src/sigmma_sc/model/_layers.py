@@ -20,7 +20,7 @@ with warnings.catch_warnings():
     from torch_geometric.nn import GATv2Conv
     from torch_geometric.utils import softmax
 
-from .._constants import Levels
+from sigmma_sc._constants import Levels
 
 
 class MLP(nn.Module):
@@ -36,7 +36,7 @@ class MLP(nn.Module):
             nn.Linear(n_hidden, n_out),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
@@ -54,7 +54,7 @@ class GATBlock(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.conv = GATv2Conv(dim, dim // heads, heads=heads, concat=True, dropout=dropout, add_self_loops=True)
 
-    def forward(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         return x + F.gelu(self.conv(self.norm(x), edges))
 
 
@@ -79,8 +79,9 @@ class SideEncoder(nn.Module):
     """One modality's hierarchy encoder (image or expression).
 
     micro: MLP, then ``intra_layers`` GATv2 blocks over the cells of each subgraph;
-    meso: MLP + attention pooling of its micro nodes, then ``inter_layers`` GATv2 blocks over the
-    meso graph; macro: MLP + attention pooling of the region's meso nodes. A linear head per level
+    meso: MLP + attention pooling of its micro nodes, then ``inter_layers`` residual GATv2 blocks
+    over the meso graph; macro: MLP + attention pooling of the local (pre-GNN) states of the
+    region's meso nodes. A linear head per level
     gives the output, L2-normalised.
 
     Parameters
@@ -138,12 +139,15 @@ class SideEncoder(nn.Module):
         hs = self.mlp[Levels.MESO](batch[f"meso_{suffix}"])
         if hm is not None:
             hs = hs + self.pool_micro(hm, batch["micro_parent"], hs.shape[0])
+        local = hs
         if self.graph:
             for blk in self.inter:
                 hs = blk(hs, batch["meso_edges"])
         out[Levels.MESO] = F.normalize(self.head[Levels.MESO](hs[:n_t]).float(), dim=-1)
         if Levels.MACRO in self.levels:
+            # Regions pool their members' local states (the region already spans the neighbourhood
+            # the inter-subgraph GNN would add).
             hM = self.mlp[Levels.MACRO](batch[f"macro_{suffix}"])
-            hM = hM + self.pool_meso(hs[batch["region_src"]], batch["region_dst"], hM.shape[0])
+            hM = hM + self.pool_meso(local[batch["region_src"]], batch["region_dst"], hM.shape[0])
             out[Levels.MACRO] = F.normalize(self.head[Levels.MACRO](hM).float(), dim=-1)
         return out

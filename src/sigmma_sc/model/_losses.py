@@ -146,7 +146,7 @@ class ContrastiveLoss(nn.Module):
         )
 
     def scale(self, level: str) -> torch.Tensor:
-        """Current logit scale (1 / temperature) of a level, clamped to ``[1, 100]``."""
+        """Return the logit scale (1 / temperature) of a level, clamped to ``[1, 100]``."""
         return self.log_scale[level].clamp(0.0, math.log(MAX_LOGIT_SCALE)).exp()
 
     def forward(

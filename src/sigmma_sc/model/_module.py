@@ -161,17 +161,17 @@ class SigmmaModule(L.LightningModule):
         self.log(f"{stage}_loss", terms["loss"], prog_bar=True, batch_size=bs, sync_dist=stage == "val")
         return terms["loss"]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
 
-    def on_train_epoch_start(self) -> None:  # noqa: D102
+    def on_train_epoch_start(self) -> None:
         if self.train_data is not None:
             self.train_data.epoch = self.current_epoch
 
-    def on_train_epoch_end(self) -> None:  # noqa: D102
+    def on_train_epoch_end(self) -> None:
         # Validation runs inside the training epoch in Lightning 2: both sums are complete here.
         row: dict[str, float] = {"epoch": float(self.current_epoch + 1)}
         for stage in ("train", "val"):
@@ -184,5 +184,5 @@ class SigmmaModule(L.LightningModule):
             row[f"temperature_{lv}"] = float(1.0 / self.criterion.scale(lv).detach())
         self.epoch_rows.append(row)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:  # noqa: D102
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._constants import Defaults, Keys, Levels
-from .._logging import logger
+from sigmma_sc._constants import Defaults, Keys, Levels
+from sigmma_sc._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -47,7 +47,7 @@ def feature_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     >>> mu.round(3).tolist(), bool(sd[1] > 0)
     ([1.0, 1.0], True)
     """
-    from ..pp._features import standardize_features
+    from sigmma_sc.pp._features import standardize_features
 
     d = train.shape[1]
     _, z0, z1 = standardize_features(train, np.zeros((1, d)), np.ones((1, d)), clip=None)
@@ -80,7 +80,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _uns_safe(d: dict[str, Any]) -> dict[str, Any]:
-    """A dict that anndata can write: ``None`` dropped, tuples as lists, nested dicts kept."""
+    """Make a dict anndata can write: ``None`` dropped, tuples as arrays, nested dicts kept."""
     out = {}
     for k, v in d.items():
         if v is None:
@@ -214,7 +214,8 @@ class Sigmma:
         hierarchy_kwargs: dict[str, Any] | None,
     ) -> tuple[Sigmma, dict[str, np.ndarray | None]]:
         """Train on a slide; returns the model and the per-unit embeddings of its table."""
-        from ..io import validate
+        from sigmma_sc.io import validate
+
         from ._core import train
         from ._data import ExpressionSource, select_genes
 
@@ -313,7 +314,8 @@ class Sigmma:
         >>> emb = model.get_embeddings(sg.datasets.her2st(sections=["C2"]))  # doctest: +SKIP
         >>> emb["img"].shape  # doctest: +SKIP
         """
-        from ..io import validate
+        from sigmma_sc.io import validate
+
         from ._data import ExpressionSource
 
         slide = validate(sdata, table_key=table_key)
@@ -384,9 +386,7 @@ class Sigmma:
             self.reference.write_h5ad(path / _REFERENCE_FILE)
 
     @classmethod
-    def load(
-        cls, dir: str | os.PathLike, *, sdata: SpatialData | None = None, table_key: str = Keys.TABLE
-    ) -> Sigmma:
+    def load(cls, dir: str | os.PathLike, *, sdata: SpatialData | None = None, table_key: str = Keys.TABLE) -> Sigmma:
         """Read a model written by :meth:`save`.
 
         Parameters
@@ -407,7 +407,8 @@ class Sigmma:
         import anndata as ad
         import torch
 
-        from ..pp._encoders import available_encoders
+        from sigmma_sc.pp._encoders import available_encoders
+
         from ._core import TrainConfig, build_module
 
         path = Path(dir)
@@ -461,16 +462,13 @@ def _prepare(
     sdata: SpatialData, table_key: str, config: dict[str, Any], *, encoder: Any
 ) -> tuple[Any, dict[str, np.ndarray], str]:
     """Hierarchy and raw image features of a slide, computed with ``config``'s parameters when missing."""
-    from .. import pp
-    from ..pp._features import get_features, image_features
+    from sigmma_sc import pp
+    from sigmma_sc.pp._features import get_features, image_features
 
     wanted = tuple(config["levels"])
     try:
         hier = pp.get_hierarchy(sdata, table_key=table_key)
     except KeyError:
-        hier = None
-    if hier is not None and Levels.MICRO in wanted and Levels.MICRO not in hier.levels:
-        logger.info("the stored hierarchy has no micro level: rebuilding it")
         hier = None
     if hier is None:
         hier = pp.build_hierarchy(sdata, table_key=table_key, **config.get("hierarchy_kwargs", {}))

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import Defaults, Keys, Levels
-from .._logging import logger
-from .._settings import settings
+from sigmma_sc._constants import Defaults, Keys, Levels
+from sigmma_sc._logging import logger
+from sigmma_sc._settings import settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
-    from ..model import Sigmma
+    from sigmma_sc.model import Sigmma
 
 
 def fit(
@@ -124,9 +124,9 @@ def fit(
     >>> sc.pp.neighbors(adata, use_rep="X_sigmma")
     >>> clip = sg.tl.fit(sdata, levels=("meso",), graph=False)  # single-scale baseline
     """
-    from ..model import Sigmma
-    from ..model._core import TrainConfig
-    from ..model._sigmma import _uns_safe, versions
+    from sigmma_sc.model import Sigmma
+    from sigmma_sc.model._core import TrainConfig
+    from sigmma_sc.model._sigmma import _uns_safe, versions
 
     config = TrainConfig(
         levels=tuple(levels),

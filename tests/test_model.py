@@ -265,7 +265,7 @@ def xenium_fit():
     return sdata, model, before
 
 
-def test_fit_writes_every_key_and_keeps_the_table(xenium_fit):
+def test_fit_writes_every_key_and_keeps_the_table(xenium_fit, tmp_path):
     sdata, model, before = xenium_fit
     table = sdata["table"]
     assert list(table.obs.columns) == before["obs"]
@@ -290,6 +290,13 @@ def test_fit_writes_every_key_and_keeps_the_table(xenium_fit):
     ref = model.reference
     assert ref.n_obs == n and list(ref.var_names) == model.genes
     np.testing.assert_array_equal(ref.obsm[Keys.X_SIGMMA_IMG], table.obsm[Keys.X_SIGMMA_IMG])
+    # Everything written survives a round trip to disk.
+    import anndata as ad
+
+    table.write_h5ad(tmp_path / "t.h5ad")
+    back = ad.read_h5ad(tmp_path / "t.h5ad")
+    assert list(back.uns[Keys.UNS][Keys.GENES]) == model.genes
+    np.testing.assert_array_equal(back.obsm[Keys.X_SIGMMA], table.obsm[Keys.X_SIGMMA])
     # The written embeddings are what get_embeddings gives.
     emb = model.get_embeddings(sdata)
     np.testing.assert_allclose(emb["joint"], table.obsm[Keys.X_SIGMMA], atol=1e-5)

@@ -119,8 +119,6 @@ def prepare(load, dataset: str, sections: list[str], cache: Path):
 # Datasets and splits
 # ---------------------------------------------------------------------------------------------
 def her2st_folds(args) -> tuple[Any, list[dict[str, Any]]]:
-    from sigmma_sc.datasets._her2st import her2st
-
     train = [s for s in args.train.split(",") if s] if args.train else []
     test = [s for s in args.test.split(",") if s] if args.test else []
     if args.loso:
@@ -134,7 +132,7 @@ def her2st_folds(args) -> tuple[Any, list[dict[str, Any]]]:
         folds = [{"train": train, "test": test}]
 
     def load(sections):
-        return her2st(args.data, sections=sections)
+        return sg.datasets.her2st(args.data, sections=sections)
 
     return load, folds
 
@@ -185,9 +183,7 @@ def make_folds(args, cache: Path):
 
         return folds, fold_data
 
-    from sigmma_sc import datasets
-
-    full = datasets.visium_hd_kidney(args.data)
+    full = sg.datasets.visium_hd_kidney(args.data, crop=args.crop)
     nx, ny = (int(v) for v in args.blocks.lower().split("x"))
     xy = np.asarray(full.tables[Keys.TABLE].obsm[Keys.SPATIAL], dtype=float)
 
@@ -267,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--buffer-um", type=float, default=64.0, help="kidney: training bins this close to the test block are dropped"
     )
+    p.add_argument("--crop", action="store_true", help="kidney: the 1.2 mm fixture crop (smoke test)")
     p.add_argument("--folds", default="", help="run only these fold indices (comma-separated; kidney: block ids)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--baselines", default="ridge,ridge_cv,single_scale")

@@ -155,8 +155,9 @@ def _prose_returns(app, what, name, obj, options, lines: list[str]) -> None:
     numpydoc reads every unindented line of ``Returns`` as ``name : type`` or a bare type, so
     ``The axes for one panel.`` became the return *type* and a literal broken over two lines
     became two broken fields. Sections whose first line is a sentence (three words or more, or
-    ending with a period) and has no indented description become a ``:returns:`` field; the
-    type still comes from the annotation (sphinx-autodoc-typehints). Runs before napoleon.
+    ending with a period) and has no indented description become one nameless, typeless field
+    (napoleon writes ``:returns: <prose>``); the type still comes from the annotation
+    (sphinx-autodoc-typehints). Runs before napoleon.
     """
     for i in range(len(lines) - 1):
         if lines[i].strip() != "Returns" or not _HEADER.match(lines[i + 1].strip()):
@@ -174,7 +175,8 @@ def _prose_returns(app, what, name, obj, options, lines: list[str]) -> None:
         first = body[0].strip()
         if len(first.split()) < 3 and not first.endswith("."):
             return  # a bare type such as ``pandas.DataFrame``
-        lines[i : i + 2 + len(body)] = [f":returns: {first}", *(f"   {line.strip()}" for line in body[1:]), ""]
+        # A lone ":" is a nameless, typeless numpydoc field: napoleon writes ``:returns: <prose>``.
+        lines[i + 2 : i + 2 + len(body)] = [":", *(f"    {line.strip()}" for line in body)]
         return
 
 

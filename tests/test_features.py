@@ -152,10 +152,11 @@ def test_timm_missing_gives_clear_error(monkeypatch):
 
 
 # -- dense path ----------------------------------------------------------------------------------
-def test_pool_windows_is_exact_area_mean():
+@pytest.mark.parametrize("max_side", [2.5, 5.0])  # small windows: direct overlap weights; large: summed-area table
+def test_pool_windows_is_exact_area_mean(max_side):
     rng = np.random.default_rng(0)
     fmap = rng.normal(size=(7, 9, 3)).astype(np.float32)
-    side = rng.uniform(0.3, 3.0, 20)
+    side = rng.uniform(0.3, max_side, 20)
     v0 = rng.uniform(-0.25, 5, 20)  # some windows stick out of the map: they are clipped to it
     u0 = rng.uniform(-0.25, 7, 20)
     got = pool_windows(fmap, (v0, v0 + side, u0, u0 + side))

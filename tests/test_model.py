@@ -371,21 +371,23 @@ def test_fit_synthetic_joint_embedding_separates_niches():
 
     sdata = sg.datasets.synthetic(n_cells=3000, seed=0)
     table = sdata["table"]
-    sg.tl.fit(sdata, max_epochs=15, n_genes=200, seed=0)
+    # 3,000 cells make ~50 niches: small batches give enough optimiser steps.
+    sg.tl.fit(sdata, max_epochs=20, batch_size=8, n_genes=200, seed=0)
 
-    def leiden_ari(rep: str, truth: str) -> float:
-        a = table.copy()
-        sc.pp.neighbors(a, use_rep=rep, random_state=0)
+    def leiden_ari(rep: np.ndarray) -> float:
+        a = sc.AnnData(np.zeros((table.n_obs, 1), dtype=np.float32))
+        a.obsm["rep"] = rep
+        sc.pp.neighbors(a, use_rep="rep", random_state=0)
         sc.tl.leiden(a, flavor="igraph", n_iterations=2, random_state=0, resolution=0.5)
-        return adjusted_rand_score(a.obs[truth], a.obs["leiden"])
+        return adjusted_rand_score(table.obs[Keys.NICHE], a.obs["leiden"])
 
     pca = table.copy()
     sc.pp.normalize_total(pca, target_sum=1e4)
     sc.pp.log1p(pca)
     sc.pp.pca(pca, n_comps=30, random_state=0)
-    table.obsm["X_pca_expr"] = pca.obsm["X_pca"]
-    for truth in (Keys.NICHE,):
-        assert leiden_ari(Keys.X_SIGMMA, truth) > leiden_ari("X_pca_expr", truth) + 0.1
+    baseline = leiden_ari(pca.obsm["X_pca"])
+    assert leiden_ari(table.obsm[Keys.X_SIGMMA]) > baseline + 0.05
+    assert leiden_ari(table.obsm[Keys.X_SIGMMA_EXPR]) > baseline + 0.2
 
 
 @pytest.mark.slow

@@ -416,13 +416,16 @@ def unit_embeddings(
     levels: dict[str, LevelInput],
     unit_level: str,
     n_units: int,
+    *,
+    context_weight: float = 1.0,
 ) -> dict[str, np.ndarray | None]:
     """Per-unit embeddings from node embeddings (the contract of ``Sigmma.get_embeddings``).
 
     ``"{level}_{img|expr}"``: the embedding of the unit's node at that level; for levels finer than
     the units (nuclei inside spots) the normalised mean of the unit's children. ``"img"`` / ``"expr"``:
-    the concatenation of the unit-level and coarser blocks (each unit norm), re-normalised.
-    ``"joint"``: normalised ``img + expr`` (``img`` alone without expression).
+    the concatenation of the unit-level block and the coarser blocks (each unit norm, the coarser
+    ones scaled by ``context_weight``), re-normalised. ``"joint"``: normalised ``img + expr``
+    (``img`` alone without expression).
     """
     idx = unit_node_index(levels, unit_level, n_units)
     out: dict[str, np.ndarray | None] = {}
@@ -450,6 +453,8 @@ def unit_embeddings(
     concat = [lv for lv in order if lv in idx and out[f"{lv}_img"] is not None]
     for side in ("img", "expr"):
         blocks = [out[f"{lv}_{side}"] for lv in concat]
+        if all(b is not None for b in blocks):
+            blocks = [b if lv == unit_level else context_weight * b for lv, b in zip(concat, blocks)]
         ok = blocks and all(b is not None for b in blocks)
         out[side] = _normalize(np.concatenate(blocks, axis=1)) if ok else None
     out["joint"] = out["img"] if out["expr"] is None else _normalize(out["img"] + out["expr"])

@@ -106,6 +106,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+def default_context_weight(unit_level: str) -> float:
+    """Weight of the coarser levels' blocks in the unit embedding.
+
+    Spot data (units = meso): 1, every spot has its own region. Cell data (units = micro): 0, since
+    all cells of a niche share its meso / macro embedding exactly, and a full-weight concatenation
+    makes Leiden cluster the niche tiles instead of the tissue (synthetic tissue, 3,000 cells:
+    niche ARI 0.10 at weight 1, 0.41 at 0.25, 0.62 at 0). The cell block itself carries the context
+    (intra-subgraph GNN, consistency with its niche) and the per-level embeddings keep their keys.
+
+    Examples
+    --------
+    >>> default_context_weight("micro"), default_context_weight("meso")
+    (0.0, 1.0)
+    """
+    return 0.0 if unit_level == Levels.MICRO else 1.0
+
+
 def has_expression_matrix(table: AnnData) -> bool:
     """Whether a table carries any expression (H&E-only tables have no genes or no ``X``)."""
     return table.n_vars > 0 and (table.X is not None or Keys.COUNTS_LAYER in table.layers)
@@ -212,6 +229,7 @@ class Sigmma:
         feature_method: str,
         stain_normalize: str | None,
         hierarchy_kwargs: dict[str, Any] | None,
+        context_weight: float | None = None,
     ) -> tuple[Sigmma, dict[str, np.ndarray | None]]:
         """Train on a slide; returns the model and the per-unit embeddings of its table."""
         from sigmma_sc.io import validate
@@ -229,6 +247,7 @@ class Sigmma:
             "stain_normalize": stain_normalize,
             "hierarchy_kwargs": dict(hierarchy_kwargs or {}),
             "n_genes_requested": int(n_genes),
+            "context_weight": None if context_weight is None else float(context_weight),
         }
         hier, feats, key = _prepare(sdata, table_key, base, encoder=encoder)
         base["encoder"] = key.split("__")[0]
@@ -280,7 +299,10 @@ class Sigmma:
         cfg.levels = tuple(lv for lv in cfg.levels if lv in levels)
         batcher = make_batcher(levels, cfg, expression, self._expr_stats)
         nodes = embed_nodes(self._module, batcher, batch_size=cfg.batch_size, expression=expression is not None)
-        return unit_embeddings(nodes, levels, hier.unit_level, slide.n_units)
+        weight = self._config.get("context_weight")
+        if weight is None:
+            weight = default_context_weight(hier.unit_level)
+        return unit_embeddings(nodes, levels, hier.unit_level, slide.n_units, context_weight=float(weight))
 
     def get_embeddings(
         self, sdata: SpatialData, *, table_key: str = Keys.TABLE, expression: bool | None = None

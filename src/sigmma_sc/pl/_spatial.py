@@ -27,7 +27,7 @@ _PAD_DIAMETERS = 1.5
 _PANEL = (5.0, 5.0)
 # Rendered panel width in pixels (5 in at 150 dpi) and the unit size from which units get a rim.
 _PANEL_PX = 750
-_OUTLINE_MIN_PX = 8
+_OUTLINE_MIN_PX = 10
 
 
 @dataclass
@@ -240,7 +240,7 @@ def spatial(
     scalebar
         Draw a scale bar.
     outline
-        Thin white rim around each unit (default: when units are drawn at least ~8 pixels wide).
+        Thin white rim around each unit (default: when units are drawn at least ~10 pixels wide).
     crop_coord
         View ``(x0, x1, y0, y1)`` in microns (default: the section's units plus a margin).
     ax

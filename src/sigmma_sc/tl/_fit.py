@@ -35,6 +35,7 @@ def fit(
     val_fraction: float = 0.1,
     coarse_targets: str = "soft",
     consistency_weight: float = 0.1,
+    context_weight: float | None = None,
     level_weights: dict[str, float] | None = None,
     intra_layers: int = 1,
     inter_layers: int = 1,
@@ -90,6 +91,11 @@ def fit(
         the macro loss; ``"soft+disjoint"``: both; ``"hard"``: plain InfoNCE.
     consistency_weight
         Weight of the cross-scale term tying each node's embedding to its parent's.
+    context_weight
+        Weight of the coarser levels' blocks in the unit embeddings ``X_sigmma*`` (the unit's own
+        level weighs 1). Default: 1 for spot data, 0 for cell data, whose cells share their niche's
+        embedding exactly (clusters would follow the niche tiles); see
+        :func:`sigmma_sc.model._sigmma.default_context_weight`.
     level_weights
         Weight of each level's InfoNCE (default 1 each).
     intra_layers, inter_layers, heads, dropout
@@ -161,6 +167,7 @@ def fit(
         feature_method=feature_method,
         stain_normalize=stain_normalize,
         hierarchy_kwargs=hierarchy_kwargs,
+        context_weight=context_weight,
     )
     # Everything is computed; now the writes.
     table = sdata.tables[table_key]

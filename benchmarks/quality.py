@@ -23,6 +23,7 @@ Image features are computed once per section and kept in ``--cache`` (default
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fold_protocols = []
     for fi in chosen:
         fold = folds[fi]
+        # Release the previous fold's images before loading the next (whole-slide JPEGs add up).
+        train_sdata = test_sdata = None
+        gc.collect()
         train_sdata, test_sdata = fold_data(fold)
         desc = (
             {"train": fold["train"], "test": fold["test"]}

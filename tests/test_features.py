@@ -211,6 +211,23 @@ def test_dense_skips_tiles_without_nodes():
     assert TinyCNN.calls == 1  # one tile of 16 holds the node
 
 
+def test_dense_downsample_equals_a_downsampled_image():
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)
+    small = np.round(img.reshape(128, 2, 160, 2, 3).astype(np.float32).mean(axis=(1, 3))).astype(np.uint8)
+    enc = sg.pp.get_encoder(TinyCNN(), id="tiny")
+    centres = {"meso": rng.uniform(20, 100, (6, 2)), "macro": rng.uniform(20, 100, (3, 2))}
+    fov = {"meso": 40.0, "macro": 400.0}
+    kw = {"encoder": enc, "tile_px": 64, "margin_px": 32}
+    a = section_features(img, centres, fov, px_from_um=np.eye(3), downsample=2, **kw)
+    b = section_features(small, centres, fov, px_from_um=np.diag([0.5, 0.5, 1.0]), **kw)
+    np.testing.assert_allclose(a["meso"], b["meso"], rtol=1e-5, atol=1e-6)
+    # macro: 4x blocks of the full image vs 2x blocks of the rounded 2x image (uint8 rounding twice).
+    np.testing.assert_allclose(a["macro"], b["macro"], atol=0.01)
+    with pytest.raises(ValueError, match="downsample"):
+        section_features(img, centres, fov, px_from_um=np.eye(3), downsample=0, **kw)
+
+
 def test_dense_and_crop_features_agree(kidney_image, lite0):
     # Same windows, same pixels per micron: 224 px views (the encoder input, no resizing) of 48 nodes.
     rng = np.random.default_rng(1)

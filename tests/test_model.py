@@ -145,6 +145,11 @@ def test_batch_holds_targets_children_context_and_regions():
     dst = batch["macro_ids"].numpy()[batch["region_dst"].numpy()]
     assert np.all(np.asarray(levels["macro"].members[dst, src_]).ravel() == 1)
     assert batch["meso_expr"].shape == (len(meso), 10)
+    # Training bags: at most max_children cells per subgraph, a seeded draw.
+    bag = b.batch(ids, max_children=2, seed=3)
+    per_parent = np.bincount(bag["micro_parent"].numpy())
+    assert per_parent.max() == 2 and len(per_parent) == len(meso)
+    np.testing.assert_array_equal(bag["micro_ids"], b.batch(ids, max_children=2, seed=3)["micro_ids"])
     # Memory is bounded by the batch: far fewer than all nodes.
     assert len(meso) < levels["meso"].n / 2
 

@@ -53,6 +53,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 64
+    max_cells: int | None = 16
     max_epochs: int = 30
     patience: int = 5
     val_fraction: float = 0.1
@@ -260,12 +261,24 @@ def train(
     precision = config.precision or precision
     bs = min(config.batch_size, max(2, train_nodes.size))
     train_data = SubgraphBatches(
-        batcher, train_nodes, batch_size=bs, shuffle=True, seed=config.seed, max_micro_pairs=MAX_MICRO_PAIRS
+        batcher,
+        train_nodes,
+        batch_size=bs,
+        shuffle=True,
+        seed=config.seed,
+        max_micro_pairs=MAX_MICRO_PAIRS,
+        max_children=config.max_cells,
     )
     module.train_data = train_data
     val_data = (
         SubgraphBatches(
-            batcher, val_nodes, batch_size=bs, shuffle=False, seed=config.seed, max_micro_pairs=MAX_MICRO_PAIRS
+            batcher,
+            val_nodes,
+            batch_size=bs,
+            shuffle=False,
+            seed=config.seed,
+            max_micro_pairs=MAX_MICRO_PAIRS,
+            max_children=config.max_cells,
         )
         if val_nodes.size
         else None

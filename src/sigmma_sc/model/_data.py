@@ -369,12 +369,19 @@ class SubgraphBatcher:
 
     # -- one batch -----------------------------------------------------------------------------------------------
     def batch(
-        self, meso_ids: np.ndarray, *, seed: int = 0, max_micro_pairs: int | None = MAX_MICRO_PAIRS
+        self,
+        meso_ids: np.ndarray,
+        *,
+        seed: int = 0,
+        max_micro_pairs: int | None = MAX_MICRO_PAIRS,
+        max_children: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Tensors for the subgraphs ``meso_ids`` (the loss targets come first in every meso array).
 
         ``micro_target`` lists every micro child of the targets, or a seeded random subset of
-        ``max_micro_pairs`` of them (``None``: all, as for embedding).
+        ``max_micro_pairs`` of them (``None``: all, as for embedding). ``max_children`` keeps a
+        seeded random subset of at most that many micro nodes per subgraph (training: a bag of
+        cells per subgraph, as in multiple-instance learning; ``None``: all).
         """
         import torch
 
@@ -403,7 +410,14 @@ class SubgraphBatcher:
 
         if self.use_micro:
             ch = sp.coo_matrix(self.micro_children[ctx])
-            order = np.argsort(ch.row, kind="stable")
+            rng = np.random.default_rng([seed, 1])
+            shuffle = rng.permutation(ch.row.size) if max_children is not None else np.arange(ch.row.size)
+            order = shuffle[np.argsort(ch.row[shuffle], kind="stable")]
+            if max_children is not None:
+                # Rank of each child inside its subgraph (random order): keep the first max_children.
+                rows = ch.row[order]
+                first = np.searchsorted(rows, rows, side="left")
+                order = order[np.arange(rows.size) - first < max_children]
             micro_ids = ch.col[order].astype(np.int64)
             micro_parent = ch.row[order].astype(np.int64)
             out["micro_ids"] = micro_ids

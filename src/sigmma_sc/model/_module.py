@@ -48,6 +48,7 @@ class SubgraphBatches(Dataset):
         shuffle: bool,
         seed: int = 0,
         max_micro_pairs: int | None = None,
+        max_children: int | None = None,
     ) -> None:
         self.batcher = batcher
         self.nodes = np.asarray(nodes, dtype=np.int64)
@@ -56,6 +57,7 @@ class SubgraphBatches(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.max_micro_pairs = max_micro_pairs
+        self.max_children = max_children
         n = self.nodes.size
         n_batches = max(1, math.ceil(n / self.batch_size))
         # A training batch of one subgraph has no negatives: fold a tiny tail into the previous batch.
@@ -77,7 +79,9 @@ class SubgraphBatches(Dataset):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.nodes)
         start, stop = self._bounds(i)
         seed = int(np.random.default_rng([self.seed, self.epoch, i]).integers(2**31))
-        return self.batcher.batch(order[start:stop], seed=seed, max_micro_pairs=self.max_micro_pairs)
+        return self.batcher.batch(
+            order[start:stop], seed=seed, max_micro_pairs=self.max_micro_pairs, max_children=self.max_children
+        )
 
 
 class SigmmaModule(L.LightningModule):

@@ -29,6 +29,7 @@ def fit(
     hidden_dim: int = 256,
     max_epochs: int = 30,
     batch_size: int = Defaults.BATCH_SIZE,
+    max_cells: int | None = 16,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     patience: int = 5,
@@ -84,6 +85,9 @@ def fit(
         Embedding size of every level, and width of the per-level MLPs.
     max_epochs, batch_size, lr, weight_decay, patience, val_fraction
         Optimisation.
+    max_cells
+        Training only: a random bag of at most this many cells (nuclei) per subgraph in each batch,
+        redrawn every epoch (``None``: all). Embedding always uses every cell.
     coarse_targets
         Macro regions of neighbouring subgraphs overlap almost entirely, so plain InfoNCE treats
         near-duplicates as negatives. ``"soft"``: BLEEP-style soft targets from within-modality
@@ -146,6 +150,7 @@ def fit(
         lr=float(lr),
         weight_decay=float(weight_decay),
         batch_size=int(batch_size),
+        max_cells=None if max_cells is None else int(max_cells),
         max_epochs=int(max_epochs),
         patience=int(patience),
         val_fraction=float(val_fraction),

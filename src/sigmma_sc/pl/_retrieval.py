@@ -37,7 +37,7 @@ def _unit_index(slide: SlideData, query: int | str) -> int:
 
 def _patch(slide: SlideData, unit: int, fov_um: float) -> np.ndarray:
     """Read the H&E view of one unit (white when its section has no image)."""
-    from sigmma_sc.pp._patches import iter_crops
+    from sigmma_sc.pp import iter_crops
 
     section = slide.sections[int(slide.unit_section[unit])]
     if section not in slide.images:

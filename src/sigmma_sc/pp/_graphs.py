@@ -203,7 +203,8 @@ def section_graphs(
     adj.eliminate_zeros()
     adj.sort_indices()
     dst.sort_indices()
-    params = dict(builder.uns_params())
+    # anndata's zarr/h5ad writers store neither tuples nor None in uns.
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in builder.uns_params().items() if v is not None}
     return adj, dst, params
 
 

@@ -335,3 +335,16 @@ def test_visium_hex_lattice_six_neighbours():
     xy = sdata["table"].obsm[Keys.SPATIAL]
     r, c = adj.nonzero()
     np.testing.assert_allclose(np.linalg.norm(xy[r] - xy[c], axis=1), 100.0, rtol=0.1)  # the Visium pitch
+
+
+def test_cell_hierarchy_table_writes_to_zarr(tmp_path):
+    # squidpy's Delaunay params hold a (0, radius) tuple, which anndata cannot write: it must be stored as a list.
+    import spatialdata as sd
+
+    sdata = sg.datasets.synthetic(600, n_genes=30, seed=3)
+    sg.pp.build_hierarchy(sdata)
+    small = sd.SpatialData(shapes=dict(sdata.shapes), tables={"table": sdata["table"]})
+    small.write(tmp_path / "cells.zarr")
+    back = sd.read_zarr(tmp_path / "cells.zarr")["table"]
+    assert back.uns[Keys.NEIGHBORS]["params"]["coord_type"] == sdata["table"].uns[Keys.NEIGHBORS]["params"]["coord_type"]
+    _roundtrip_equal(sg.pp.get_hierarchy(sdata), sg.pp.get_hierarchy(sd.read_zarr(tmp_path / "cells.zarr")))

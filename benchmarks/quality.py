@@ -246,8 +246,7 @@ def print_report(methods: dict[str, dict[str, float]], runs: list[dict[str, Any]
                 continue
             gains = []
             for c in GAIN_KEYS:
-                rel = (s[c] - b[c]) / abs(b[c]) * 100 if b[c] else float("nan")
-                gains.append(f"{c} {rel:+.1f}%")
+                gains.append(f"{c} {(s[c] - b[c]) / abs(b[c]) * 100:+.1f}%" if b[c] else f"{c} n/a (baseline 0)")
             wins, n = fold_wins(runs, base)
             print(f"SIGMMA vs {base}: " + ", ".join(gains) + f"; pcc_hvg50 wins {wins}/{n} folds")
     print(f"wall time: {wall_s / 60:.1f} min")

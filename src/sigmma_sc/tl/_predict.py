@@ -132,7 +132,7 @@ def reference_expression(model: Sigmma, reference: Any, *, table_key: str = Keys
     if reference is None:
         reference = model.reference
     if not isinstance(reference, AnnData):
-        slide = validate(reference, table_key=table_key, require_counts=True)
+        slide = validate(reference, table_key=table_key, require_counts=True, allow_empty_genes=True)
         return embeddings_of(model, reference, "expr", table_key=table_key, what="reference"), slide.expression(genes)
     emb = embeddings_of(model, reference, "expr", what="reference")
     pos = pd.Index(reference.var_names).get_indexer(genes)

@@ -140,12 +140,15 @@ def scores_from_predictions(
     row: dict[str, float] = {}
     for name in ("hvg", "heg"):
         row[f"pcc_{name}{n_genes}"] = mean_pearson(observed[name], predictions[name])
+    for name in ("hvg", "heg"):
         row[f"pcc_{name}{n_genes}_per_slide"] = mean_pearson(observed[name], predictions[name], groups=groups)
-    for direction, sim in (("img2expr", similarity), ("expr2img", similarity.T)):
-        summary = retrieval_summary(sim, ks=ks)
+    summaries = {d: retrieval_summary(sim, ks=ks) for d, sim in (("img2expr", similarity), ("expr2img", similarity.T))}
+    for direction, summary in summaries.items():
         for k in ks:
             row[f"r{k}_{direction}"] = summary[f"r{k}"]
-            row[f"chance_r{k}"] = summary[f"chance_r{k}"]
+    for k in ks:
+        row[f"chance_r{k}"] = summaries["img2expr"][f"chance_r{k}"]
+    for direction, summary in summaries.items():
         row[f"median_rank_{direction}"] = summary["median_rank"]
     return row
 

@@ -234,7 +234,7 @@ def test_single_scale_baseline_and_coarse_variants_run_from_the_same_core():
     history, emb = _train_arrays(levels, counts, levels=("meso",), graph=False, max_epochs=2)
     assert emb["img"].shape[1] == 32 and "macro_img" not in emb
     assert "train_loss_macro" not in history
-    for variant in ("hard", "disjoint", "soft+disjoint"):
+    for variant in ("hard", "soft", "disjoint"):
         history, emb = _train_arrays(levels, counts, coarse_targets=variant, max_epochs=1)
         assert np.isfinite(history["train_loss"]).all()
     with pytest.raises(ValueError, match="coarse_targets"):

@@ -58,7 +58,7 @@ class TrainConfig:
     patience: int = 5
     val_fraction: float = 0.1
     consistency_weight: float = 0.1
-    coarse_targets: str = "soft"
+    coarse_targets: str = "soft+disjoint"
     level_weights: dict[str, float] | None = None
     seed: int = 0
     accelerator: str = "auto"

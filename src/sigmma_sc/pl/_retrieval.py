@@ -196,6 +196,7 @@ def retrieval(
             labels += [f"#{j + 1} {gal_names[h]}" for j, h in enumerate(hits)]
         hm = fig.add_subplot(grid[1, :])
         im = hm.imshow(profile[:, gi], aspect="auto", cmap=cmap, interpolation="nearest")
+        hm.grid(False)  # scanpy's figure params switch grids on, which would cut through the heatmap cells
         hm.set_yticks(np.arange(len(labels)))
         hm.set_yticklabels(labels, fontsize=8)
         hm.set_xticks(np.arange(len(genes)))

@@ -334,6 +334,7 @@ def evaluation(
                 v, i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1, label=None if labelled else "chance"
             )
             labelled = True
+    ax.grid(False)  # scanpy's figure params switch grids on, which clutter the bars
     ax.set_xticks(np.arange(len(metrics)))
     tilt = len(metrics) > 3 or max(len(m) for m in metrics) * len(metrics) > 30  # long names would collide
     ax.set_xticklabels(metrics, rotation=30 if tilt else 0, ha="right" if tilt else "center")

@@ -338,6 +338,19 @@ def test_standardize_features_clips_constant_channels():
     assert np.abs(unclipped[:, 4]).max() > 5  # the clip is what bounds it
 
 
+def test_model_feature_stats_apply_the_package_standardisation():
+    from sigmma_sc.model._sigmma import apply_feature_stats, feature_stats
+
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(300, 6)) * [1, 2, 3, 4, 5, 1e-8]
+    test = rng.normal(size=(40, 6)) * 4
+    stats = feature_stats(train)
+    # A saved model must standardise a new slide exactly as the package does with the training set.
+    np.testing.assert_allclose(apply_feature_stats(test, stats), sg.pp.standardize_features(train, test)[1], atol=1e-5)
+    with pytest.raises(ValueError, match="trained on 6"):
+        apply_feature_stats(test[:, :5], stats)
+
+
 # -- stain ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_normalize_stain_moves_towards_reference(kidney_image, method):

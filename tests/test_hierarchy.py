@@ -346,5 +346,7 @@ def test_cell_hierarchy_table_writes_to_zarr(tmp_path):
     small = sd.SpatialData(shapes=dict(sdata.shapes), tables={"table": sdata["table"]})
     small.write(tmp_path / "cells.zarr")
     back = sd.read_zarr(tmp_path / "cells.zarr")["table"]
-    assert back.uns[Keys.NEIGHBORS]["params"]["coord_type"] == sdata["table"].uns[Keys.NEIGHBORS]["params"]["coord_type"]
+    assert (
+        back.uns[Keys.NEIGHBORS]["params"]["coord_type"] == sdata["table"].uns[Keys.NEIGHBORS]["params"]["coord_type"]
+    )
     _roundtrip_equal(sg.pp.get_hierarchy(sdata), sg.pp.get_hierarchy(sd.read_zarr(tmp_path / "cells.zarr")))

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sigmma_sc._constants import Defaults, Keys, Levels
+from sigmma_sc._constants import Keys, Levels
 from sigmma_sc._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,10 +35,7 @@ _FORMAT_VERSION = 1
 # small pure helpers
 # ---------------------------------------------------------------------------------------------
 def feature_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and floored std that :func:`sigmma_sc.pp.standardize_features` uses for ``train``.
-
-    Read back from two probe rows (0 and 1) standardised without clipping, so the model applies
-    exactly the package's standardisation to new slides without keeping the training features.
+    """Mean and floored std of training features (:func:`sigmma_sc.pp._features.feature_scaling`), as saved.
 
     Examples
     --------
@@ -47,25 +44,23 @@ def feature_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     >>> mu.round(3).tolist(), bool(sd[1] > 0)
     ([1.0, 1.0], True)
     """
-    from sigmma_sc.pp._features import standardize_features
+    from sigmma_sc.pp._features import feature_scaling
 
-    d = train.shape[1]
-    _, z0, z1 = standardize_features(train, np.zeros((1, d)), np.ones((1, d)), clip=None)
-    sd = 1.0 / (z1[0].astype(np.float64) - z0[0].astype(np.float64))
-    mu = -z0[0].astype(np.float64) * sd
+    mu, sd = feature_scaling(train)
     return mu.astype(np.float32), sd.astype(np.float32)
 
 
 def apply_feature_stats(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Standardise and clip features with saved statistics (``Defaults.FEATURE_Z_CLIP``)."""
+    """Standardise and clip features with a model's saved statistics."""
+    from sigmma_sc.pp._features import apply_feature_scaling
+
     mu, sd = stats
     if x.shape[1] != mu.shape[0]:
         raise ValueError(
             f"image features have {x.shape[1]} channels but the model was trained on {mu.shape[0]}: "
             "the encoder differs from the model's."
         )
-    z = (np.asarray(x, dtype=np.float32) - mu) / sd
-    return np.clip(z, -Defaults.FEATURE_Z_CLIP, Defaults.FEATURE_Z_CLIP).astype(np.float32)
+    return apply_feature_scaling(x, mu, sd)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

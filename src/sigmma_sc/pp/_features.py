@@ -708,15 +708,77 @@ def get_features(
     return {lv: np.asarray(f, dtype=np.float32) for lv, f in store[key].items()}
 
 
+def feature_scaling(train: np.ndarray, *, std_floor: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and floored standard deviation of training features.
+
+    A channel that barely varies in the training units gets a tiny standard deviation, and new
+    units then have z-scores of 10^4 that swamp any distance or linear model; the standard
+    deviation is therefore floored at ``std_floor`` times its median over channels.
+
+    Parameters
+    ----------
+    train
+        ``(n, d)`` training features.
+    std_floor
+        Floor of the per-channel standard deviation, relative to its median over channels.
+
+    Returns
+    -------
+    ``(mean, std)``, each ``(d,)`` float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mu, sd = feature_scaling(np.array([[0.0, 1.0], [2.0, 1.0]]))
+    >>> mu.tolist(), sd.tolist()
+    ([1.0, 1.0], [1.0, 0.1])
+    """
+    train = np.asarray(train, dtype=np.float64)
+    mu = train.mean(axis=0)
+    sd = train.std(axis=0)
+    positive = sd[sd > 0]
+    floor = std_floor * float(np.median(positive)) if positive.size else 1.0
+    return mu, np.maximum(sd, max(floor, 1e-12))
+
+
+def apply_feature_scaling(
+    x: np.ndarray, mean: np.ndarray, std: np.ndarray, *, clip: float | None = Defaults.FEATURE_Z_CLIP
+) -> np.ndarray:
+    """Z-scores of features under saved statistics, clipped to ``[-clip, clip]``.
+
+    Parameters
+    ----------
+    x
+        ``(m, d)`` features.
+    mean, std
+        ``(d,)`` statistics from :func:`feature_scaling`.
+    clip
+        Absolute clip of the z-scores (``None``: no clip).
+
+    Returns
+    -------
+    ``(m, d)`` float32.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> apply_feature_scaling(np.array([[3.0, 100.0]]), np.zeros(2), np.ones(2)).tolist()
+    [[3.0, 5.0]]
+    """
+    z = (np.asarray(x, dtype=np.float64) - mean) / std
+    if clip is not None:
+        z = np.clip(z, -clip, clip)
+    return z.astype(np.float32)
+
+
 def standardize_features(
     train: np.ndarray, *others: np.ndarray, clip: float | None = Defaults.FEATURE_Z_CLIP, std_floor: float = 0.1
 ) -> tuple[np.ndarray, ...]:
     """Z-score features with the training set's statistics, robust to near-constant channels.
 
-    A channel that barely varies in the training units gets a tiny standard deviation, and new
-    units then have z-scores of 10^4 that swamp any distance or linear model. The standard
-    deviation is therefore floored at ``std_floor`` times the median channel standard deviation
-    and the z-scores are clipped to ``[-clip, clip]``.
+    The standard deviation is floored (:func:`feature_scaling`) and the z-scores are clipped to
+    ``[-clip, clip]`` (:func:`apply_feature_scaling`), so a channel nearly constant in training
+    cannot dominate new units.
 
     Parameters
     ----------
@@ -744,16 +806,5 @@ def standardize_features(
     >>> float(np.abs(zte).max()) <= 5.0
     True
     """
-    train = np.asarray(train, dtype=np.float64)
-    mu = train.mean(axis=0)
-    sd = train.std(axis=0)
-    positive = sd[sd > 0]
-    floor = std_floor * float(np.median(positive)) if positive.size else 1.0
-    sd = np.maximum(sd, max(floor, 1e-12))
-    out = []
-    for x in (train, *others):
-        z = (np.asarray(x, dtype=np.float64) - mu) / sd
-        if clip is not None:
-            z = np.clip(z, -clip, clip)
-        out.append(z.astype(np.float32))
-    return tuple(out)
+    mu, sd = feature_scaling(train, std_floor=std_floor)
+    return tuple(apply_feature_scaling(x, mu, sd, clip=clip) for x in (train, *others))

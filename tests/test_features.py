@@ -351,6 +351,23 @@ def test_model_feature_stats_apply_the_package_standardisation():
         apply_feature_stats(test[:, :5], stats)
 
 
+def test_section_scaling_standardises_each_section_and_falls_back_for_small_ones():
+    from sigmma_sc.pp._features import apply_section_scaling, feature_scaling
+
+    rng = np.random.default_rng(2)
+    x = np.vstack([rng.normal(0, 1, (100, 3)), rng.normal(10, 4, (100, 3)), rng.normal(5, 1, (5, 3))])
+    section = np.repeat([0, 1, 2], [100, 100, 5])
+    fallback = feature_scaling(x[:200])
+    z, small = apply_section_scaling(x, section, fallback, min_nodes=30)
+    assert small == [2]
+    for code in (0, 1):
+        np.testing.assert_allclose(z[section == code].mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(z[section == code].std(0), 1, atol=1e-4)
+    np.testing.assert_allclose(z[section == 2], sg.pp.standardize_features(x[:200], x[200:])[1], atol=1e-5)
+    with pytest.raises(ValueError, match="5 codes for 205"):
+        apply_section_scaling(x, section[:5], fallback)
+
+
 # -- stain ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_normalize_stain_moves_towards_reference(kidney_image, method):

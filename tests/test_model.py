@@ -347,6 +347,44 @@ def test_get_embeddings_on_he_only_table_and_gene_mismatch(xenium_fit, tmp_path)
         sdata["table"] = table
 
 
+def test_section_feature_norm_ignores_a_slide_wide_stain_shift(xenium_fit):
+    sdata, model, _ = xenium_fit
+    assert model.params["feature_norm"] == "section"
+    table = sdata["table"]
+    store = table.uns[Keys.UNS][Keys.FEATURES]
+    key = model.feature_key
+    original = dict(store[key])
+    emb = model.get_embeddings(sdata, expression=False)["img"]
+    rng = np.random.default_rng(0)
+    try:
+        # A restained / rescanned slide: every channel shifted by its own amount and rescaled, the
+        # same everywhere on the slide (one common scale keeps the floored-std channels the same).
+        store[key] = {
+            lv: (1.7 * f + rng.normal(0, 3, f.shape[1])).astype(np.float32)
+            for lv, f in original.items()
+        }
+        shifted = model.get_embeddings(sdata, expression=False)["img"]
+        np.testing.assert_allclose(shifted, emb, atol=2e-4)
+        as_global = sg.Sigmma(
+            config={**model.params, "feature_norm": "global"},
+            module=model.module,
+            genes=model.genes,
+            feature_stats=model._feature_stats,
+            expr_stats=model._expr_stats,
+            history=model.history,
+        )
+        # The same shift moves a model that trusts the training statistics.
+        assert np.abs(as_global.get_embeddings(sdata, expression=False)["img"] - emb).max() > 0.1
+    finally:
+        store[key] = original
+
+
+def test_fit_rejects_unknown_feature_norm(xenium_fit):
+    sdata, _, _ = xenium_fit
+    with pytest.raises(ValueError, match="feature_norm must be one of"):
+        sg.tl.fit(sdata, feature_norm="slide", **FAST)
+
+
 def test_single_scale_baseline_from_fit(xenium_fit):
     sdata, _, _ = xenium_fit
     clip = sg.tl.fit(sdata, levels=("meso",), graph=False, **FAST)

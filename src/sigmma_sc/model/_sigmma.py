@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sigmma_sc._constants import Keys, Levels
+from sigmma_sc._constants import Defaults, Keys, Levels
 from sigmma_sc._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -225,6 +225,7 @@ class Sigmma:
         stain_normalize: str | None,
         hierarchy_kwargs: dict[str, Any] | None,
         context_weight: float | None = None,
+        feature_norm: str = Defaults.FEATURE_NORM,
     ) -> tuple[Sigmma, dict[str, np.ndarray | None]]:
         """Train on a slide; returns the model and the per-unit embeddings of its table."""
         from sigmma_sc.io import validate
@@ -232,6 +233,8 @@ class Sigmma:
         from ._core import train
         from ._data import ExpressionSource, select_genes
 
+        if feature_norm not in Defaults.FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {Defaults.FEATURE_NORMS}, got {feature_norm!r}.")
         slide = validate(sdata, table_key=table_key)
         if not has_expression_matrix(slide.table):
             raise ValueError(f"table {table_key!r} holds no expression: training needs counts for its units.")
@@ -243,6 +246,7 @@ class Sigmma:
             "hierarchy_kwargs": dict(hierarchy_kwargs or {}),
             "n_genes_requested": int(n_genes),
             "context_weight": None if context_weight is None else float(context_weight),
+            "feature_norm": feature_norm,
         }
         hier, feats, key = _prepare(sdata, table_key, base, encoder=encoder)
         base["encoder"] = key.split("__")[0]
@@ -262,7 +266,7 @@ class Sigmma:
         if Levels.MICRO in config.levels and Levels.MICRO not in hier.levels:
             logger.warning("the hierarchy has no micro level (no nuclei / cells): training without it")
         f_stats = {lv: feature_stats(feats[lv]) for lv in use if lv in feats}
-        levels = _level_inputs(hier, feats, f_stats)
+        levels = _level_inputs(hier, feats, f_stats, feature_norm=feature_norm)
         config.levels = use
         base["levels"] = list(use)
         module, history, expr_stats, seconds = train(levels, expression, config)
@@ -343,7 +347,10 @@ class Sigmma:
                 f"image features {key!r} differ from the training features {self.feature_key!r} "
                 "(other fields of view or stain normalisation): embeddings may shift"
             )
-        levels = _level_inputs(hier, feats, self._feature_stats)
+        # Models saved before per-section scaling existed were trained on global statistics.
+        levels = _level_inputs(
+            hier, feats, self._feature_stats, feature_norm=self._config.get("feature_norm", "global")
+        )
         source = None
         if use_expr:
             matrix = _expression_matrix(slide)
@@ -503,14 +510,38 @@ def _prepare(
 
 
 def _level_inputs(
-    hier: Any, feats: dict[str, np.ndarray], stats: dict[str, tuple[np.ndarray, np.ndarray]]
+    hier: Any,
+    feats: dict[str, np.ndarray],
+    stats: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    feature_norm: str = Defaults.FEATURE_NORM,
 ) -> dict[str, LevelInput]:
-    """Model inputs from a :class:`~sigmma_sc.pp.Hierarchy` and raw features (standardised here)."""
+    """Model inputs from a :class:`~sigmma_sc.pp.Hierarchy` and raw features (standardised here).
+
+    ``feature_norm="section"`` z-scores each section's features with its own statistics (the
+    training statistics for sections under ``Defaults.FEATURE_NORM_MIN_NODES`` nodes);
+    ``"global"`` uses the training statistics everywhere.
+    """
+    from sigmma_sc.pp._features import apply_section_scaling
+
     from ._data import LevelInput
 
     out = {}
     for name, lv in hier.levels.items():
-        f = apply_feature_stats(feats[name], stats[name]) if (name in feats and name in stats) else None
+        f = None
+        if name in feats and name in stats:
+            if feature_norm == "section":
+                if feats[name].shape[1] != stats[name][0].shape[0]:
+                    apply_feature_stats(feats[name], stats[name])  # raises the channel-mismatch error
+                f, small = apply_section_scaling(feats[name], lv.section, stats[name])
+                if small:
+                    names = [hier.sections[c] for c in small]
+                    logger.warning(
+                        f"sections {names} have fewer than {Defaults.FEATURE_NORM_MIN_NODES} {name} nodes: their "
+                        "image features are standardised with the training statistics, not their own"
+                    )
+            else:
+                f = apply_feature_stats(feats[name], stats[name])
         out[name] = LevelInput(
             name=name,
             n=lv.n_nodes,

@@ -771,6 +771,60 @@ def apply_feature_scaling(
     return z.astype(np.float32)
 
 
+def apply_section_scaling(
+    x: np.ndarray,
+    section: np.ndarray,
+    fallback: tuple[np.ndarray, np.ndarray],
+    *,
+    min_nodes: int = Defaults.FEATURE_NORM_MIN_NODES,
+    clip: float | None = Defaults.FEATURE_Z_CLIP,
+) -> tuple[np.ndarray, list[int]]:
+    """Z-score features within each section, removing a slide's stain and scanner shift.
+
+    Every section is standardised with its own :func:`feature_scaling`; a section with fewer than
+    ``min_nodes`` rows has no reliable statistics and uses ``fallback`` (the training statistics).
+
+    Parameters
+    ----------
+    x
+        ``(n, d)`` features.
+    section
+        ``(n,)`` section code of each row.
+    fallback
+        ``(mean, std)`` for small sections.
+    min_nodes
+        Smallest section standardised on its own.
+    clip
+        Absolute clip of the z-scores (``None``: no clip).
+
+    Returns
+    -------
+    ``((n, d) float32 z-scores, codes of the sections that used the fallback)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[0.0], [2.0], [10.0], [12.0]])
+    >>> z, small = apply_section_scaling(x, np.array([0, 0, 1, 1]), (np.zeros(1), np.ones(1)), min_nodes=2)
+    >>> z.ravel().tolist(), small
+    ([-1.0, 1.0, -1.0, 1.0], [])
+    """
+    section = np.asarray(section).reshape(-1)
+    if len(section) != len(x):
+        raise ValueError(f"section has {len(section)} codes for {len(x)} feature rows.")
+    out = np.empty(np.shape(x), dtype=np.float32)
+    small = []
+    for code in np.unique(section):
+        rows = section == code
+        if rows.sum() >= min_nodes:
+            mu, sd = feature_scaling(x[rows])
+        else:
+            mu, sd = fallback
+            small.append(int(code))
+        out[rows] = apply_feature_scaling(x[rows], mu, sd, clip=clip)
+    return out, small
+
+
 def standardize_features(
     train: np.ndarray, *others: np.ndarray, clip: float | None = Defaults.FEATURE_Z_CLIP, std_floor: float = 0.1
 ) -> tuple[np.ndarray, ...]:

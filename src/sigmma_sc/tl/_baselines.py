@@ -355,6 +355,7 @@ def fit_single_scale(model: Sigmma, train_sdata: SpatialData, *, seed: int, **fi
     kwargs = dict(fit_kwargs)
     # tl.fit picks its genes from the training units with the model's rule: same data, same genes.
     kwargs.update(levels=(Levels.MESO,), graph=False, encoder=model.encoder, n_genes=len(model.genes), seed=seed)
+    kwargs.setdefault("feature_norm", model.params.get("feature_norm", "global"))
     base = tl.fit(light_copy(train_sdata, table_key=kwargs.get("table_key", Keys.TABLE)), **kwargs)
     if list(base.genes) != list(model.genes):
         logger.warning(

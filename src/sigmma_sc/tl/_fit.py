@@ -48,6 +48,7 @@ def fit(
     seed: int | None = None,
     feature_method: str = "auto",
     stain_normalize: str | None = None,
+    feature_norm: str = Defaults.FEATURE_NORM,
     hierarchy_kwargs: dict[str, Any] | None = None,
     checkpoint_dir: str | None = None,
 ) -> Sigmma:
@@ -115,6 +116,13 @@ def fit(
         Random seed (default ``sigmma_sc.settings.seed``).
     feature_method, stain_normalize
         Passed to :func:`sigmma_sc.pp.image_features`.
+    feature_norm
+        ``"section"`` (default): z-score the image features of every section with that section's
+        own statistics, in training and on every slide embedded later, so the model does not
+        lean on a slide's stain and scanner (her2st leave-one-section-out, 5 epochs: mean r of
+        the top-50 HVGs 0.364 -> 0.403 on C2, 0.422 -> 0.445 on C5). Sections with fewer than
+        30 nodes at a level use the training statistics. ``"global"``: the training statistics
+        everywhere (for queries that are small parts of a tissue).
     hierarchy_kwargs
         Passed to :func:`sigmma_sc.pp.build_hierarchy` when the table has no hierarchy.
     checkpoint_dir
@@ -177,6 +185,7 @@ def fit(
         stain_normalize=stain_normalize,
         hierarchy_kwargs=hierarchy_kwargs,
         context_weight=context_weight,
+        feature_norm=feature_norm,
     )
     # Everything is computed; now the writes.
     table = sdata.tables[table_key]

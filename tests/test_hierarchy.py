@@ -146,6 +146,19 @@ def test_square_niches_partition_and_adjacency():
     assert (nsec[e[0]] == nsec[e[1]]).all()
 
 
+
+def test_square_niches_of_a_block_are_the_whole_sections_niches():
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(13, 613, (3000, 2))
+    sec = np.zeros(len(xy), int)
+    _, centers, _, _ = square_niches(xy, sec, 100.0)
+    # A spatial block starting off the grid (as a train / test split cuts it) keeps the same tiles.
+    block = (xy[:, 0] > 257) & (xy[:, 1] > 171)
+    niche_b, centers_b, _, _ = square_niches(xy[block], sec[block], 100.0)
+    whole = {tuple(c) for c in centers.round(6)}
+    assert {tuple(c) for c in centers_b.round(6)} <= whole
+    assert (np.abs(xy[block] - centers_b[niche_b]) <= 50 + 1e-9).all()
+
 def test_ring_members_radius_and_sections():
     c = np.array([[0.0, 0], [200, 0], [400, 0], [0, 0]])
     m = ring_members(c, np.array([0, 0, 0, 1]), 250.0).toarray()

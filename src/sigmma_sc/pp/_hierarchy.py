@@ -332,7 +332,10 @@ class Hierarchy:
 def square_niches(
     xy_um: np.ndarray, section: np.ndarray, size_um: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Assign points to square tiles of side ``size_um`` (per section, from its lower-left corner).
+    """Assign points to square tiles of side ``size_um``, per section, on the grid of multiples of ``size_um``.
+
+    The grid is fixed in the section's coordinates rather than started at its lowest point, so a
+    crop or a spatial block of a section gets exactly the tiles of the whole section.
 
     Parameters
     ----------
@@ -354,7 +357,7 @@ def square_niches(
     >>> import numpy as np
     >>> niche, centers, sec, ij = square_niches(np.array([[5.0, 5], [15, 5], [150, 5]]), np.zeros(3, int), 100)
     >>> niche.tolist(), centers.tolist()
-    [[0, 0, 1], [[55.0, 55.0], [155.0, 55.0]]]
+    ([0, 0, 1], [[50.0, 50.0], [150.0, 50.0]])
     """
     if size_um <= 0:
         raise ValueError(f"niche size must be positive microns, got {size_um}.")
@@ -363,6 +366,7 @@ def square_niches(
     n_sec = int(section.max()) + 1 if len(section) else 0
     origin = np.full((n_sec, 2), np.inf)
     np.minimum.at(origin, section, xy_um)
+    origin = np.floor(origin / size_um) * size_um
     ij = np.floor((xy_um - origin[section]) / size_um).astype(np.int64)
     span = int(ij.max()) + 2 if len(ij) else 1
     key = (section * span + ij[:, 0]) * span + ij[:, 1]

@@ -56,16 +56,17 @@ QUICK_EPOCHS = 5
 
 
 # ---------------------------------------------------------------------------------------------
-# Feature cache: one section's hierarchy nodes and features are the same whether the section is
-# loaded alone or with others (the hierarchy never crosses sections), so features computed per
-# section can be assembled into any multi-section object.
+# Feature cache: a node's features depend only on its image window, i.e. on its centre and level.
+# A section's hierarchy never crosses sections and niche tiles sit on a fixed grid, so the nodes of
+# any multi-section object, crop or spatial block are nodes of the whole sections: features computed
+# once per whole section are looked up by node centre for every fold.
 # ---------------------------------------------------------------------------------------------
 def _cache_file(cache: Path, dataset: str, section: str) -> Path:
     return cache / f"{dataset}_{section}_features.npz"
 
 
 def _section_features(load, dataset: str, section: str, cache: Path) -> tuple[str, dict[str, np.ndarray]]:
-    """Per-level features of one section (and their node centres), computed once and cached on disk."""
+    """Per-level features of one whole section (and their node centres), computed once and cached on disk."""
     from sigmma_sc.pp._features import get_features, image_features
 
     path = _cache_file(cache, dataset, section)
@@ -86,16 +87,20 @@ def _section_features(load, dataset: str, section: str, cache: Path) -> tuple[st
     return key, arrays
 
 
-def prepare(load, dataset: str, sections: list[str], cache: Path):
-    """A SpatialData of ``sections`` with its hierarchy built and image features filled from the cache."""
+def _rows_by_centre(cached: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row of ``cached`` with the same centre (to 1 nm) as each row of ``wanted``; -1 where none."""
+    as_index = lambda c: pd.MultiIndex.from_arrays(list(np.round(np.asarray(c, float), 3).T))  # noqa: E731
+    return as_index(cached).get_indexer(as_index(wanted))
+
+
+def fill_features(sdata, per_section: dict[str, tuple[str, dict[str, np.ndarray]]], cache: Path) -> None:
+    """Build the hierarchy of ``sdata`` and fill its feature cache from whole-section features."""
     from sigmma_sc.pp._features import _write_features
 
-    per_section = {s: _section_features(load, dataset, s, cache) for s in sections}
-    sdata = load(sections)
     hier = sg.pp.build_hierarchy(sdata)
     keys = {k for k, _ in per_section.values()}
     if len(keys) != 1:
-        raise RuntimeError(f"cached features of {sections} use different keys {keys}; clear {cache}.")
+        raise RuntimeError(f"cached features of {sorted(per_section)} use different keys {keys}; clear {cache}.")
     key = keys.pop()
     feats: dict[str, np.ndarray] = {}
     for lv, level in hier.levels.items():
@@ -104,15 +109,23 @@ def prepare(load, dataset: str, sections: list[str], cache: Path):
             arrays = per_section[section][1]
             rows = np.flatnonzero(np.asarray(level.section) == code)
             f, centres = arrays.get(f"feat_{lv}"), arrays.get(f"centers_{lv}")
-            if f is None or len(f) != len(rows) or not np.allclose(centres, level.centers_um[rows]):
+            src = _rows_by_centre(centres, level.centers_um[rows]) if f is not None else np.array([-1])
+            if (src < 0).any():
                 raise RuntimeError(
-                    f"cached {lv} features of section {section} do not match its hierarchy; clear {cache}."
+                    f"cached {lv} features of section {section} lack nodes of this hierarchy; clear {cache}."
                 )
             if out is None:
                 out = np.zeros((level.n_nodes, f.shape[1]), np.float32)
-            out[rows] = f
+            out[rows] = f[src]
         feats[lv] = out
     _write_features(sdata.tables[Keys.TABLE], key, feats)
+
+
+def prepare(load, dataset: str, sections: list[str], cache: Path):
+    """A SpatialData of ``sections`` with its hierarchy built and image features filled from the cache."""
+    per_section = {s: _section_features(load, dataset, s, cache) for s in sections}
+    sdata = load(sections)
+    fill_features(sdata, per_section, cache)
     return sdata
 
 
@@ -187,9 +200,18 @@ def make_folds(args, cache: Path):
     full = sg.datasets.visium_hd_kidney(args.data, crop=args.crop)
     nx, ny = (int(v) for v in args.blocks.lower().split("x"))
     xy = np.asarray(full.tables[Keys.TABLE].obsm[Keys.SPATIAL], dtype=float)
+    folder = Path(args.data).resolve() if args.data else Path("default")
+    tag = f"kidney-{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}{'-crop' if args.crop else ''}"
+    sections = list(pd.unique(full.tables[Keys.TABLE].obs[Keys.SECTION].astype(str)))
+    everything = np.arange(len(xy))
+    # Features of the whole section, computed on a copy so the loaded table stays free of caches.
+    per_section = {s: _section_features(lambda _: subset_units(full, everything), tag, s, cache) for s in sections}
 
     def block_data(fold):
-        return subset_units(full, fold["train"]), subset_units(full, fold["test"])
+        train, test = subset_units(full, fold["train"]), subset_units(full, fold["test"])
+        fill_features(train, per_section, cache)
+        fill_features(test, per_section, cache)
+        return train, test
 
     return spatial_blocks(xy, nx, ny, args.buffer_um), block_data
 

@@ -389,7 +389,10 @@ def test_single_scale_baseline_from_fit(xenium_fit):
     sdata, _, _ = xenium_fit
     clip = sg.tl.fit(sdata, levels=("meso",), graph=False, **FAST)
     assert clip.levels == ("meso",)
-    assert sdata["table"].obsm[Keys.X_SIGMMA].shape[1] == 32
+    joint = sdata["table"].obsm[Keys.X_SIGMMA]
+    assert joint.shape[1] == 32
+    # Cells get their niche's embedding (not a zero context block weighted away).
+    np.testing.assert_allclose(np.linalg.norm(joint, axis=1), 1.0, atol=1e-4)
     assert "train_loss_macro" not in clip.history
     assert Keys.level_embedding("macro", "img") in sdata["table"].obsm  # earlier keys are kept
 

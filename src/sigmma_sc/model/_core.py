@@ -464,10 +464,13 @@ def unit_embeddings(
             out[f"{lv}_{side}"] = _normalize(u)
     # Both sides concatenate the same levels, so that img + expr lines up block by block.
     concat = [lv for lv in order if lv in idx and out[f"{lv}_img"] is not None]
+    # The finest block is the unit's own view; a model without the unit level (the single-scale
+    # baseline on cells) has its meso block there, which must not be weighted away as context.
+    own = concat[0] if concat else unit_level
     for side in ("img", "expr"):
         blocks = [out[f"{lv}_{side}"] for lv in concat]
         if all(b is not None for b in blocks):
-            blocks = [b if lv == unit_level else context_weight * b for lv, b in zip(concat, blocks)]
+            blocks = [b if lv == own else context_weight * b for lv, b in zip(concat, blocks)]
         ok = blocks and all(b is not None for b in blocks)
         out[side] = _normalize(np.concatenate(blocks, axis=1)) if ok else None
     out["joint"] = out["img"] if out["expr"] is None else _normalize(out["img"] + out["expr"])

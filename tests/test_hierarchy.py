@@ -146,7 +146,6 @@ def test_square_niches_partition_and_adjacency():
     assert (nsec[e[0]] == nsec[e[1]]).all()
 
 
-
 def test_square_niches_of_a_block_are_the_whole_sections_niches():
     rng = np.random.default_rng(3)
     xy = rng.uniform(13, 613, (3000, 2))
@@ -158,6 +157,7 @@ def test_square_niches_of_a_block_are_the_whole_sections_niches():
     whole = {tuple(c) for c in centers.round(6)}
     assert {tuple(c) for c in centers_b.round(6)} <= whole
     assert (np.abs(xy[block] - centers_b[niche_b]) <= 50 + 1e-9).all()
+
 
 def test_ring_members_radius_and_sections():
     c = np.array([[0.0, 0], [200, 0], [400, 0], [0, 0]])

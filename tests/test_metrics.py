@@ -169,6 +169,17 @@ def test_neighbour_mean_isolated_unit_keeps_its_own_value():
         bl.neighbour_mean(v[:3], a)
 
 
+def test_neighbour_mean_of_some_rows_matches_the_full_computation():
+    rng = np.random.default_rng(4)
+    a = sp.random(60, 60, density=0.1, random_state=4, format="csr")
+    a = a + a.T
+    v = rng.normal(size=(60, 3)).astype(np.float32)
+    rows = np.array([5, 0, 59, 17])
+    part = bl.neighbour_mean(v, a, rows=rows)
+    assert part.dtype == np.float32 and part.shape == (4, 3)
+    np.testing.assert_allclose(part, bl.neighbour_mean(v, a)[rows], rtol=1e-6)
+
+
 def test_top_k_matches_full_sort_on_random_and_tied_scores():
     rng = np.random.default_rng(0)
     s = np.round(rng.uniform(size=(50, 80)), 1)  # many ties

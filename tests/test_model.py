@@ -359,10 +359,7 @@ def test_section_feature_norm_ignores_a_slide_wide_stain_shift(xenium_fit):
     try:
         # A restained / rescanned slide: every channel shifted by its own amount and rescaled, the
         # same everywhere on the slide (one common scale keeps the floored-std channels the same).
-        store[key] = {
-            lv: (1.7 * f + rng.normal(0, 3, f.shape[1])).astype(np.float32)
-            for lv, f in original.items()
-        }
+        store[key] = {lv: (1.7 * f + rng.normal(0, 3, f.shape[1])).astype(np.float32) for lv, f in original.items()}
         shifted = model.get_embeddings(sdata, expression=False)["img"]
         np.testing.assert_allclose(shifted, emb, atol=2e-4)
         as_global = sg.Sigmma(

@@ -156,7 +156,9 @@ def ridge_cv(
     return pred, float(reg.alpha_)
 
 
-def neighbour_mean(values: np.ndarray, connectivities: sp.spmatrix | np.ndarray) -> np.ndarray:
+def neighbour_mean(
+    values: np.ndarray, connectivities: sp.spmatrix | np.ndarray, *, rows: np.ndarray | None = None
+) -> np.ndarray:
     """Mean of ``values`` over each unit's graph neighbours (the unit itself when it has none).
 
     Parameters
@@ -166,10 +168,12 @@ def neighbour_mean(values: np.ndarray, connectivities: sp.spmatrix | np.ndarray)
     connectivities
         ``(n_units, n_units)`` adjacency (any non-zero is an edge; weights are ignored), e.g.
         ``obsp["spatial_connectivities"]``.
+    rows
+        Only these units (their neighbours may be any unit); ``None``: all.
 
     Returns
     -------
-    ``(n_units, n_features)`` float64.
+    ``(len(rows) or n_units, n_features)``, the dtype of ``values`` (float32 or float64).
 
     Examples
     --------
@@ -177,16 +181,22 @@ def neighbour_mean(values: np.ndarray, connectivities: sp.spmatrix | np.ndarray)
     >>> a = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]])
     >>> neighbour_mean(np.array([[1.0], [2.0], [4.0]]), a).ravel()
     array([2. , 2.5, 2. ])
+    >>> neighbour_mean(np.array([[1.0], [2.0], [4.0]]), a, rows=np.array([1])).ravel()
+    array([2.5])
     """
-    values = np.asarray(values, dtype=np.float64)
-    adj = sp.csr_matrix(connectivities, dtype=np.float64)
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    adj = sp.csr_matrix(connectivities, dtype=values.dtype)
     if adj.shape != (values.shape[0], values.shape[0]):
         raise ValueError(f"connectivities has shape {adj.shape}, expected ({values.shape[0]}, {values.shape[0]}).")
     adj.data[:] = 1.0
     adj.setdiag(0)
     adj.eliminate_zeros()
+    rows = np.arange(values.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    adj = adj[rows]
     deg = np.asarray(adj.sum(axis=1)).ravel()
-    out = values.copy()
+    out = values[rows].copy()
     has = deg > 0
     out[has] = (adj[has] @ values) / deg[has, None]
     return out
@@ -211,7 +221,7 @@ def unit_level_features(hierarchy: Any, features: dict[str, np.ndarray], level: 
 
     Returns
     -------
-    ``(n_units, n_features)`` float64.
+    ``(n_units, n_features)`` float32 (a million units x 1,280 channels is 5 GB in float64).
 
     Examples
     --------
@@ -222,11 +232,11 @@ def unit_level_features(hierarchy: Any, features: dict[str, np.ndarray], level: 
     if level not in features:
         raise KeyError(f"No image features for level {level!r}; the feature set holds {sorted(features)}.")
     order = list(Levels.ALL)
-    values = np.asarray(features[level], dtype=np.float64)
+    values = np.asarray(features[level], dtype=np.float32)
     if order.index(level) >= order.index(hierarchy.unit_level):
         return values[np.asarray(hierarchy.unit_nodes(level))]
     # Table units are the unit-level nodes, in order.
-    pooled = np.asarray(hierarchy.children_mean(level, values), dtype=np.float64)
+    pooled = np.asarray(hierarchy.children_mean(level, values), dtype=np.float32)
     n_children = np.bincount(hierarchy.ancestors(level, hierarchy.unit_level), minlength=len(pooled))
     missing = n_children == 0
     if missing.any():
@@ -239,6 +249,8 @@ def multiscale_features(
     hierarchy: Any,
     features: dict[str, np.ndarray],
     connectivities: sp.spmatrix | np.ndarray | None,
+    *,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per unit: features of every level (fine to coarse) concatenated, plus their neighbour mean.
 
@@ -250,10 +262,13 @@ def multiscale_features(
         ``{level: (n_nodes, n_features)}``.
     connectivities
         Unit graph (``obsp["spatial_connectivities"]``); ``None`` leaves out the neighbour block.
+    rows
+        Only these units (a training subsample: the full matrix of 150k Visium HD bins x 7,680
+        columns does not fit in memory); ``None``: all.
 
     Returns
     -------
-    ``(n_units, n_levels * n_features * (2 if connectivities is not None else 1))``.
+    ``(len(rows) or n_units, n_levels * n_features * (2 if connectivities is not None else 1))`` float32.
 
     Examples
     --------
@@ -261,9 +276,10 @@ def multiscale_features(
     """
     levels = [lv for lv in Levels.ALL if lv in hierarchy.levels and lv in features]
     own = np.concatenate([unit_level_features(hierarchy, features, lv) for lv in levels], axis=1)
+    idx = np.arange(len(own)) if rows is None else np.asarray(rows, dtype=np.int64)
     if connectivities is None:
-        return own
-    return np.concatenate([own, neighbour_mean(own, connectivities)], axis=1)
+        return own[idx]
+    return np.concatenate([own[idx], neighbour_mean(own, connectivities, rows=idx)], axis=1)
 
 
 def baseline_features(
@@ -272,6 +288,7 @@ def baseline_features(
     kind: str,
     feature_key: str | None,
     table_key: str = Keys.TABLE,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return the unit features a ridge baseline reads from a SpatialData with hierarchy and features.
 
@@ -286,10 +303,12 @@ def baseline_features(
         Feature cache key (the model's ``feature_key``); ``None`` takes the newest.
     table_key
         Table holding the units.
+    rows
+        Only these units (``None``: all).
 
     Returns
     -------
-    ``(n_units, n_features)`` float64.
+    ``(len(rows) or n_units, n_features)`` float32.
 
     Examples
     --------
@@ -300,7 +319,8 @@ def baseline_features(
     hierarchy = pp.get_hierarchy(sdata, table_key=table_key)
     features = pp.get_features(sdata, key=feature_key, table_key=table_key)
     if kind == "meso":
-        return unit_level_features(hierarchy, features, Levels.MESO)
+        x = unit_level_features(hierarchy, features, Levels.MESO)
+        return x if rows is None else x[np.asarray(rows, dtype=np.int64)]
     if kind == "multiscale":
         table = sdata.tables[table_key]
         conn = table.obsp.get(Keys.CONNECTIVITIES)
@@ -308,7 +328,7 @@ def baseline_features(
             logger.warning(
                 f"Table {table_key!r} has no obsp[{Keys.CONNECTIVITIES!r}]: ridge_cv runs without neighbour features."
             )
-        return multiscale_features(hierarchy, features, conn)
+        return multiscale_features(hierarchy, features, conn, rows=rows)
     raise ValueError(f"kind must be 'meso' or 'multiscale', got {kind!r}.")
 
 

@@ -153,13 +153,15 @@ def scores_from_predictions(
     return row
 
 
-def _features(model: Sigmma, sdata: SpatialData, kind: str, table_key: str) -> np.ndarray:
+def _features(
+    model: Sigmma, sdata: SpatialData, kind: str, table_key: str, rows: np.ndarray | None = None
+) -> np.ndarray:
     try:
-        return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key)
+        return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key, rows=rows)
     except KeyError:
         # No hierarchy / features cached yet: embedding computes and caches them.
         model.get_embeddings(sdata, table_key=table_key)
-        return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key)
+        return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key, rows=rows)
 
 
 def evaluate(
@@ -310,7 +312,7 @@ def evaluate(
 
     def ridge_method(name: str) -> dict[str, float]:
         kind = "meso" if name == "ridge" else "multiscale"
-        x_tr = _features(model, train_sdata, kind, table_key)[ridge_train]
+        x_tr = _features(model, train_sdata, kind, table_key, rows=ridge_train)
         x_te = _features(model, test_sdata, kind, table_key)
         if name == "ridge_cv":
             x_tr, x_te = standardized_pair(x_tr, x_te)

@@ -161,6 +161,18 @@ def test_ridge_cv_chooses_alpha_by_noise():
     assert alpha_clean in bl.RIDGE_CV_ALPHAS
 
 
+def test_ridge_cv_with_more_units_than_features_matches_sklearn_default_gcv():
+    from sklearn.linear_model import RidgeCV
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(600, 40))
+    y = x[:, :4] @ rng.normal(size=(4, 6)) + 2 * rng.normal(size=(600, 6))
+    pred, alpha = bl.ridge_cv(x[:500], y[:500], x[500:])
+    ref = RidgeCV(alphas=bl.RIDGE_CV_ALPHAS, fit_intercept=True).fit(x[:500], y[:500])
+    assert alpha == ref.alpha_
+    np.testing.assert_allclose(pred, ref.predict(x[500:]), atol=1e-8)
+
+
 def test_neighbour_mean_isolated_unit_keeps_its_own_value():
     a = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]]))
     v = np.array([[1.0], [2.0], [4.0], [8.0]])

@@ -150,7 +150,11 @@ def ridge_cv(
     x_train = _as_2d_float(x_train, "x_train")
     x_test = _as_2d_float(x_test, "x_test")
     y_train = _as_2d_float(y_train, "y_train")
-    reg = RidgeCV(alphas=np.asarray(alphas, dtype=np.float64), fit_intercept=True)
+    # With more units than features sklearn's default GCV works on the covariance and computes the
+    # hat-matrix diagonal in Python batches per alpha: > 10 min for 20,000 Visium HD bins x 7,680
+    # columns. One SVD of the design gives the same GCV for every alpha.
+    mode = "svd" if x_train.shape[0] > x_train.shape[1] else None
+    reg = RidgeCV(alphas=np.asarray(alphas, dtype=np.float64), fit_intercept=True, gcv_mode=mode)
     reg.fit(x_train, y_train)
     pred = np.asarray(reg.predict(x_test), dtype=np.float64).reshape(len(x_test), -1)
     return pred, float(reg.alpha_)

@@ -319,12 +319,17 @@ def evaluate(
         y_tr = y_train[ridge_train]
         preds: dict[str, np.ndarray] = {}
         alphas[name] = {}
-        # One fit per target set, as HEST does (its alpha depends on the number of targets).
+        # One fit per target set, as HEST does (its alpha depends on the number of targets); sets that
+        # coincide (a panel with fewer than n_genes detected genes) are fitted once.
+        fitted: dict[tuple[int, ...], tuple[np.ndarray, float]] = {}
         for target, idx in (*pos.items(), ("all", np.arange(len(genes)))):
-            if name == "ridge":
-                preds[target], alphas[name][target] = ridge_probe(x_tr, y_tr[:, idx], x_te, seed=seed)
-            else:
-                preds[target], alphas[name][target] = ridge_cv(x_tr, y_tr[:, idx], x_te)
+            key = tuple(int(i) for i in idx)
+            if key not in fitted:
+                if name == "ridge":
+                    fitted[key] = ridge_probe(x_tr, y_tr[:, idx], x_te, seed=seed)
+                else:
+                    fitted[key] = ridge_cv(x_tr, y_tr[:, idx], x_te)
+            preds[target], alphas[name][target] = fitted[key]
         sim = profile_similarity(preds["all"][retrieval_units], y_test[retrieval_units])
         return scores_from_predictions(preds, observed, groups, sim, n_genes=n_genes, ks=ks)
 

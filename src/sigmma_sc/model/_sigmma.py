@@ -54,13 +54,17 @@ def apply_feature_stats(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> 
     """Standardise and clip features with a model's saved statistics."""
     from sigmma_sc.pp._features import apply_feature_scaling
 
-    mu, sd = stats
-    if x.shape[1] != mu.shape[0]:
+    _check_channels(x, stats)
+    return apply_feature_scaling(x, *stats)
+
+
+def _check_channels(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> None:
+    """Refuse features from another encoder than the model's (a channel-count mismatch)."""
+    if x.shape[1] != stats[0].shape[0]:
         raise ValueError(
-            f"image features have {x.shape[1]} channels but the model was trained on {mu.shape[0]}: "
+            f"image features have {x.shape[1]} channels but the model was trained on {stats[0].shape[0]}: "
             "the encoder differs from the model's."
         )
-    return apply_feature_scaling(x, mu, sd)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -531,8 +535,7 @@ def _level_inputs(
         f = None
         if name in feats and name in stats:
             if feature_norm == "section":
-                if feats[name].shape[1] != stats[name][0].shape[0]:
-                    apply_feature_stats(feats[name], stats[name])  # raises the channel-mismatch error
+                _check_channels(feats[name], stats[name])
                 f, small = apply_section_scaling(feats[name], lv.section, stats[name])
                 if small:
                     names = [hier.sections[c] for c in small]

@@ -157,3 +157,27 @@ def test_her2st_short_fit_beats_shuffled_control():
     df = sg.tl.evaluate(model, test, baselines=())
     assert df.loc["sigmma", "pcc_hvg50"] == pytest.approx(r, abs=1e-6)
     assert isinstance(df, pd.DataFrame)
+
+
+def test_min_detected_picks_the_modelled_genes(split, caplog, monkeypatch):
+    from sigmma_sc._logging import logger
+    from sigmma_sc.model._data import select_genes
+    from sigmma_sc.tl._baselines import fit_single_scale
+
+    _, train, _ = split
+    counts = train[Keys.TABLE].X
+    detected = np.asarray((counts > 0).mean(axis=0)).ravel()
+    # A threshold that about half of the genes pass: fewer than n_genes, so the fit warns.
+    threshold = float(np.median(detected))
+    expected = select_genes(counts, train[Keys.TABLE].var_names, n_genes=40, min_detected=threshold)
+    assert 0 < len(expected) < 40
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level("WARNING", logger="sigmma_sc"):
+        strict = sg.tl.fit(train, max_epochs=1, n_genes=40, min_detected=threshold, seed=0, batch_size=8)
+    assert strict.genes == expected
+    assert all(detected[train[Keys.TABLE].var_names.get_loc(g)] >= threshold for g in strict.genes)
+    assert strict.params["min_detected"] == threshold
+    assert any("min_detected" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    # The single-scale baseline models the same genes under the same rule.
+    base = fit_single_scale(strict, train, seed=0, max_epochs=1, batch_size=8)
+    assert base.genes == strict.genes

@@ -86,6 +86,7 @@ class Defaults:
     NUCLEUS_MAX_AREA_UM2: Final = 300.0
     NUCLEUS_MARGIN_UM: Final = 15.0
     N_GENES: Final = 1000
+    MIN_DETECTED: Final = 0.1
     EMBED_DIM: Final = 128
     ENCODER: Final = "efficientnet_lite0"
     BATCH_SIZE: Final = 64

@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sigmma_sc._constants import Levels
+from sigmma_sc._constants import Defaults, Levels
 
 if TYPE_CHECKING:
     import torch
 
 #: Genes must be detected (count > 0) in at least this fraction of training units to be selected.
-MIN_DETECTED_FRACTION = 0.1
+MIN_DETECTED_FRACTION = Defaults.MIN_DETECTED
 #: Library size that `normalize_total` scales every unit to before log1p.
 TARGET_SUM = 1e4
 #: At most this many micro nodes per batch enter the micro-level contrastive loss.

@@ -29,6 +29,8 @@ _STATS_FILE = "stats.npz"
 _REFERENCE_FILE = "reference.h5ad"
 _HISTORY_FILE = "history.csv"
 _FORMAT_VERSION = 1
+#: Fewer modelled genes than this leave the expression encoders little to align: warn and name the fix.
+FEW_GENES = 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +228,7 @@ class Sigmma:
         encoder: str,
         n_genes: int,
         feature_method: str,
+        min_detected: float = Defaults.MIN_DETECTED,
         stain_normalize: str | None,
         hierarchy_kwargs: dict[str, Any] | None,
         context_weight: float | None = None,
@@ -249,6 +252,7 @@ class Sigmma:
             "stain_normalize": stain_normalize,
             "hierarchy_kwargs": dict(hierarchy_kwargs or {}),
             "n_genes_requested": int(n_genes),
+            "min_detected": float(min_detected),
             "context_weight": None if context_weight is None else float(context_weight),
             "feature_norm": feature_norm,
         }
@@ -260,8 +264,19 @@ class Sigmma:
         base["log_normalized"] = bool(slide.log_normalized)
 
         matrix = _expression_matrix(slide)
-        genes = select_genes(matrix, slide.table.var_names, n_genes=n_genes, log_normalized=slide.log_normalized)
-        if len(genes) < n_genes:
+        genes = select_genes(
+            matrix,
+            slide.table.var_names,
+            n_genes=n_genes,
+            log_normalized=slide.log_normalized,
+            min_detected=min_detected,
+        )
+        if len(genes) < min(n_genes, FEW_GENES):
+            logger.warning(
+                f"only {len(genes)} genes are detected in >= {min_detected:.0%} of the training units (asked for "
+                f"{n_genes}): sparse units such as 8 um bins need a lower min_detected, e.g. tl.fit(min_detected=0.01)."
+            )
+        elif len(genes) < n_genes:
             logger.info(f"{len(genes)} genes pass the detection filter (asked for {n_genes}): using them all")
         gene_idx = slide.table.var_names.get_indexer(genes)
         expression = ExpressionSource.from_counts(matrix, gene_idx, log_normalized=slide.log_normalized)

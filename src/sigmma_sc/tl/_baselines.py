@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from .._constants import Keys, Levels
+from .._constants import Defaults, Keys, Levels
 from .._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -380,6 +380,7 @@ def fit_single_scale(model: Sigmma, train_sdata: SpatialData, *, seed: int, **fi
     # tl.fit picks its genes from the training units with the model's rule: same data, same genes.
     kwargs.update(levels=(Levels.MESO,), graph=False, encoder=model.encoder, n_genes=len(model.genes), seed=seed)
     kwargs.setdefault("feature_norm", model.params.get("feature_norm", "global"))
+    kwargs.setdefault("min_detected", model.params.get("min_detected", Defaults.MIN_DETECTED))
     base = tl.fit(light_copy(train_sdata, table_key=kwargs.get("table_key", Keys.TABLE)), **kwargs)
     if list(base.genes) != list(model.genes):
         logger.warning(

@@ -25,7 +25,7 @@ import numpy as np
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Defaults
-from sigmma_sc.pp._features import map_grid_shape, needed_cells, tile_rects, window_cells
+from sigmma_sc.pp._pooling import map_grid_shape, needed_cells, tile_rects, window_cells
 from sigmma_sc.pp._patches import crop_geometry
 
 sg.settings.progress_bar = False
@@ -176,7 +176,7 @@ def ridge_probe(slide, feats: np.ndarray, *, n_genes: int = 50) -> float:
         # Top variable genes of the training sections only.
         genes = np.argsort(expr_all[train].var(0))[::-1][:n_genes]
         y_tr, y_te = expr_all[train][:, genes], expr_all[test][:, genes]
-        x_tr, x_te = sg.pp.standardize_features(feats[train], feats[test])
+        x_tr, x_te = sg.model.standardize_features(feats[train], feats[test])
         model = RidgeCV(alphas=np.logspace(0, 5, 11)).fit(x_tr, y_tr)
         pred = model.predict(x_te)
         r = [

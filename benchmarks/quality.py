@@ -67,8 +67,6 @@ def _cache_file(cache: Path, dataset: str, section: str) -> Path:
 
 def _section_features(load, dataset: str, section: str, cache: Path) -> tuple[str, dict[str, np.ndarray]]:
     """Per-level features of one whole section (and their node centres), computed once and cached on disk."""
-    from sigmma_sc.pp._features import get_features, image_features
-
     path = _cache_file(cache, dataset, section)
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
@@ -77,8 +75,8 @@ def _section_features(load, dataset: str, section: str, cache: Path) -> tuple[st
     t0 = time.perf_counter()
     sdata = load([section])
     hier = sg.pp.build_hierarchy(sdata)
-    key = image_features(sdata)
-    feats = get_features(sdata, key=key)
+    key = str(sg.pp.image_features(sdata))
+    feats = sg.pp.get_features(sdata, key=key)
     arrays = {f"feat_{lv}": f for lv, f in feats.items()}
     arrays.update({f"centers_{lv}": lvl.centers_um for lv, lvl in hier.levels.items()})
     cache.mkdir(parents=True, exist_ok=True)

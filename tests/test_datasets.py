@@ -452,7 +452,7 @@ def test_synthetic_rejects_bad_arguments(kwargs):
 
 # ----------------------------------------------------------------------------- the builder on edge cases
 def test_build_sdata_rejects_bad_images_and_shapes():
-    from sigmma_sc.datasets._build import SectionArrays, build_sdata
+    from sigmma_sc.io import SectionArrays, build_sdata
 
     def section(**kw):
         base = dict(

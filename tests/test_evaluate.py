@@ -145,7 +145,7 @@ def test_her2st_short_fit_beats_shuffled_control():
     train, test = her2st(sections=["C3"]), her2st(sections=["C2"])
     model = sg.tl.fit(train, max_epochs=10, seed=0)
     pred = sg.tl.predict_expression(model, test)
-    from sigmma_sc.model._data import select_genes
+    from sigmma_sc.model import select_genes
 
     genes = select_genes(np.asarray(model.reference.X), model.genes, n_genes=50, log_normalized=True)
     observed = sg.io.validate(test).expression(genes)
@@ -161,7 +161,7 @@ def test_her2st_short_fit_beats_shuffled_control():
 
 def test_min_detected_picks_the_modelled_genes(split, caplog, monkeypatch):
     from sigmma_sc._logging import logger
-    from sigmma_sc.model._data import select_genes
+    from sigmma_sc.model import select_genes
     from sigmma_sc.tl._baselines import fit_single_scale
 
     _, train, _ = split

@@ -11,14 +11,8 @@ import torch
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Keys
-from sigmma_sc.pp._features import (
-    dense_feature_map,
-    feature_cache_key,
-    needed_cells,
-    pool_windows,
-    section_features,
-    window_cells,
-)
+from sigmma_sc.pp._features import dense_feature_map, section_features
+from sigmma_sc.pp._pooling import needed_cells, pool_windows, window_cells
 from sigmma_sc.pp._patches import as_section_image
 
 
@@ -295,7 +289,7 @@ def test_image_features_cached(kidney_sdata):
     assert sg.pp.image_features(kidney_sdata, encoder="tiny_counting") == key
     assert TinyCNN.calls == calls  # cache hit: no encoder work
     table = kidney_sdata.tables["table"]
-    assert table.uns[Keys.UNS][Keys.FEATURES_LATEST] == key
+    assert table.uns[Keys.UNS][Keys.FEATURES_LATEST] == key.id
     # A different method is a different cache entry.
     key_crop = sg.pp.image_features(kidney_sdata, encoder="tiny_counting", method="crop", levels=["macro"])
     assert key_crop != key and TinyCNN.calls > calls
@@ -320,9 +314,20 @@ def test_image_features_precomputed(kidney_sdata):
     del table.obsm["X_mine"]
 
 
-def test_cache_key_is_a_zarr_name():
-    key = feature_cache_key("timm-hf-hub:MahmoodLab/UNI", "crop", {"meso": 150.0}, "macenko-default")
-    assert "/" not in key and "macenko" in key and "meso150" in key
+def test_cache_key_is_a_zarr_name_and_reads_back():
+    key = sg.pp.FeatureKey("timm-hf-hub:MahmoodLab/UNI", "crop", (("meso", 150.0), ("macro", 500.0)), "macenko-default")
+    assert "/" not in key.id and "macenko" in key.id and "meso150_macro500" in key.id
+    back = sg.pp.FeatureKey.parse(key.id)
+    assert back.views == key.views and back.id == key.id
+    assert sg.pp.FeatureKey.parse("enc__dense__micro32_meso150__raw").fov_um == (("micro", 32.0), ("meso", 150.0))
+    with pytest.raises(ValueError, match="not a feature cache id"):
+        sg.pp.FeatureKey.parse("no_underscores_here")
+
+
+def test_pp_standardize_features_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="moved to sigmma_sc.model"):
+        fn = sg.pp.standardize_features
+    assert fn is sg.model.standardize_features
 
 
 def test_standardize_features_clips_constant_channels():
@@ -331,28 +336,28 @@ def test_standardize_features_clips_constant_channels():
     train[:, 4] = 3.0 + 1e-9 * rng.normal(size=200)  # near-constant in training
     test = rng.normal(size=(50, 5))
     test[:, 4] = 4.0
-    ztr, zte = sg.pp.standardize_features(train, test)
+    ztr, zte = sg.model.standardize_features(train, test)
     assert np.abs(zte).max() <= 5.0 and np.abs(ztr[:, :4].mean(0)).max() < 1e-6
     np.testing.assert_allclose(ztr[:, :4].std(0), 1.0, rtol=1e-5)
-    unclipped = sg.pp.standardize_features(train, test, clip=None)[1]
+    unclipped = sg.model.standardize_features(train, test, clip=None)[1]
     assert np.abs(unclipped[:, 4]).max() > 5  # the clip is what bounds it
 
 
 def test_model_feature_stats_apply_the_package_standardisation():
-    from sigmma_sc.model._sigmma import apply_feature_stats, feature_stats
+    from sigmma_sc.model._inputs import apply_feature_stats, feature_stats
 
     rng = np.random.default_rng(1)
     train = rng.normal(size=(300, 6)) * [1, 2, 3, 4, 5, 1e-8]
     test = rng.normal(size=(40, 6)) * 4
     stats = feature_stats(train)
     # A saved model must standardise a new slide exactly as the package does with the training set.
-    np.testing.assert_allclose(apply_feature_stats(test, stats), sg.pp.standardize_features(train, test)[1], atol=1e-5)
+    np.testing.assert_allclose(apply_feature_stats(test, stats), sg.model.standardize_features(train, test)[1], atol=1e-5)
     with pytest.raises(ValueError, match="trained on 6"):
         apply_feature_stats(test[:, :5], stats)
 
 
 def test_section_scaling_standardises_each_section_and_falls_back_for_small_ones():
-    from sigmma_sc.pp._features import apply_section_scaling, feature_scaling
+    from sigmma_sc.model import apply_section_scaling, feature_scaling
 
     rng = np.random.default_rng(2)
     x = np.vstack([rng.normal(0, 1, (100, 3)), rng.normal(10, 4, (100, 3)), rng.normal(5, 1, (5, 3))])
@@ -363,7 +368,7 @@ def test_section_scaling_standardises_each_section_and_falls_back_for_small_ones
     for code in (0, 1):
         np.testing.assert_allclose(z[section == code].mean(0), 0, atol=1e-5)
         np.testing.assert_allclose(z[section == code].std(0), 1, atol=1e-4)
-    np.testing.assert_allclose(z[section == 2], sg.pp.standardize_features(x[:200], x[200:])[1], atol=1e-5)
+    np.testing.assert_allclose(z[section == 2], sg.model.standardize_features(x[:200], x[200:])[1], atol=1e-5)
     with pytest.raises(ValueError, match="5 codes for 205"):
         apply_section_scaling(x, section[:5], fallback)
 

@@ -120,7 +120,7 @@ def test_ridge_probe_recovers_signal_and_matches_hest_alpha():
     from sklearn.decomposition import PCA
     from sklearn.linear_model import Ridge
 
-    from sigmma_sc.pp import standardize_features
+    from sigmma_sc.model import standardize_features
 
     xtr, ytr, xte, yte = _linear_problem()
     pred, alpha = bl.ridge_probe(xtr, ytr, xte, n_components=20)

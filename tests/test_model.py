@@ -14,14 +14,14 @@ import scipy.sparse as sp
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Keys
+from sigmma_sc.io import log1p_normalize
+from sigmma_sc.model import select_genes
 from sigmma_sc.model._data import (
     ExpressionSource,
     LevelInput,
     SubgraphBatcher,
     csr_from_edges,
     k_hop,
-    log1p_normalize,
-    select_genes,
 )
 
 
@@ -397,7 +397,7 @@ def test_single_scale_baseline_from_fit(xenium_fit):
 def test_fit_from_anndata_with_log_normalized_spots():
     import anndata as ad
 
-    from sigmma_sc.datasets._build import read_rgb
+    from sigmma_sc.io import read_rgb
 
     folder = sg.datasets.resolve_dataset_dir("squidpy_tests", required=["test_data.h5ad", "test_img.jpg"])
     adata = ad.read_h5ad(folder / "test_data.h5ad")

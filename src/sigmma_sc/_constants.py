@@ -87,16 +87,35 @@ class Defaults:
     NUCLEUS_MARGIN_UM: Final = 15.0
     N_GENES: Final = 1000
     MIN_DETECTED: Final = 0.1
-    EMBED_DIM: Final = 128
+    # Library size every unit is scaled to before log1p (scanpy's normalize_total target).
+    TARGET_SUM: Final = 1e4
     ENCODER: Final = "efficientnet_lite0"
-    BATCH_SIZE: Final = 64
+    FEATURE_METHOD: Final = "auto"
+    # The seed of settings.seed, used wherever a function's seed is None.
     SEED: Final = 0
+    # Training (tl.fit / TrainConfig).
+    EMBED_DIM: Final = 128
+    HIDDEN_DIM: Final = 256
+    INTRA_LAYERS: Final = 1
+    INTER_LAYERS: Final = 1
+    HEADS: Final = 4
+    DROPOUT: Final = 0.1
+    LR: Final = 1e-3
+    WEIGHT_DECAY: Final = 1e-4
+    BATCH_SIZE: Final = 64
+    MAX_CELLS: Final = 16
+    MAX_EPOCHS: Final = 30
+    PATIENCE: Final = 5
+    VAL_FRACTION: Final = 0.1
+    CONSISTENCY_WEIGHT: Final = 0.1
+    COARSE_TARGETS: Final = "soft+disjoint"
+    ACCELERATOR: Final = "auto"
+    DEVICES: Final = "auto"
     # Clip for standardised features: near-constant channels explode on new data otherwise.
     FEATURE_Z_CLIP: Final = 5.0
     # Image features are z-scored per section by default: stain and scanner shift every channel of a
     # slide together. her2st leave-one-section-out, 5 epochs: mean r 0.364 -> 0.403 (C2), 0.422 -> 0.445 (C5).
     FEATURE_NORM: Final = "section"
-    FEATURE_NORMS: Final = ("section", "global")
     # Below this many nodes of a level, a section's own statistics are noise: the training ones are used.
     FEATURE_NORM_MIN_NODES: Final = 30
     # Dense image features: tiles of this many pixels plus a context margin on each side (the margin is
@@ -106,6 +125,25 @@ class Defaults:
     DENSE_TILE_PX: Final = 1024
     DENSE_MARGIN_PX: Final = 256
     DENSE_COARSE_FOV_UM: Final = 300.0
+    # Chunk side of the image pyramids the loaders write (dask / zarr chunks, and synthetic tiles).
+    IMAGE_CHUNK_PX: Final = 1024
+
+
+class Choices:
+    """Every closed list of values a keyword accepts, in one place (validated where the keyword is read)."""
+
+    TECHNOLOGIES: Final = ("st", "visium", "visium_hd", "xenium", "synthetic", "custom")
+    # Technologies whose units hold many cells.
+    SPOT_TECHNOLOGIES: Final = ("st", "visium")
+    UNIT_KINDS: Final = ("spot", "cell")
+    # pp.image_features(method=...).
+    FEATURE_METHODS: Final = ("dense", "crop", "auto")
+    # pp.image_features(stain_normalize=...), besides None.
+    STAIN_METHODS: Final = ("macenko", "reinhard")
+    # tl.fit(feature_norm=...): z-score image features per section or with the training statistics.
+    FEATURE_NORMS: Final = ("section", "global")
+    # tl.fit(coarse_targets=...): how the coarse (macro) InfoNCE treats overlapping regions.
+    COARSE_TARGETS: Final = ("hard", "soft", "disjoint", "soft+disjoint")
 
 
 # Legacy Spatial Transcriptomics and 10x Visium geometry.

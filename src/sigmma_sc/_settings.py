@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ._constants import Defaults
 from ._logging import logger
 
 _LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
@@ -32,7 +33,7 @@ class Settings:
 
     def __init__(self) -> None:
         self._verbosity = 2
-        self.seed: int = 0
+        self.seed: int = Defaults.SEED
         self.progress_bar: bool = True
         self.num_workers: int = 0
 

@@ -13,7 +13,7 @@ from scipy import sparse
 from sigmma_sc._constants import VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM, XENIUM_NCBI858_MPP
 from sigmma_sc._logging import logger
 
-from ._build import SectionArrays, build_sdata, pixel_index_to_um, read_rgb_pyramid
+from sigmma_sc.io import SectionArrays, build_sdata, pixel_index_to_um, read_rgb_pyramid
 from ._paths import KIDNEY_CROP_FILES, REQUIRED_FILES, resolve_dataset_dir
 
 if TYPE_CHECKING:  # pragma: no cover

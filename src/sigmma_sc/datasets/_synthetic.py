@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from sigmma_sc._constants import Keys
+from sigmma_sc._constants import Defaults, Keys
 
-from ._build import IMAGE_CHUNK_PX, SectionArrays, build_sdata, level_shapes, pyramid_factors
+from sigmma_sc.io import SectionArrays, build_sdata, level_shapes, pyramid_factors
 
 if TYPE_CHECKING:  # pragma: no cover
     from scipy.spatial import cKDTree
@@ -249,7 +249,7 @@ def _stamp(
     oy, ox = np.meshgrid(np.arange(-ry, ry + 1), np.arange(-rx, rx + 1), indexing="ij")
     disc = (oy * mpp_y) ** 2 + (ox * mpp_x) ** 2 <= (reach + 2 * max(mpp_x, mpp_y)) ** 2  # skip the corners
     oy, ox = oy[disc].astype(np.int32), ox[disc].astype(np.int32)
-    # int32 indices: a tile has at most IMAGE_CHUNK_PX^2 pixels.
+    # int32 indices: a tile has at most Defaults.IMAGE_CHUNK_PX^2 pixels.
     prow = np.floor(cy / mpp_y).astype(np.int32)[:, None] + oy[None, :]  # (cells, stamp)
     pcol = np.floor(cx / mpp_x).astype(np.int32)[:, None] + ox[None, :]
     dy = ((prow + 0.5) * mpp_y - cy[:, None]).astype(np.float32)
@@ -351,11 +351,11 @@ def _lazy_level(scene: _Scene, shape: tuple[int, int], full: tuple[int, int], mp
     # The scene rides in a partial: dask would otherwise hash its arrays once per tile.
     draw = dask.delayed(partial(_draw_tile, scene), pure=False)
     rows = []
-    for r0 in range(0, h, IMAGE_CHUNK_PX):
-        r1 = min(r0 + IMAGE_CHUNK_PX, h)
+    for r0 in range(0, h, Defaults.IMAGE_CHUNK_PX):
+        r1 = min(r0 + Defaults.IMAGE_CHUNK_PX, h)
         row = []
-        for c0 in range(0, w, IMAGE_CHUNK_PX):
-            c1 = min(c0 + IMAGE_CHUNK_PX, w)
+        for c0 in range(0, w, Defaults.IMAGE_CHUNK_PX):
+            c1 = min(c0 + Defaults.IMAGE_CHUNK_PX, w)
             tile = draw(mpp_y, mpp_x, r0, r1, c0, c1, level)
             row.append([da.from_delayed(tile, shape=(r1 - r0, c1 - c0, 3), dtype=np.uint8)])
         rows.append(row)

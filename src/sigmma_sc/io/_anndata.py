@@ -10,7 +10,8 @@ from scipy import sparse
 
 from sigmma_sc._constants import Keys
 
-from ._image import _to_uint8, conversion_for
+from ._build import SectionArrays, build_sdata, pixel_index_to_um
+from ._image import conversion_for, to_uint8
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -33,7 +34,7 @@ def _as_rgb_uint8(image: Any) -> np.ndarray:
         )
     arr = arr[..., :3]
     scale, rnd = conversion_for(xr.DataArray(arr, dims=("y", "x", "c")), "image")
-    return np.ascontiguousarray(_to_uint8(arr, scale, rnd))
+    return np.ascontiguousarray(to_uint8(arr, scale, rnd))
 
 
 def _is_integer_matrix(mat: Any) -> bool:
@@ -102,7 +103,6 @@ def from_anndata(
     >>> sdata = sg.io.from_anndata(adata, image, mpp=0.5, spot_diameter=55.0)
     >>> slide = sg.io.validate(sdata)
     """
-    from sigmma_sc.datasets._build import SectionArrays, build_sdata, pixel_index_to_um
 
     if (spot_diameter is None) == (cell_diameter is None):
         raise ValueError(

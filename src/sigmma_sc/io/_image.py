@@ -136,7 +136,7 @@ def conversion_for(arr: Any, name: str) -> tuple[float, bool]:
     raise ValueError(f"image {name!r} has unsupported dtype {dt}. {fix}")
 
 
-def _to_uint8(block: np.ndarray, scale: float, rnd: bool) -> np.ndarray:
+def to_uint8(block: np.ndarray, scale: float, rnd: bool) -> np.ndarray:
     if block.dtype == np.uint8:
         return block
     x = block.astype(np.float32, copy=False)
@@ -425,7 +425,7 @@ class SectionImage:
         data = arr.data if hasattr(arr.data, "dask") else da.from_array(arr.data)
         data = data.transpose(self._channel_axis_last(arr))[..., :3]
         if data.dtype != np.uint8:
-            data = data.map_blocks(_to_uint8, self._scale, self._round, dtype=np.uint8)
+            data = data.map_blocks(to_uint8, self._scale, self._round, dtype=np.uint8)
         return data
 
     def _numpy_level(self, level: int) -> np.ndarray | None:
@@ -485,5 +485,5 @@ class SectionImage:
             sub = arr.isel(y=slice(r0, r1), x=slice(c0, c1)).data
             sub = sub.compute() if hasattr(sub, "compute") else sub
             block = np.asarray(sub).transpose(self._channel_axis_last(arr))[..., :3]
-        out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = _to_uint8(block, self._scale, self._round)
+        out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = to_uint8(block, self._scale, self._round)
         return out

@@ -1,10 +1,28 @@
-"""The SIGMMA model: subgraph batches, GNN layers, contrastive losses, the Lightning module and the Sigmma class.
+"""The SIGMMA model: model inputs, subgraph batches, GNN layers, contrastive losses, the Lightning module and the Sigmma class.
 
 Only the light pieces are imported here (numpy / scipy / pandas); torch and lightning load inside
 the methods that train or embed.
 """
 
-from ._data import select_genes
-from ._sigmma import Sigmma
+from ._config import TrainConfig
+from ._inputs import (
+    apply_feature_scaling,
+    apply_section_scaling,
+    feature_scaling,
+    feature_stats,
+    select_genes,
+    standardize_features,
+)
+from ._sigmma import Sigmma, default_context_weight
 
-__all__ = ["Sigmma", "select_genes"]
+__all__ = [
+    "Sigmma",
+    "TrainConfig",
+    "apply_feature_scaling",
+    "apply_section_scaling",
+    "default_context_weight",
+    "feature_scaling",
+    "feature_stats",
+    "select_genes",
+    "standardize_features",
+]

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,60 +24,16 @@ from sigmma_sc._constants import Levels
 from sigmma_sc._logging import logger
 from sigmma_sc._settings import settings
 
+from ._config import TrainConfig
 from ._data import MAX_MICRO_PAIRS, ExpressionSource, LevelInput, SubgraphBatcher, expression_stats
 from ._module import SigmmaModule, SubgraphBatches
 
-#: Values of ``coarse_targets``: how the coarse (macro) InfoNCE treats overlapping regions.
-COARSE_TARGETS = ("hard", "soft", "disjoint", "soft+disjoint")
 #: Levels whose nodes overlap their neighbours almost entirely (regions), for spot and cell data alike.
 COARSE_LEVELS = (Levels.MACRO,)
 #: Fewest meso subgraphs for which a validation split (and early stopping) is made.
 MIN_NODES_FOR_VALIDATION = 40
 #: At most this many batches are scored for the loss at initialisation (history row ``epoch 0``).
 MAX_INIT_BATCHES = 20
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run (also the saved configuration)."""
-
-    levels: tuple[str, ...] = Levels.ALL
-    graph: bool = True
-    embed_dim: int = 128
-    hidden_dim: int = 256
-    intra_layers: int = 1
-    inter_layers: int = 1
-    heads: int = 4
-    dropout: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    max_cells: int | None = 16
-    max_epochs: int = 30
-    patience: int = 5
-    val_fraction: float = 0.1
-    consistency_weight: float = 0.1
-    coarse_targets: str = "soft+disjoint"
-    level_weights: dict[str, float] | None = None
-    seed: int = 0
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    precision: str | None = None
-    checkpoint_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        self.levels = tuple(self.levels)
-        bad = [lv for lv in self.levels if lv not in Levels.ALL]
-        if bad or Levels.MESO not in self.levels:
-            raise ValueError(
-                f"levels must be a subset of {Levels.ALL} containing 'meso' (the subgraph level), got {self.levels!r}."
-            )
-        if self.coarse_targets not in COARSE_TARGETS:
-            raise ValueError(f"coarse_targets must be one of {COARSE_TARGETS}, got {self.coarse_targets!r}.")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (InfoNCE needs negatives), got {self.batch_size}.")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}.")
 
 
 def resolve_accelerator(accelerator: str, devices: Any) -> tuple[str, Any, str, str]:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from sigmma_sc._constants import Defaults, Levels
@@ -26,98 +25,8 @@ from sigmma_sc._constants import Defaults, Levels
 if TYPE_CHECKING:
     import torch
 
-#: Genes must be detected (count > 0) in at least this fraction of training units to be selected.
-MIN_DETECTED_FRACTION = Defaults.MIN_DETECTED
-#: Library size that `normalize_total` scales every unit to before log1p.
-TARGET_SUM = 1e4
 #: At most this many micro nodes per batch enter the micro-level contrastive loss.
 MAX_MICRO_PAIRS = 2048
-
-
-def log1p_normalize(counts: sp.spmatrix | np.ndarray, *, target_sum: float = TARGET_SUM) -> np.ndarray | sp.csr_matrix:
-    """``log1p(normalize_total(counts, target_sum))``, sparse in, sparse out.
-
-    Units with no counts stay zero instead of dividing by zero.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> log1p_normalize(np.array([[1.0, 3.0], [0.0, 0.0]]), target_sum=4.0)
-    array([[0.69314718, 1.38629436],
-           [0.        , 0.        ]])
-    """
-    total = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
-    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
-    if sp.issparse(counts):
-        out = sp.csr_matrix(sp.diags(scale) @ counts, dtype=np.float32)
-        out.data = np.log1p(out.data)
-        return out
-    return np.log1p(np.asarray(counts, dtype=np.float64) * scale[:, None])
-
-
-def select_genes(
-    counts: sp.spmatrix | np.ndarray,
-    var_names: pd.Index | list[str],
-    *,
-    n_genes: int,
-    log_normalized: bool = False,
-    min_detected: float = MIN_DETECTED_FRACTION,
-) -> list[str]:
-    """Pick the most variable genes of the training units.
-
-    Genes detected (non-zero) in at least ``min_detected`` of the units are ranked by the variance of
-    their log1p-normalised expression; the top ``n_genes`` are kept, in decreasing variance. Unlike
-    scanpy's ``seurat`` flavour, this does not favour low-count noise genes on legacy ST data.
-
-    Parameters
-    ----------
-    counts
-        ``(n_units, n_vars)`` raw counts of the training units, or log1p-normalised values when
-        ``log_normalized``.
-    var_names
-        Gene names, one per column.
-    n_genes
-        How many genes to keep; capped at the number of detected genes.
-    log_normalized
-        ``counts`` already holds log1p-normalised values (never log-transform twice).
-    min_detected
-        Minimum fraction of units in which a gene must be non-zero.
-
-    Returns
-    -------
-    Selected gene names, most variable first.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> x = rng.poisson([5.0, 0.5, 20.0], size=(100, 3))
-    >>> select_genes(x, ["a", "b", "c"], n_genes=2)
-    ['b', 'a']
-    """
-    var_names = pd.Index(var_names)
-    if counts.shape[1] != len(var_names):
-        raise ValueError(f"counts has {counts.shape[1]} columns but {len(var_names)} gene names were given.")
-    if n_genes < 1:
-        raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
-    x = sp.csr_matrix(counts, dtype=np.float32) if not sp.issparse(counts) else sp.csr_matrix(counts)
-    if x.shape[0] == 0:
-        raise ValueError("select_genes needs at least one training unit.")
-    detected = np.asarray((x > 0).sum(axis=0)).ravel() / x.shape[0]
-    keep = np.flatnonzero(detected >= min_detected)
-    if keep.size == 0:
-        raise ValueError(
-            f"no gene is detected in >= {min_detected:.0%} of the {x.shape[0]} training units; "
-            "check that the table holds counts (not an empty or H&E-only table)."
-        )
-    logx = x if log_normalized else log1p_normalize(x)
-    logx = logx[:, keep]
-    mean = np.asarray(logx.mean(axis=0)).ravel()
-    mean_sq = np.asarray(logx.multiply(logx).mean(axis=0)).ravel()
-    var = mean_sq - mean**2
-    # Stable order: ties broken by the original gene order.
-    order = np.lexsort((keep, -var))
-    return [str(g) for g in var_names[keep[order[:n_genes]]]]
 
 
 @dataclass
@@ -172,7 +81,7 @@ class ExpressionSource:
             agg /= np.maximum(n, 1)[:, None]
             return np.log1p(agg).astype(np.float32)
         total = members @ self.library
-        scale = np.divide(TARGET_SUM, total, out=np.zeros_like(total), where=total > 0)
+        scale = np.divide(Defaults.TARGET_SUM, total, out=np.zeros_like(total), where=total > 0)
         return np.log1p(agg * scale[:, None]).astype(np.float32)
 
 

@@ -12,15 +12,27 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sigmma_sc._constants import Defaults, Keys, Levels
+from sigmma_sc import io
+from sigmma_sc._constants import Choices, Defaults, Keys, Levels
 from sigmma_sc._logging import logger
+from sigmma_sc._utils import jsonable, uns_safe, versions
+from sigmma_sc.pp import FeatureKey, available_encoders
+
+from ._config import TrainConfig
+from ._data import ExpressionSource, LevelInput
+from ._inputs import (
+    build_reference,
+    expression_matrix,
+    feature_stats,
+    has_expression_matrix,
+    level_inputs,
+    model_genes,
+    slide_features,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
-
-    from ._core import TrainConfig
-    from ._data import ExpressionSource, LevelInput
 
 _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "weights.pt"
@@ -29,84 +41,11 @@ _STATS_FILE = "stats.npz"
 _REFERENCE_FILE = "reference.h5ad"
 _HISTORY_FILE = "history.csv"
 _FORMAT_VERSION = 1
-#: Fewer modelled genes than this leave the expression encoders little to align: warn and name the fix.
-FEW_GENES = 50
 
 
 # ---------------------------------------------------------------------------------------------
 # small pure helpers
 # ---------------------------------------------------------------------------------------------
-def feature_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and floored std of training features (:func:`sigmma_sc.pp._features.feature_scaling`), as saved.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> mu, sd = feature_stats(np.array([[0.0, 1.0], [2.0, 1.0]]))
-    >>> mu.round(3).tolist(), bool(sd[1] > 0)
-    ([1.0, 1.0], True)
-    """
-    from sigmma_sc.pp._features import feature_scaling
-
-    mu, sd = feature_scaling(train)
-    return mu.astype(np.float32), sd.astype(np.float32)
-
-
-def apply_feature_stats(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Standardise and clip features with a model's saved statistics."""
-    from sigmma_sc.pp._features import apply_feature_scaling
-
-    _check_channels(x, stats)
-    return apply_feature_scaling(x, *stats)
-
-
-def _check_channels(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> None:
-    """Refuse features from another encoder than the model's (a channel-count mismatch)."""
-    if x.shape[1] != stats[0].shape[0]:
-        raise ValueError(
-            f"image features have {x.shape[1]} channels but the model was trained on {stats[0].shape[0]}: "
-            "the encoder differs from the model's."
-        )
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, tuple):
-            v = list(v)
-        if isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
-    return out
-
-
-def _uns_safe(d: dict[str, Any]) -> dict[str, Any]:
-    """Make a dict anndata can write: ``None`` dropped, tuples as arrays, nested dicts kept."""
-    out = {}
-    for k, v in d.items():
-        if v is None:
-            continue
-        if isinstance(v, dict):
-            v = _uns_safe(v)
-        elif isinstance(v, tuple | list):
-            v = np.asarray([str(x) for x in v], dtype=object) if v and isinstance(v[0], str) else np.asarray(v)
-        out[k] = v
-    return out
-
-
-def versions() -> dict[str, str]:
-    """Versions of sigmma-sc and the libraries that shape its results."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("sigmma-sc", "torch", "lightning", "torch-geometric", "anndata", "spatialdata"):
-        try:
-            out[name.replace("-", "_")] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
 def default_context_weight(unit_level: str) -> float:
     """Weight of the coarser levels' blocks in the unit embedding.
 
@@ -122,11 +61,6 @@ def default_context_weight(unit_level: str) -> float:
     (0.0, 1.0)
     """
     return 0.0 if unit_level == Levels.MICRO else 1.0
-
-
-def has_expression_matrix(table: AnnData) -> bool:
-    """Whether a table carries any expression (H&E-only tables have no genes or no ``X``)."""
-    return table.n_vars > 0 and (table.X is not None or Keys.COUNTS_LAYER in table.layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,34 +153,54 @@ class Sigmma:
 
     # -- training -----------------------------------------------------------------------------
     @classmethod
-    def _train(
+    def train(
         cls,
         sdata: SpatialData,
         *,
-        table_key: str,
         config: TrainConfig,
-        encoder: str,
-        n_genes: int,
-        feature_method: str,
+        table_key: str = Keys.TABLE,
+        encoder: Any = Defaults.ENCODER,
+        n_genes: int = Defaults.N_GENES,
         min_detected: float = Defaults.MIN_DETECTED,
-        stain_normalize: str | None,
-        hierarchy_kwargs: dict[str, Any] | None,
+        feature_method: str = Defaults.FEATURE_METHOD,
+        stain_normalize: str | None = None,
+        hierarchy_kwargs: dict[str, Any] | None = None,
         context_weight: float | None = None,
         feature_norm: str = Defaults.FEATURE_NORM,
     ) -> tuple[Sigmma, dict[str, np.ndarray | None]]:
-        """Train on a slide; returns the model and the per-unit embeddings of its table."""
-        from sigmma_sc.io import validate
+        """Train a model on a slide; the array-level work behind :func:`sigmma_sc.tl.fit`.
 
-        from ._core import train
-        from ._data import ExpressionSource, select_genes
+        Computes what is missing of the hierarchy and the image features (cached in the table, as
+        :mod:`sigmma_sc.pp` does), selects the genes, trains, and embeds the training units. It
+        writes no embeddings: :func:`sigmma_sc.tl.fit` does, with :meth:`to_uns`.
 
-        if feature_norm not in Defaults.FEATURE_NORMS:
-            raise ValueError(f"feature_norm must be one of {Defaults.FEATURE_NORMS}, got {feature_norm!r}.")
-        slide = validate(sdata, table_key=table_key)
+        Parameters
+        ----------
+        sdata
+            SpatialData with H&E images and a table of units with counts.
+        config
+            Every training hyper-parameter (:class:`TrainConfig`).
+        table_key, encoder, n_genes, min_detected, feature_method, stain_normalize, hierarchy_kwargs, context_weight, feature_norm
+            As in :func:`sigmma_sc.tl.fit`.
+
+        Returns
+        -------
+        ``(model, embeddings)``: the trained model and the per-unit embeddings of the table (see
+        :meth:`get_embeddings`).
+
+        Examples
+        --------
+        >>> import sigmma_sc as sg
+        >>> sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)  # doctest: +SKIP
+        >>> model, emb = sg.Sigmma.train(sdata, config=sg.model.TrainConfig(max_epochs=1))  # doctest: +SKIP
+        """
+        if feature_norm not in Choices.FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {Choices.FEATURE_NORMS}, got {feature_norm!r}.")
+        slide = io.validate(sdata, table_key=table_key)
         if not has_expression_matrix(slide.table):
             raise ValueError(f"table {table_key!r} holds no expression: training needs counts for its units.")
         base = {
-            **_jsonable(asdict(config)),
+            **jsonable(asdict(config)),
             "encoder": encoder if isinstance(encoder, str) else None,
             "feature_method": feature_method,
             "stain_normalize": stain_normalize,
@@ -256,28 +210,23 @@ class Sigmma:
             "context_weight": None if context_weight is None else float(context_weight),
             "feature_norm": feature_norm,
         }
-        hier, feats, key = _prepare(sdata, table_key, base, encoder=encoder)
-        base["encoder"] = key.split("__")[0]
-        base["feature_key"] = key
+        slide, hier, feats, key = slide_features(
+            sdata,
+            table_key=table_key,
+            levels=config.levels,
+            encoder=encoder,
+            feature_method=feature_method,
+            stain_normalize=stain_normalize,
+            hierarchy_kwargs=hierarchy_kwargs,
+        )
+        base["encoder"] = key.encoder
+        base["feature_key"] = key.id
         base["unit_level"] = hier.unit_level
         base["unit_kind"] = slide.unit_kind
         base["log_normalized"] = bool(slide.log_normalized)
 
-        matrix = _expression_matrix(slide)
-        genes = select_genes(
-            matrix,
-            slide.table.var_names,
-            n_genes=n_genes,
-            log_normalized=slide.log_normalized,
-            min_detected=min_detected,
-        )
-        if len(genes) < min(n_genes, FEW_GENES):
-            logger.warning(
-                f"only {len(genes)} genes are detected in >= {min_detected:.0%} of the training units (asked for "
-                f"{n_genes}): sparse units such as 8 um bins need a lower min_detected, e.g. tl.fit(min_detected=0.01)."
-            )
-        elif len(genes) < n_genes:
-            logger.info(f"{len(genes)} genes pass the detection filter (asked for {n_genes}): using them all")
+        matrix = expression_matrix(slide)
+        genes = model_genes(slide, matrix, n_genes=n_genes, min_detected=min_detected)
         gene_idx = slide.table.var_names.get_indexer(genes)
         expression = ExpressionSource.from_counts(matrix, gene_idx, log_normalized=slide.log_normalized)
 
@@ -285,9 +234,11 @@ class Sigmma:
         if Levels.MICRO in config.levels and Levels.MICRO not in hier.levels:
             logger.warning("the hierarchy has no micro level (no nuclei / cells): training without it")
         f_stats = {lv: feature_stats(feats[lv]) for lv in use if lv in feats}
-        levels = _level_inputs(hier, feats, f_stats, feature_norm=feature_norm)
+        levels = level_inputs(hier, feats, f_stats, feature_norm=feature_norm)
         config.levels = use
         base["levels"] = list(use)
+        from ._core import train
+
         module, history, expr_stats, seconds = train(levels, expression, config)
         base["fit_seconds"] = float(seconds)
         base["img_dims"] = {lv: int(m.net[0].in_features) for lv, m in module.img.mlp.items()}
@@ -304,14 +255,26 @@ class Sigmma:
             history=history,
         )
         emb = model._embed(slide, hier, levels, expression)
-        model.reference = _reference(slide, genes, emb)
+        model.reference = build_reference(slide, genes, emb)
         return model, emb
+
+    def to_uns(self) -> dict[str, Any]:
+        """What :func:`sigmma_sc.tl.fit` stores in ``uns["sigmma"]``: parameters, genes, history, versions.
+
+        Every value is one anndata can write (``sdata.write`` / ``write_h5ad``).
+        """
+        return {
+            Keys.PARAMS: uns_safe(self.params),
+            Keys.GENES: np.asarray(self.genes, dtype=object),
+            Keys.HISTORY: {c: self.history[c].to_numpy() for c in self.history.columns},
+            Keys.VERSIONS: versions(),
+        }
 
     # -- embedding ----------------------------------------------------------------------------
     def _embed(
         self, slide: Any, hier: Any, levels: dict[str, LevelInput], expression: ExpressionSource | None
     ) -> dict[str, np.ndarray | None]:
-        from ._core import TrainConfig, embed_nodes, make_batcher, unit_embeddings
+        from ._core import embed_nodes, make_batcher, unit_embeddings
 
         cfg = TrainConfig(**{f.name: self._config[f.name] for f in fields(TrainConfig) if f.name in self._config})
         cfg.levels = tuple(lv for lv in cfg.levels if lv in levels)
@@ -354,25 +317,27 @@ class Sigmma:
         >>> emb = model.get_embeddings(sg.datasets.her2st(sections=["C2"]))  # doctest: +SKIP
         >>> emb["img"].shape  # doctest: +SKIP
         """
-        from sigmma_sc.io import validate
-
-        from ._data import ExpressionSource
-
-        slide = validate(sdata, table_key=table_key)
+        slide = io.validate(sdata, table_key=table_key)
         use_expr = self._check_genes(slide.table, table_key, expression)
-        hier, feats, key = _prepare(sdata, table_key, self._config, encoder=self.encoder)
-        if key.split("__")[1:] != self.feature_key.split("__")[1:]:
+        slide, hier, feats, key = slide_features(
+            sdata,
+            table_key=table_key,
+            levels=self.levels,
+            encoder=self.encoder,
+            feature_method=self._config.get("feature_method", Defaults.FEATURE_METHOD),
+            stain_normalize=self._config.get("stain_normalize"),
+            hierarchy_kwargs=self._config.get("hierarchy_kwargs", {}),
+        )
+        if key.views != FeatureKey.parse(self.feature_key).views:
             logger.warning(
-                f"image features {key!r} differ from the training features {self.feature_key!r} "
+                f"image features {key.id!r} differ from the training features {self.feature_key!r} "
                 "(other fields of view or stain normalisation): embeddings may shift"
             )
         # Models saved before per-section scaling existed were trained on global statistics.
-        levels = _level_inputs(
-            hier, feats, self._feature_stats, feature_norm=self._config.get("feature_norm", "global")
-        )
+        levels = level_inputs(hier, feats, self._feature_stats, feature_norm=self._config.get("feature_norm", "global"))
         source = None
         if use_expr:
-            matrix = _expression_matrix(slide)
+            matrix = expression_matrix(slide)
             idx = slide.table.var_names.get_indexer(self.genes)
             source = ExpressionSource.from_counts(matrix, idx, log_normalized=slide.log_normalized)
         return self._embed(slide, hier, levels, source)
@@ -450,9 +415,7 @@ class Sigmma:
         import anndata as ad
         import torch
 
-        from sigmma_sc.pp._encoders import available_encoders
-
-        from ._core import TrainConfig, build_module
+        from ._core import build_module
 
         path = Path(dir)
         if not (path / _CONFIG_FILE).exists():
@@ -496,100 +459,3 @@ class Sigmma:
                 raise KeyError(f"table {table_key!r} not in sdata.tables (has {sorted(sdata.tables)}).")
             model._check_genes(sdata.tables[table_key], table_key, None)
         return model
-
-
-# ---------------------------------------------------------------------------------------------
-# SpatialData plumbing
-# ---------------------------------------------------------------------------------------------
-def _prepare(
-    sdata: SpatialData, table_key: str, config: dict[str, Any], *, encoder: Any
-) -> tuple[Any, dict[str, np.ndarray], str]:
-    """Hierarchy and raw image features of a slide, computed with ``config``'s parameters when missing."""
-    from sigmma_sc import pp
-    from sigmma_sc.pp._features import get_features, image_features
-
-    wanted = tuple(config["levels"])
-    try:
-        hier = pp.get_hierarchy(sdata, table_key=table_key)
-    except KeyError:
-        hier = None
-    if hier is None:
-        hier = pp.build_hierarchy(sdata, table_key=table_key, **config.get("hierarchy_kwargs", {}))
-    use = [lv for lv in wanted if lv in hier.levels]
-    key = image_features(
-        sdata,
-        table_key=table_key,
-        encoder=encoder,
-        method=config.get("feature_method", "auto"),
-        levels=use,
-        stain_normalize=config.get("stain_normalize"),
-    )
-    feats = get_features(sdata, key=key, table_key=table_key)
-    return hier, {lv: feats[lv] for lv in use if lv in feats}, key
-
-
-def _level_inputs(
-    hier: Any,
-    feats: dict[str, np.ndarray],
-    stats: dict[str, tuple[np.ndarray, np.ndarray]],
-    *,
-    feature_norm: str = Defaults.FEATURE_NORM,
-) -> dict[str, LevelInput]:
-    """Model inputs from a :class:`~sigmma_sc.pp.Hierarchy` and raw features (standardised here).
-
-    ``feature_norm="section"`` z-scores each section's features with its own statistics (the
-    training statistics for sections under ``Defaults.FEATURE_NORM_MIN_NODES`` nodes);
-    ``"global"`` uses the training statistics everywhere.
-    """
-    from sigmma_sc.pp._features import apply_section_scaling
-
-    from ._data import LevelInput
-
-    out = {}
-    for name, lv in hier.levels.items():
-        f = None
-        if name in feats and name in stats:
-            if feature_norm == "section":
-                _check_channels(feats[name], stats[name])
-                f, small = apply_section_scaling(feats[name], lv.section, stats[name])
-                if small:
-                    names = [hier.sections[c] for c in small]
-                    logger.warning(
-                        f"sections {names} have fewer than {Defaults.FEATURE_NORM_MIN_NODES} {name} nodes: their "
-                        "image features are standardised with the training statistics, not their own"
-                    )
-            else:
-                f = apply_feature_stats(feats[name], stats[name])
-        out[name] = LevelInput(
-            name=name,
-            n=lv.n_nodes,
-            edges=lv.edges,
-            parent=lv.parent,
-            features=f,
-            members=lv.members,
-        )
-    return out
-
-
-def _expression_matrix(slide: Any) -> sp.csr_matrix:
-    """Raw counts, or the log1p-normalised ``X`` of tables flagged ``log_normalized``."""
-    if slide.log_normalized:
-        return sp.csr_matrix(slide.table.X, dtype=np.float32)
-    return slide.counts()
-
-
-def _reference(slide: Any, genes: list[str], emb: dict[str, np.ndarray | None]) -> AnnData:
-    import anndata as ad
-
-    obs = pd.DataFrame(index=pd.Index(slide.table.obs_names.astype(str)))
-    obs[Keys.SECTION] = pd.Categorical(np.asarray(slide.sections, dtype=object)[slide.unit_section])
-    ref = ad.AnnData(
-        X=slide.expression(genes).astype(np.float32),
-        obs=obs,
-        var=pd.DataFrame(index=pd.Index(genes)),
-    )
-    ref.obsm[Keys.SPATIAL] = np.asarray(slide.xy_um, dtype=np.float64)
-    ref.obsm[Keys.X_SIGMMA_IMG] = emb["img"]
-    ref.obsm[Keys.X_SIGMMA_EXPR] = emb["expr"]
-    ref.obsm[Keys.X_SIGMMA] = emb["joint"]
-    return ref

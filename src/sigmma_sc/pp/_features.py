@@ -9,30 +9,31 @@ nodes x levels. Crop path: one encoder call per node view (fixed-size crops, for
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import sparse
 
-from sigmma_sc._constants import Defaults, Keys
+from sigmma_sc._constants import Choices, Defaults, Keys
 from sigmma_sc._logging import logger
 from sigmma_sc._settings import settings
+from sigmma_sc.io import get_table
 
 from ._encoders import DENSE_STRIDE, Encoder, get_encoder
+from ._hierarchy import ensure_hierarchy
 from ._patches import as_section_image, iter_crops
+from ._pooling import map_grid_shape, needed_cells, pool_windows, tile_rects, window_cells
+from ._stain import StainNormalizer, fit_stain_normalizer, stain_target_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from ._stain import StainNormalizer
-
-_METHODS = ("dense", "crop", "auto")
 # A tile whose core has less than this fraction of coloured or dark pixels is glass.
 _MIN_TISSUE_FRACTION = 0.002
-# Channel block of the summed-area table (float64): bounds its memory on large sections.
-_SAT_CHANNELS = 256
 
 
 def _progress(iterable: Any, **kwargs: Any) -> Any:
@@ -70,44 +71,6 @@ def _is_tissue(rgb: np.ndarray) -> bool:
     coloured = (x.max(axis=-1) - x.min(axis=-1)) > 20
     dark = x.mean(axis=-1) < 180
     return bool(np.mean(coloured | dark) >= _MIN_TISSUE_FRACTION)
-
-
-def map_grid_shape(shape: tuple[int, int], scale: int) -> tuple[int, int]:
-    """Cells of the stride-32 map of an image of full-resolution ``shape`` downsampled ``scale`` times.
-
-    Examples
-    --------
-    >>> map_grid_shape((1000, 640), 2)
-    (8, 10)
-    """
-    h, w = -(-shape[0] // scale), -(-shape[1] // scale)
-    return -(-h // DENSE_STRIDE), -(-w // DENSE_STRIDE)
-
-
-def tile_rects(needed: np.ndarray, tile_px: int = Defaults.DENSE_TILE_PX) -> list[tuple[int, int, int, int]]:
-    """Tiles of the dense path: ``(row0, row1, col0, col1)`` in map cells, one per ``tile_px`` block with needed cells.
-
-    Each tile is trimmed to the bounding box of the cells it must fill, so tiles at the tissue edge
-    and at the image border do not pay for glass or padding.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> need = np.zeros((40, 40), bool)
-    >>> need[3:5, 30:38] = True
-    >>> tile_rects(need, 1024)
-    [(3, 5, 30, 32), (3, 5, 32, 38)]
-    """
-    cells = tile_px // DENSE_STRIDE
-    gh, gw = needed.shape
-    rects = []
-    for ti in range(0, gh, cells):
-        for tj in range(0, gw, cells):
-            block = needed[ti : ti + cells, tj : tj + cells]
-            if block.any():
-                rows, cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
-                rects.append((ti + int(rows[0]), ti + int(rows[-1]) + 1, tj + int(cols[0]), tj + int(cols[-1]) + 1))
-    return rects
 
 
 def dense_feature_map(
@@ -203,142 +166,6 @@ def dense_feature_map(
     for shape in list(groups):
         flush(shape)
     return fmap
-
-
-def window_cells(
-    image: Any, centers_um: np.ndarray, fov_um: float, scale: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Node windows in map-cell coordinates: ``(row0, row1, col0, col1)`` floats, centred on each node."""
-    colrow = image.um_to_px(np.asarray(centers_um, dtype=np.float64).reshape(-1, 2))
-    cell = DENSE_STRIDE * scale
-    half = fov_um / image.um_per_px / (2.0 * cell)
-    v, u = colrow[:, 1] / cell, colrow[:, 0] / cell
-    return v - half, v + half, u - half, u + half
-
-
-def needed_cells(
-    windows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], grid: tuple[int, int]
-) -> np.ndarray:
-    """Bool mask of map cells touched by any window (2-D difference array, O(nodes + cells))."""
-    gh, gw = grid
-    diff = np.zeros((gh + 1, gw + 1), dtype=np.int64)
-    for v0, v1, u0, u1 in windows:
-        # Windows outside the map still read their nearest cell (as pool_windows does).
-        r0 = np.clip(np.floor(v0).astype(np.int64), 0, gh - 1)
-        c0 = np.clip(np.floor(u0).astype(np.int64), 0, gw - 1)
-        r1 = np.clip(np.ceil(v1).astype(np.int64), r0 + 1, gh)
-        c1 = np.clip(np.ceil(u1).astype(np.int64), c0 + 1, gw)
-        np.add.at(diff, (r0, c0), 1)
-        np.add.at(diff, (r1, c0), -1)
-        np.add.at(diff, (r0, c1), -1)
-        np.add.at(diff, (r1, c1), 1)
-    return diff.cumsum(0).cumsum(1)[:gh, :gw] > 0
-
-
-def _clip_windows(
-    v0: np.ndarray, v1: np.ndarray, u0: np.ndarray, u1: np.ndarray, grid: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    gh, gw = grid
-    v0, v1 = np.clip(v0, 0, gh), np.clip(v1, 0, gh)
-    u0, u1 = np.clip(u0, 0, gw), np.clip(u1, 0, gw)
-    # A window clipped to nothing (node off the image) falls back to its nearest cell.
-    empty_v, empty_u = (v1 - v0) < 1e-6, (u1 - u0) < 1e-6
-    rv = np.clip(np.floor(v0), 0, gh - 1)
-    ru = np.clip(np.floor(u0), 0, gw - 1)
-    v0, v1 = np.where(empty_v, rv, v0), np.where(empty_v, rv + 1, v1)
-    u0, u1 = np.where(empty_u, ru, u0), np.where(empty_u, ru + 1, u1)
-    return v0, v1, u0, u1
-
-
-def _overlap_operator(
-    v0: np.ndarray, v1: np.ndarray, u0: np.ndarray, u1: np.ndarray, grid: tuple[int, int], span: int
-) -> sparse.csr_matrix:
-    """Sparse ``(n, gh gw)`` operator: map -> area-weighted mean over each window, for windows of at most ``span`` cells.
-
-    Small windows (the micro level's cells and bins) touch 1-4 cells: weighting them directly is
-    cheaper than the 16 reads of the summed-area table.
-    """
-    gh, gw = grid
-    v0, v1, u0, u1 = _clip_windows(v0, v1, u0, u1, grid)
-    n = len(v0)
-    k = np.arange(span)
-
-    def axis_weights(a0: np.ndarray, a1: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.minimum(np.floor(a0), size - 1).astype(np.int64)[:, None] + k
-        w = np.clip(np.minimum(a1[:, None], idx + 1) - np.maximum(a0[:, None], idx), 0, None)
-        w[idx >= size] = 0
-        return np.minimum(idx, size - 1), w / (a1 - a0)[:, None]
-
-    ry, wy = axis_weights(v0, v1, gh)
-    cx, wx = axis_weights(u0, u1, gw)
-    cols = (ry[:, :, None] * gw + cx[:, None, :]).reshape(n, -1)
-    vals = (wy[:, :, None] * wx[:, None, :]).reshape(n, -1).astype(np.float32)
-    rows = np.repeat(np.arange(n), span * span)
-    return sparse.csr_matrix((vals.ravel(), (rows, cols.ravel())), shape=(n, gh * gw))
-
-
-def _box_operator(
-    v0: np.ndarray, v1: np.ndarray, u0: np.ndarray, u1: np.ndarray, grid: tuple[int, int]
-) -> sparse.csr_matrix:
-    """Sparse ``(n, (gh + 1) (gw + 1))`` operator: summed-area table -> mean of the map over each window.
-
-    The summed-area table of a piecewise-constant map is bilinear inside each cell, so bilinear
-    interpolation of it at the four (fractional) window corners gives the exact area-weighted sum.
-    """
-    gh, gw = grid
-    v0, v1, u0, u1 = _clip_windows(v0, v1, u0, u1, grid)
-    area = (v1 - v0) * (u1 - u0)
-    n = len(v0)
-    rows, cols, vals = [], [], []
-    for y, x, sign in ((v1, u1, 1.0), (v0, u1, -1.0), (v1, u0, -1.0), (v0, u0, 1.0)):
-        y0 = np.minimum(np.floor(y), gh - 1).astype(np.int64)
-        x0 = np.minimum(np.floor(x), gw - 1).astype(np.int64)
-        fy, fx = y - y0, x - x0
-        for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (1, 0, fy * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 1, fy * fx)):
-            rows.append(np.arange(n))
-            cols.append((y0 + dy) * (gw + 1) + (x0 + dx))
-            vals.append(sign * w / area)
-    return sparse.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, (gh + 1) * (gw + 1))
-    )
-
-
-def pool_windows(fmap: np.ndarray, windows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """Mean of a feature map over each window: direct overlap weights for small windows, else a summed-area table (O(1) per window).
-
-    Parameters
-    ----------
-    fmap
-        ``(gh, gw, dim)`` map.
-    windows
-        ``(row0, row1, col0, col1)`` arrays in cell units (fractions allowed), from :func:`window_cells`.
-
-    Returns
-    -------
-    ``(n, dim)`` float32.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> fmap = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
-    >>> pool_windows(fmap, (np.array([0.0]), np.array([2.0]), np.array([0.0]), np.array([2.0])))
-    array([[2.5]], dtype=float32)
-    """
-    gh, gw, dim = fmap.shape
-    v0, v1, u0, u1 = windows
-    span = int(np.ceil(np.max(np.maximum(v1 - v0, u1 - u0), initial=0.0))) + 1
-    if span <= 4:
-        return np.asarray(_overlap_operator(v0, v1, u0, u1, (gh, gw), span) @ fmap.reshape(-1, dim), dtype=np.float32)
-    op = _box_operator(*windows, grid=(gh, gw))
-    out = np.empty((op.shape[0], dim), dtype=np.float32)
-    sat = np.zeros((gh + 1, gw + 1, min(dim, _SAT_CHANNELS)), dtype=np.float64)
-    for c in range(0, dim, _SAT_CHANNELS):
-        k = min(_SAT_CHANNELS, dim - c)
-        s = sat[..., :k]
-        np.cumsum(fmap[..., c : c + k], axis=0, dtype=np.float64, out=s[1:, 1:])
-        np.cumsum(s[1:, 1:], axis=1, out=s[1:, 1:])
-        out[:, c : c + k] = op @ s.reshape(-1, k)
-    return out
 
 
 def _dense_scale(fov_um: float, coarse_fov_um: float, downsample: int = 1) -> int:
@@ -452,8 +279,8 @@ def section_features(
 
 
 def _resolve_method(method: str, enc: Encoder) -> str:
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    if method not in Choices.FEATURE_METHODS:
+        raise ValueError(f"method must be one of {Choices.FEATURE_METHODS}, got {method!r}.")
     if method == "auto":
         return "dense" if enc.dense else "crop"
     if method == "dense" and not enc.dense:
@@ -467,44 +294,52 @@ def _resolve_method(method: str, enc: Encoder) -> str:
 # ---------------------------------------------------------------------------------------------
 # SpatialData entry points
 # ---------------------------------------------------------------------------------------------
-def _slide_and_hierarchy(
-    sdata: SpatialData, *, table_key: str = Keys.TABLE, build: bool = True, require_image: bool = True
-) -> tuple[Any, Any]:
-    from sigmma_sc.io import validate
+@dataclass(frozen=True)
+class FeatureKey:
+    """Address of one cached feature set: encoder, method, every level's view and the stain normalisation.
 
-    from ._hierarchy import build_hierarchy, get_hierarchy
-
-    slide = validate(sdata, table_key=table_key, require_image=require_image)
-    try:
-        hier = get_hierarchy(sdata, table_key=table_key)
-    except (KeyError, ValueError):
-        hier = None
-    if hier is None:
-        if not build:
-            raise ValueError(f"table {table_key!r} has no hierarchy; run sigmma_sc.pp.build_hierarchy(sdata) first.")
-        logger.info("no hierarchy in the table: building it with pp.build_hierarchy")
-        hier = build_hierarchy(sdata, table_key=table_key)
-    return slide, hier
-
-
-def _table(sdata_or_table: Any, table_key: str) -> AnnData:
-    if hasattr(sdata_or_table, "tables"):
-        if table_key not in sdata_or_table.tables:
-            raise KeyError(f"no table {table_key!r} in sdata; tables: {list(sdata_or_table.tables)}.")
-        return sdata_or_table.tables[table_key]
-    return sdata_or_table
-
-
-def feature_cache_key(encoder_id: str, method: str, fov_um: dict[str, float], stain_id: str | None = None) -> str:
-    """Cache key of a feature set: encoder, method, every level's view and the stain normalisation.
+    Two feature sets with the same :attr:`views` describe the same image windows (only the encoder
+    may differ); :attr:`id` is the string under which the table stores the set.
 
     Examples
     --------
-    >>> feature_cache_key("efficientnet_lite0", "dense", {"meso": 150.0, "macro": 500.0})
+    >>> key = FeatureKey("efficientnet_lite0", "dense", (("meso", 150.0), ("macro", 500.0)))
+    >>> key.id
     'efficientnet_lite0__dense__meso150_macro500__raw'
+    >>> FeatureKey.parse(key.id) == key
+    True
     """
-    fovs = "_".join(f"{lv}{float(f):g}" for lv, f in fov_um.items())
-    return f"{encoder_id}__{method}__{fovs}__{stain_id or 'raw'}".replace("/", "_")
+
+    encoder: str
+    method: str
+    fov_um: tuple[tuple[str, float], ...]
+    stain: str | None = None
+
+    @property
+    def id(self) -> str:
+        """The cache id, ``"{encoder}__{method}__{level}{fov}_..__{stain or 'raw'}"``."""
+        fovs = "_".join(f"{lv}{float(f):g}" for lv, f in self.fov_um)
+        return f"{self.encoder}__{self.method}__{fovs}__{self.stain or 'raw'}".replace("/", "_")
+
+    @property
+    def views(self) -> tuple[str, tuple[tuple[str, float], ...], str | None]:
+        """What the features look at, without the encoder: method, fields of view, stain."""
+        return self.method, self.fov_um, self.stain
+
+    def __str__(self) -> str:
+        return self.id
+
+    @classmethod
+    def parse(cls, key: str | FeatureKey) -> FeatureKey:
+        """Read a cache id back (ids stored by models and tables before keys were typed)."""
+        if isinstance(key, FeatureKey):
+            return key
+        parts = str(key).split("__")
+        if len(parts) != 4:
+            raise ValueError(f"{key!r} is not a feature cache id ('encoder__method__views__stain').")
+        encoder, method, views, stain = parts
+        fovs = tuple((m[1], float(m[2])) for m in re.finditer(r"([a-z]+)([0-9.]+(?:e[+-]?[0-9]+)?)", views))
+        return cls(encoder, method, fovs, None if stain == "raw" else stain)
 
 
 def _precomputed_levels(table: AnnData, hier: Any, obsm_key: str, levels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -544,7 +379,7 @@ def image_features(
     device: str = "auto",
     downsample: int = 1,
     overwrite: bool = False,
-) -> str:
+) -> FeatureKey:
     """Image features for every node of every hierarchy level, cached in the table.
 
     Parameters
@@ -582,7 +417,7 @@ def image_features(
 
     Returns
     -------
-    The cache key: features are in ``table.uns["sigmma"]["features"][key][level]``, ``(n_nodes,
+    The :class:`FeatureKey`: features are in ``table.uns["sigmma"]["features"][key.id][level]``, ``(n_nodes,
     dim)`` float32 aligned with the hierarchy's nodes. The hierarchy is built when missing.
 
     Examples
@@ -595,7 +430,7 @@ def image_features(
     (n_spots, 1280)
     """
     enc = get_encoder(encoder, obsm_key=obsm_key)
-    slide, hier = _slide_and_hierarchy(sdata, table_key=table_key, require_image=not enc.precomputed)
+    slide, hier = ensure_hierarchy(sdata, table_key=table_key, require_image=not enc.precomputed)
     table = slide.table
     names = list(hier.levels)
     levels = names if levels is None else list(levels)
@@ -609,21 +444,19 @@ def image_features(
         method_used = _resolve_method(method, enc)
         stain_id = None
         if stain_normalize is not None:
-            from ._stain import _target
-
-            if stain_normalize not in ("macenko", "reinhard"):
-                raise ValueError(f"stain_normalize must be None, 'macenko' or 'reinhard', got {stain_normalize!r}.")
-            stain_id = f"{stain_normalize}-{_target(stain_normalize, stain_reference)[1]}"
+            if stain_normalize not in Choices.STAIN_METHODS:
+                raise ValueError(f"stain_normalize must be None or one of {Choices.STAIN_METHODS}, got {stain_normalize!r}.")
+            stain_id = f"{stain_normalize}-{stain_target_id(stain_normalize, stain_reference)}"
     if method_used == "dense" and downsample != 1:
         method_used = f"dense{int(downsample)}x"
-    key = feature_cache_key(enc.id, method_used, fovs, stain_id)
+    key = FeatureKey(enc.id, method_used, tuple(fovs.items()), stain_id)
 
-    cache = table.uns.get(Keys.UNS, {}).get(Keys.FEATURES, {}).get(key, {})
+    cache = table.uns.get(Keys.UNS, {}).get(Keys.FEATURES, {}).get(key.id, {})
     todo = [
         lv for lv in levels if overwrite or lv not in cache or np.shape(cache[lv])[0] != len(hier.levels[lv].centers_um)
     ]
     if not todo:
-        logger.info(f"image features {key!r} found in the table cache")
+        logger.info(f"image features {key.id!r} found in the table cache")
         _write_features(table, key, {})
         return key
 
@@ -636,8 +469,6 @@ def image_features(
             image = slide.images[section]
             stain = None
             if stain_normalize is not None:
-                from ._stain import fit_stain_normalizer
-
                 thumb = image.level_array(image.best_level(image.um_per_px * 4))
                 stain = fit_stain_normalizer(thumb, method=stain_normalize, reference=stain_reference)
             rows = {lv: np.flatnonzero(np.asarray(hier.levels[lv].section) == code) for lv in todo}
@@ -660,17 +491,18 @@ def image_features(
     return key
 
 
-def _write_features(table: AnnData, key: str, new: dict[str, np.ndarray]) -> None:
+def _write_features(table: AnnData, key: FeatureKey | str, new: dict[str, np.ndarray]) -> None:
+    key = FeatureKey.parse(key)
     root = table.uns.setdefault(Keys.UNS, {})
     store = root.setdefault(Keys.FEATURES, {})
-    entry = dict(store.get(key, {}))
+    entry = dict(store.get(key.id, {}))
     entry.update({lv: np.ascontiguousarray(f, dtype=np.float32) for lv, f in new.items()})
-    store[key] = entry
-    root[Keys.FEATURES_LATEST] = key
+    store[key.id] = entry
+    root[Keys.FEATURES_LATEST] = key.id
 
 
 def get_features(
-    sdata: SpatialData | AnnData, *, key: str | None = None, table_key: str = Keys.TABLE
+    sdata: SpatialData | AnnData, *, key: FeatureKey | str | None = None, table_key: str = Keys.TABLE
 ) -> dict[str, np.ndarray]:
     """Return the cached image features per level.
 
@@ -679,7 +511,7 @@ def get_features(
     sdata
         SpatialData (or the table itself).
     key
-        Cache key returned by :func:`image_features`; default: the newest.
+        :class:`FeatureKey` returned by :func:`image_features` (or its ``id``); default: the newest.
     table_key
         Table holding the cache.
 
@@ -694,171 +526,17 @@ def get_features(
     >>> sg.pp.image_features(sdata)
     >>> feats = sg.pp.get_features(sdata)
     """
-    table = _table(sdata, table_key)
+    table = get_table(sdata, table_key)
     root = table.uns.get(Keys.UNS, {})
     store = root.get(Keys.FEATURES, {})
     if not store:
         raise KeyError(f"table {table_key!r} has no image features; run sigmma_sc.pp.image_features(sdata) first.")
-    if key is None:
+    if key is not None:
+        key = key.id if isinstance(key, FeatureKey) else str(key)
+    else:
         key = root.get(Keys.FEATURES_LATEST)
         if key not in store:
             key = list(store)[-1]
     if key not in store:
         raise KeyError(f"no image features under key {key!r}; cached keys: {list(store)}.")
     return {lv: np.asarray(f, dtype=np.float32) for lv, f in store[key].items()}
-
-
-def feature_scaling(train: np.ndarray, *, std_floor: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and floored standard deviation of training features.
-
-    A channel that barely varies in the training units gets a tiny standard deviation, and new
-    units then have z-scores of 10^4 that swamp any distance or linear model; the standard
-    deviation is therefore floored at ``std_floor`` times its median over channels.
-
-    Parameters
-    ----------
-    train
-        ``(n, d)`` training features.
-    std_floor
-        Floor of the per-channel standard deviation, relative to its median over channels.
-
-    Returns
-    -------
-    ``(mean, std)``, each ``(d,)`` float64.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> mu, sd = feature_scaling(np.array([[0.0, 1.0], [2.0, 1.0]]))
-    >>> mu.tolist(), sd.tolist()
-    ([1.0, 1.0], [1.0, 0.1])
-    """
-    train = np.asarray(train, dtype=np.float64)
-    mu = train.mean(axis=0)
-    sd = train.std(axis=0)
-    positive = sd[sd > 0]
-    floor = std_floor * float(np.median(positive)) if positive.size else 1.0
-    return mu, np.maximum(sd, max(floor, 1e-12))
-
-
-def apply_feature_scaling(
-    x: np.ndarray, mean: np.ndarray, std: np.ndarray, *, clip: float | None = Defaults.FEATURE_Z_CLIP
-) -> np.ndarray:
-    """Z-scores of features under saved statistics, clipped to ``[-clip, clip]``.
-
-    Parameters
-    ----------
-    x
-        ``(m, d)`` features.
-    mean, std
-        ``(d,)`` statistics from :func:`feature_scaling`.
-    clip
-        Absolute clip of the z-scores (``None``: no clip).
-
-    Returns
-    -------
-    ``(m, d)`` float32.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> apply_feature_scaling(np.array([[3.0, 100.0]]), np.zeros(2), np.ones(2)).tolist()
-    [[3.0, 5.0]]
-    """
-    z = (np.asarray(x, dtype=np.float64) - mean) / std
-    if clip is not None:
-        z = np.clip(z, -clip, clip)
-    return z.astype(np.float32)
-
-
-def apply_section_scaling(
-    x: np.ndarray,
-    section: np.ndarray,
-    fallback: tuple[np.ndarray, np.ndarray],
-    *,
-    min_nodes: int = Defaults.FEATURE_NORM_MIN_NODES,
-    clip: float | None = Defaults.FEATURE_Z_CLIP,
-) -> tuple[np.ndarray, list[int]]:
-    """Z-score features within each section, removing a slide's stain and scanner shift.
-
-    Every section is standardised with its own :func:`feature_scaling`; a section with fewer than
-    ``min_nodes`` rows has no reliable statistics and uses ``fallback`` (the training statistics).
-
-    Parameters
-    ----------
-    x
-        ``(n, d)`` features.
-    section
-        ``(n,)`` section code of each row.
-    fallback
-        ``(mean, std)`` for small sections.
-    min_nodes
-        Smallest section standardised on its own.
-    clip
-        Absolute clip of the z-scores (``None``: no clip).
-
-    Returns
-    -------
-    ``((n, d) float32 z-scores, codes of the sections that used the fallback)``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> x = np.array([[0.0], [2.0], [10.0], [12.0]])
-    >>> z, small = apply_section_scaling(x, np.array([0, 0, 1, 1]), (np.zeros(1), np.ones(1)), min_nodes=2)
-    >>> z.ravel().tolist(), small
-    ([-1.0, 1.0, -1.0, 1.0], [])
-    """
-    section = np.asarray(section).reshape(-1)
-    if len(section) != len(x):
-        raise ValueError(f"section has {len(section)} codes for {len(x)} feature rows.")
-    out = np.empty(np.shape(x), dtype=np.float32)
-    small = []
-    for code in np.unique(section):
-        rows = section == code
-        if rows.sum() >= min_nodes:
-            mu, sd = feature_scaling(x[rows])
-        else:
-            mu, sd = fallback
-            small.append(int(code))
-        out[rows] = apply_feature_scaling(x[rows], mu, sd, clip=clip)
-    return out, small
-
-
-def standardize_features(
-    train: np.ndarray, *others: np.ndarray, clip: float | None = Defaults.FEATURE_Z_CLIP, std_floor: float = 0.1
-) -> tuple[np.ndarray, ...]:
-    """Z-score features with the training set's statistics, robust to near-constant channels.
-
-    The standard deviation is floored (:func:`feature_scaling`) and the z-scores are clipped to
-    ``[-clip, clip]`` (:func:`apply_feature_scaling`), so a channel nearly constant in training
-    cannot dominate new units.
-
-    Parameters
-    ----------
-    train
-        ``(n, d)`` training features (statistics come from here).
-    *others
-        Further ``(m, d)`` arrays standardised with the training statistics.
-    clip
-        Absolute clip of the z-scores (``None``: no clip).
-    std_floor
-        Floor of the per-channel standard deviation, relative to its median over channels.
-
-    Returns
-    -------
-    ``(train_z, *others_z)`` float32.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> tr, te = rng.normal(size=(100, 4)), rng.normal(size=(10, 4))
-    >>> tr[:, 3] = 1.0
-    >>> te[:, 3] = 2.0
-    >>> ztr, zte = standardize_features(tr, te)
-    >>> float(np.abs(zte).max()) <= 5.0
-    True
-    """
-    mu, sd = feature_scaling(train, std_floor=std_floor)
-    return tuple(apply_feature_scaling(x, mu, sd, clip=clip) for x in (train, *others))

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from sigmma_sc._constants import Defaults, Keys
 from sigmma_sc._logging import logger
+from sigmma_sc.io import validate
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -358,8 +359,6 @@ def spatial_graphs(
     >>> sg.pp.spatial_graphs(sdata)
     >>> sdata["table"].obsp["spatial_connectivities"].sum(1).mean()  # about 4 on the ST lattice
     """
-    from sigmma_sc.io import validate
-
     slide = validate(sdata, table_key=table_key, require_image=False)
     adj, dst, uns = compute_unit_graph(slide, method=method, n_neighs=n_neighs, radius_um=radius_um, n_rings=n_rings)
     logger.info(

@@ -17,8 +17,10 @@ import scipy.sparse as sp
 
 from sigmma_sc._constants import Defaults, Keys, Levels
 from sigmma_sc._logging import logger
+from sigmma_sc.io import SlideData, get_table, validate
 
 from ._graphs import compute_unit_graph, graph_edges, grouped_delaunay_edges, write_unit_graph
+from ._nuclei import load_nuclei, nuclei_key, segment_nuclei
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -688,10 +690,6 @@ def build_hierarchy(
     >>> {k: v.n_nodes for k, v in h.levels.items()}
     >>> h = sg.pp.get_hierarchy(sdata)  # later, also after sdata.write / read_zarr
     """
-    from sigmma_sc.io import validate
-
-    from ._nuclei import load_nuclei, nuclei_key, segment_nuclei
-
     for name, val in (("niche_size_um", niche_size_um), ("region_radius_um", region_radius_um)):
         if not np.isfinite(val) or val <= 0:
             raise ValueError(f"{name} must be a positive number of microns, got {val!r}.")
@@ -775,9 +773,7 @@ def get_hierarchy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> Hierarc
     >>> import sigmma_sc as sg
     >>> h = sg.pp.get_hierarchy(sdata)  # doctest: +SKIP
     """
-    if table_key not in sdata.tables:
-        raise KeyError(f"table {table_key!r} not found in sdata.tables (has {sorted(sdata.tables)}).")
-    table = sdata.tables[table_key]
+    table = get_table(sdata, table_key)
     stored = table.uns.get(Keys.UNS, {}).get(Keys.HIERARCHY)
     if stored is None:
         raise KeyError(
@@ -791,3 +787,53 @@ def get_hierarchy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> Hierarc
             "subset?). Rebuild it with sigmma_sc.pp.build_hierarchy(sdata)."
         )
     return h
+
+
+def ensure_hierarchy(
+    sdata: SpatialData,
+    *,
+    table_key: str = Keys.TABLE,
+    require_image: bool = True,
+    build: bool = True,
+    **build_kwargs: Any,
+) -> tuple[SlideData, Hierarchy]:
+    """The validated slide and its hierarchy: the stored one, else built by :func:`build_hierarchy`.
+
+    The one "get or build" rule of the package: image features, patches and the model all call it.
+    A missing hierarchy, or one stored for another version of the table (other units), is rebuilt.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with a table of units.
+    table_key
+        Table of the units.
+    require_image
+        Every section needs an image (see :func:`sigmma_sc.io.validate`).
+    build
+        Build a missing hierarchy (``False``: raise instead).
+    **build_kwargs
+        Passed to :func:`build_hierarchy` when it runs.
+
+    Returns
+    -------
+    ``(slide, hierarchy)``.
+
+    Examples
+    --------
+    >>> import sigmma_sc as sg
+    >>> sdata = sg.datasets.synthetic(300, n_genes=20, seed=0)
+    >>> slide, h = sg.pp.ensure_hierarchy(sdata)
+    >>> sorted(h.levels) == sorted(sg.pp.get_hierarchy(sdata).levels)
+    True
+    """
+    slide = validate(sdata, table_key=table_key, require_image=require_image)
+    try:
+        return slide, get_hierarchy(sdata, table_key=table_key)
+    except (KeyError, ValueError) as err:
+        if not build:
+            raise ValueError(
+                f"table {table_key!r} has no usable hierarchy ({err}); run sigmma_sc.pp.build_hierarchy(sdata) first."
+            ) from err
+        logger.info("no hierarchy in the table: building it with pp.build_hierarchy")
+    return slide, build_hierarchy(sdata, table_key=table_key, **build_kwargs)

@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 from sigmma_sc._constants import Defaults, Keys
 from sigmma_sc._logging import logger
 from sigmma_sc._settings import settings
+from sigmma_sc.io import validate
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -387,8 +388,6 @@ def segment_nuclei(
     >>> nuc = sdata.shapes["C2_nuclei"]
     >>> nuc.groupby("spot").size().median()  # tens of nuclei per 100 µm spot
     """
-    from sigmma_sc.io import validate
-
     slide = validate(sdata, table_key=table_key, require_image=False)
     if slide.unit_kind != "spot":
         raise ValueError(

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sigmma_sc._constants import Defaults, Keys, Levels
+from sigmma_sc.io import SectionImage
+
+from ._hierarchy import ensure_hierarchy
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
-
-    from sigmma_sc.io import SectionImage
 
 
 def as_section_image(image: Any, px_from_um: np.ndarray | None = None) -> SectionImage:
@@ -48,8 +49,6 @@ def as_section_image(image: Any, px_from_um: np.ndarray | None = None) -> Sectio
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image array must be (height, width, 3) RGB, got shape {tuple(image.shape)}.")
     import xarray as xr
-
-    from sigmma_sc.io import SectionImage
 
     element = xr.DataArray(image, dims=("y", "x", "c"))
     return SectionImage.from_element(
@@ -202,9 +201,7 @@ def extract_patches(
     >>> crops.shape
     (3, 224, 224, 3)
     """
-    from ._features import _slide_and_hierarchy
-
-    slide, hier = _slide_and_hierarchy(sdata, table_key=table_key)
+    slide, hier = ensure_hierarchy(sdata, table_key=table_key)
     if level not in hier.levels:
         raise ValueError(f"level {level!r} is not in the hierarchy; it has {list(hier.levels)}.")
     lvl = hier.levels[level]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sigmma_sc._constants import Keys
+from sigmma_sc.io import validate
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -119,6 +120,11 @@ class StainNormalizer:
         return np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(shape)
 
 
+def stain_target_id(method: str, reference: np.ndarray | None) -> str:
+    """Short id of a stain normalisation target (part of the feature cache key)."""
+    return _target(method, reference)[1]
+
+
 def _target(method: str, reference: np.ndarray | None) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     if reference is None:
         return ((_MACENKO_REF_STAINS, _MACENKO_REF_MAXC) if method == "macenko" else _REINHARD_REF), "default"
@@ -209,8 +215,6 @@ def normalize_stain(
     """
     if isinstance(image_or_sdata, np.ndarray):
         return fit_stain_normalizer(image_or_sdata, method=method, reference=reference).transform(image_or_sdata)
-    from sigmma_sc.io import validate
-
     slide = validate(image_or_sdata, table_key=table_key)
     out = {}
     for name, img in slide.images.items():

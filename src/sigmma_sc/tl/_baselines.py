@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from .. import pp
 from .._constants import Defaults, Keys, Levels
 from .._logging import logger
+from ..io import get_table
+from ..model import Sigmma, standardize_features
+from ._fit import fit
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
-
-    from ..model import Sigmma
 
 #: Alphas searched by ``ridge_cv`` (log-spaced, two per decade).
 RIDGE_CV_ALPHAS: np.ndarray = np.logspace(0, 6, 13)
@@ -318,15 +320,13 @@ def baseline_features(
     --------
     >>> x = baseline_features(sdata, kind="multiscale", feature_key=model.feature_key)  # doctest: +SKIP
     """
-    from .. import pp
-
     hierarchy = pp.get_hierarchy(sdata, table_key=table_key)
     features = pp.get_features(sdata, key=feature_key, table_key=table_key)
     if kind == "meso":
         x = unit_level_features(hierarchy, features, Levels.MESO)
         return x if rows is None else x[np.asarray(rows, dtype=np.int64)]
     if kind == "multiscale":
-        table = sdata.tables[table_key]
+        table = get_table(sdata, table_key)
         conn = table.obsp.get(Keys.CONNECTIVITIES)
         if conn is None:
             logger.warning(
@@ -343,8 +343,6 @@ def standardized_pair(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarr
     --------
     >>> a, b = standardized_pair(x_train, x_test)  # doctest: +SKIP
     """
-    from ..pp import standardize_features
-
     return standardize_features(x_train, x_test)
 
 
@@ -374,14 +372,12 @@ def fit_single_scale(model: Sigmma, train_sdata: SpatialData, *, seed: int, **fi
     --------
     >>> base = fit_single_scale(model, train_sdata, seed=0, max_epochs=10)  # doctest: +SKIP
     """
-    from .. import tl
-
     kwargs = dict(fit_kwargs)
     # tl.fit picks its genes from the training units with the model's rule: same data, same genes.
     kwargs.update(levels=(Levels.MESO,), graph=False, encoder=model.encoder, n_genes=len(model.genes), seed=seed)
     kwargs.setdefault("feature_norm", model.params.get("feature_norm", "global"))
     kwargs.setdefault("min_detected", model.params.get("min_detected", Defaults.MIN_DETECTED))
-    base = tl.fit(light_copy(train_sdata, table_key=kwargs.get("table_key", Keys.TABLE)), **kwargs)
+    base = fit(light_copy(train_sdata, table_key=kwargs.get("table_key", Keys.TABLE)), **kwargs)
     if list(base.genes) != list(model.genes):
         logger.warning(
             f"single_scale selected {len(set(base.genes) ^ set(model.genes))} genes different from the model's: "

@@ -11,6 +11,9 @@ import pandas as pd
 
 from .._constants import Keys
 from .._logging import logger
+from .._utils import versions
+from ..io import validate
+from ..model import Sigmma, select_genes
 from ._baselines import (
     BASELINES,
     baseline_features,
@@ -32,8 +35,6 @@ from ._predict import DEFAULT_TEMPERATURE, reference_expression, weighted_averag
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
-    from ..model import Sigmma
-
 #: Columns of the evaluation table, in order (``n_genes=50`` and ``ks=(1, 5, 10)``).
 METRICS: tuple[str, ...] = (
     "pcc_hvg50",
@@ -52,18 +53,6 @@ METRICS: tuple[str, ...] = (
     "median_rank_img2expr",
     "median_rank_expr2img",
 )
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("sigmma-sc", "numpy", "scikit-learn", "torch", "anndata", "spatialdata"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def gene_sets(model: Sigmma, train_expression: Any, *, n_genes: int = 50) -> dict[str, list[str]]:
@@ -90,8 +79,6 @@ def gene_sets(model: Sigmma, train_expression: Any, *, n_genes: int = 50) -> dic
     --------
     >>> sets = gene_sets(model, model.reference.X)  # doctest: +SKIP
     """
-    from ..model._data import select_genes
-
     genes = list(model.genes)
     hvg = select_genes(train_expression, genes, n_genes=n_genes, log_normalized=True)
     heg = [genes[i] for i in top_expressed_genes(train_expression, n=n_genes)]
@@ -250,8 +237,6 @@ def evaluate(
     >>> df = sg.tl.evaluate(model, test, train_sdata=train)
     >>> df[["pcc_hvg50", "r10_img2expr", "chance_r10"]]
     """
-    from ..io import validate
-
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"Unknown baseline(s) {unknown}; choose from {BASELINES}.")
@@ -361,6 +346,6 @@ def evaluate(
         "levels": list(model.levels),
         "ridge_alphas": alphas,
         "seconds": seconds,
-        "versions": _versions(),
+        "versions": versions(),
     }
     return df

@@ -10,11 +10,10 @@ import numpy as np
 from sigmma_sc._constants import Defaults, Keys, Levels
 from sigmma_sc._logging import logger
 from sigmma_sc._settings import settings
+from sigmma_sc.model import Sigmma, TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
-
-    from sigmma_sc.model import Sigmma
 
 
 def fit(
@@ -27,27 +26,27 @@ def fit(
     n_genes: int = Defaults.N_GENES,
     min_detected: float = Defaults.MIN_DETECTED,
     embed_dim: int = Defaults.EMBED_DIM,
-    hidden_dim: int = 256,
-    max_epochs: int = 30,
+    hidden_dim: int = Defaults.HIDDEN_DIM,
+    max_epochs: int = Defaults.MAX_EPOCHS,
     batch_size: int = Defaults.BATCH_SIZE,
-    max_cells: int | None = 16,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    patience: int = 5,
-    val_fraction: float = 0.1,
-    coarse_targets: str = "soft+disjoint",
-    consistency_weight: float = 0.1,
+    max_cells: int | None = Defaults.MAX_CELLS,
+    lr: float = Defaults.LR,
+    weight_decay: float = Defaults.WEIGHT_DECAY,
+    patience: int = Defaults.PATIENCE,
+    val_fraction: float = Defaults.VAL_FRACTION,
+    coarse_targets: str = Defaults.COARSE_TARGETS,
+    consistency_weight: float = Defaults.CONSISTENCY_WEIGHT,
     context_weight: float | None = None,
     level_weights: dict[str, float] | None = None,
-    intra_layers: int = 1,
-    inter_layers: int = 1,
-    heads: int = 4,
-    dropout: float = 0.1,
-    accelerator: str = "auto",
-    devices: Any = "auto",
+    intra_layers: int = Defaults.INTRA_LAYERS,
+    inter_layers: int = Defaults.INTER_LAYERS,
+    heads: int = Defaults.HEADS,
+    dropout: float = Defaults.DROPOUT,
+    accelerator: str = Defaults.ACCELERATOR,
+    devices: Any = Defaults.DEVICES,
     precision: str | None = None,
     seed: int | None = None,
-    feature_method: str = "auto",
+    feature_method: str = Defaults.FEATURE_METHOD,
     stain_normalize: str | None = None,
     feature_norm: str = Defaults.FEATURE_NORM,
     hierarchy_kwargs: dict[str, Any] | None = None,
@@ -110,7 +109,7 @@ def fit(
         Weight of the coarser levels' blocks in the unit embeddings ``X_sigmma*`` (the unit's own
         level weighs 1). Default: 1 for spot data, 0 for cell data, whose cells share their niche's
         embedding exactly (clusters would follow the niche tiles); see
-        :func:`sigmma_sc.model._sigmma.default_context_weight`.
+        :func:`sigmma_sc.model.default_context_weight`.
     level_weights
         Weight of each level's InfoNCE (default 1 each).
     intra_layers, inter_layers, heads, dropout
@@ -152,10 +151,6 @@ def fit(
     >>> sc.pp.neighbors(adata, use_rep="X_sigmma")
     >>> clip = sg.tl.fit(sdata, levels=("meso",), graph=False)  # single-scale baseline
     """
-    from sigmma_sc.model import Sigmma
-    from sigmma_sc.model._core import TrainConfig
-    from sigmma_sc.model._sigmma import _uns_safe, versions
-
     config = TrainConfig(
         levels=tuple(levels),
         graph=bool(graph),
@@ -181,7 +176,7 @@ def fit(
         precision=precision,
         checkpoint_dir=checkpoint_dir,
     )
-    model, emb = Sigmma._train(
+    model, emb = Sigmma.train(
         sdata,
         table_key=table_key,
         config=config,
@@ -203,11 +198,7 @@ def fit(
     for k, v in obsm.items():
         if v is not None:
             table.obsm[k] = np.asarray(v, dtype=np.float32)
-    root = table.uns.setdefault(Keys.UNS, {})
-    root[Keys.PARAMS] = _uns_safe(model.params)
-    root[Keys.GENES] = np.asarray(model.genes, dtype=object)
-    root[Keys.HISTORY] = {c: model.history[c].to_numpy() for c in model.history.columns}
-    root[Keys.VERSIONS] = versions()
+    table.uns.setdefault(Keys.UNS, {}).update(model.to_uns())
     logger.info(
         f"wrote obsm[{Keys.X_SIGMMA!r}] ({emb['joint'].shape[1]}-d) and per-level embeddings to table {table_key!r}"
     )

@@ -10,13 +10,13 @@ import scipy.sparse as sp
 
 from .._constants import Keys
 from .._logging import logger
-from ._retrieve import _table, embeddings_of, nearest
+from ..io import get_table, log1p_normalize, validate
+from ..model import Sigmma
+from ._retrieve import embeddings_of, nearest
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
-
-    from ..model import Sigmma
 
 #: Softmax temperature on cosine similarities of the k retrieved reference units.
 DEFAULT_TEMPERATURE: float = 0.1
@@ -125,9 +125,6 @@ def reference_expression(model: Sigmma, reference: Any, *, table_key: str = Keys
     """
     from anndata import AnnData
 
-    from ..io import validate
-    from ..model._data import log1p_normalize
-
     genes = list(model.genes)
     if reference is None:
         reference = model.reference
@@ -203,7 +200,7 @@ def predict_expression(
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
-    table = _table(sdata, table_key)
+    table = get_table(sdata, table_key)
     queries = embeddings_of(model, sdata, "img", table_key=table_key, what="query")
     ref_emb, ref_expr = reference_expression(model, reference, table_key=table_key)
     if ref_emb.shape[1] != queries.shape[1]:

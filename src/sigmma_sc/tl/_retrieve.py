@@ -7,13 +7,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import Keys
+from ..io import get_table
+from ..model import Sigmma
 from ._metrics import cosine_similarity, top_k
 
 if TYPE_CHECKING:  # pragma: no cover
-    from anndata import AnnData
     from spatialdata import SpatialData
-
-    from ..model import Sigmma
 
 #: Retrieval directions: the query modality first.
 DIRECTIONS: tuple[str, ...] = ("img2expr", "expr2img")
@@ -59,12 +58,6 @@ def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarra
         stop = min(start + _BLOCK, queries.shape[0])
         idx[start:stop], scores[start:stop] = top_k(cosine_similarity(queries[start:stop], gallery), k)
     return idx, scores
-
-
-def _table(sdata: SpatialData, table_key: str) -> AnnData:
-    if table_key not in sdata.tables:
-        raise KeyError(f"SpatialData has no table {table_key!r}; tables: {list(sdata.tables)}. Pass table_key=.")
-    return sdata.tables[table_key]
 
 
 def embeddings_of(
@@ -159,7 +152,7 @@ def retrieve(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
-    _table(sdata, table_key)
+    get_table(sdata, table_key)
     query_mod, gallery_mod = ("img", "expr") if direction == "img2expr" else ("expr", "img")
     emb = model.get_embeddings(sdata, table_key=table_key)
     queries = emb.get(query_mod)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from sigmma_sc._constants import Keys
+from sigmma_sc._constants import Defaults, Keys
 from sigmma_sc._logging import logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +31,7 @@ IMAGE_SUFFIX = "_he"
 UNIT_SUFFIX = {"spot": "_spots", "cell": "_cells", "bin": "_bins"}
 # The coarsest pyramid level is at most this many pixels on its long side (overview plots read it whole).
 COARSEST_MAX_PX = 1000
-IMAGE_CHUNK_PX = 1024
+IMAGE_CHUNK_PX = Defaults.IMAGE_CHUNK_PX
 
 PIXEL_CENTER = 0.5  # pixel-index coordinate -> SpatialData intrinsic coordinate
 
@@ -114,7 +114,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
     Examples
     --------
-    >>> from sigmma_sc.datasets._build import read_rgb
+    >>> from sigmma_sc.io import read_rgb
     >>> img = read_rgb("he.jpg")  # doctest: +SKIP
     """
     return np.asarray(_open_rgb(path))
@@ -137,7 +137,7 @@ def read_rgb_pyramid(path: str | os.PathLike) -> list[np.ndarray]:
 
     Examples
     --------
-    >>> from sigmma_sc.datasets._build import read_rgb_pyramid
+    >>> from sigmma_sc.io import read_rgb_pyramid
     >>> levels = read_rgb_pyramid("he.jpg")  # doctest: +SKIP
     """
     im = _open_rgb(path)
@@ -387,7 +387,7 @@ def build_sdata(
     --------
     >>> import numpy as np
     >>> from scipy import sparse
-    >>> from sigmma_sc.datasets._build import SectionArrays, build_sdata
+    >>> from sigmma_sc.io import SectionArrays, build_sdata
     >>> arrays = SectionArrays(
     ...     section="S0",
     ...     image=np.full((64, 64, 3), 230, np.uint8),

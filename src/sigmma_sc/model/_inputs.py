@@ -1,0 +1,433 @@
+"""Slide -> model inputs: image-feature scaling, per-level inputs, the expression matrix, genes and the reference.
+
+One owner for everything between a validated slide (:mod:`sigmma_sc.io`) with its hierarchy and
+raw image features (:mod:`sigmma_sc.pp`) and the arrays the model trains on. Feature scaling is a
+property of the model's inputs (a model keeps its training statistics and applies them to every
+slide it embeds), so it lives here, not in :mod:`sigmma_sc.pp`; the baselines import it from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sigmma_sc import pp
+from sigmma_sc._constants import Choices, Defaults, Keys
+from sigmma_sc._logging import logger
+from sigmma_sc.io import SlideData, log1p_normalize
+
+from ._data import LevelInput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+#: Fewer modelled genes than this leave the expression encoders little to align: warn and name the fix.
+FEW_GENES = 50
+
+
+# ---------------------------------------------------------------------------------------------
+# image-feature scaling (pure numpy)
+# ---------------------------------------------------------------------------------------------
+def feature_scaling(train: np.ndarray, *, std_floor: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and floored standard deviation of training features.
+
+    A channel that barely varies in the training units gets a tiny standard deviation, and new
+    units then have z-scores of 10^4 that swamp any distance or linear model; the standard
+    deviation is therefore floored at ``std_floor`` times its median over channels.
+
+    Parameters
+    ----------
+    train
+        ``(n, d)`` training features.
+    std_floor
+        Floor of the per-channel standard deviation, relative to its median over channels.
+
+    Returns
+    -------
+    ``(mean, std)``, each ``(d,)`` float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mu, sd = feature_scaling(np.array([[0.0, 1.0], [2.0, 1.0]]))
+    >>> mu.tolist(), sd.tolist()
+    ([1.0, 1.0], [1.0, 0.1])
+    """
+    train = np.asarray(train, dtype=np.float64)
+    mu = train.mean(axis=0)
+    sd = train.std(axis=0)
+    positive = sd[sd > 0]
+    floor = std_floor * float(np.median(positive)) if positive.size else 1.0
+    return mu, np.maximum(sd, max(floor, 1e-12))
+
+
+def apply_feature_scaling(
+    x: np.ndarray, mean: np.ndarray, std: np.ndarray, *, clip: float | None = Defaults.FEATURE_Z_CLIP
+) -> np.ndarray:
+    """Z-scores of features under saved statistics, clipped to ``[-clip, clip]``.
+
+    Parameters
+    ----------
+    x
+        ``(m, d)`` features.
+    mean, std
+        ``(d,)`` statistics from :func:`feature_scaling`.
+    clip
+        Absolute clip of the z-scores (``None``: no clip).
+
+    Returns
+    -------
+    ``(m, d)`` float32.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> apply_feature_scaling(np.array([[3.0, 100.0]]), np.zeros(2), np.ones(2)).tolist()
+    [[3.0, 5.0]]
+    """
+    z = (np.asarray(x, dtype=np.float64) - mean) / std
+    if clip is not None:
+        z = np.clip(z, -clip, clip)
+    return z.astype(np.float32)
+
+
+def apply_section_scaling(
+    x: np.ndarray,
+    section: np.ndarray,
+    fallback: tuple[np.ndarray, np.ndarray],
+    *,
+    min_nodes: int = Defaults.FEATURE_NORM_MIN_NODES,
+    clip: float | None = Defaults.FEATURE_Z_CLIP,
+) -> tuple[np.ndarray, list[int]]:
+    """Z-score features within each section, removing a slide's stain and scanner shift.
+
+    Every section is standardised with its own :func:`feature_scaling`; a section with fewer than
+    ``min_nodes`` rows has no reliable statistics and uses ``fallback`` (the training statistics).
+
+    Parameters
+    ----------
+    x
+        ``(n, d)`` features.
+    section
+        ``(n,)`` section code of each row.
+    fallback
+        ``(mean, std)`` for small sections.
+    min_nodes
+        Smallest section standardised on its own.
+    clip
+        Absolute clip of the z-scores (``None``: no clip).
+
+    Returns
+    -------
+    ``((n, d) float32 z-scores, codes of the sections that used the fallback)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[0.0], [2.0], [10.0], [12.0]])
+    >>> z, small = apply_section_scaling(x, np.array([0, 0, 1, 1]), (np.zeros(1), np.ones(1)), min_nodes=2)
+    >>> z.ravel().tolist(), small
+    ([-1.0, 1.0, -1.0, 1.0], [])
+    """
+    section = np.asarray(section).reshape(-1)
+    if len(section) != len(x):
+        raise ValueError(f"section has {len(section)} codes for {len(x)} feature rows.")
+    out = np.empty(np.shape(x), dtype=np.float32)
+    small = []
+    for code in np.unique(section):
+        rows = section == code
+        if rows.sum() >= min_nodes:
+            mu, sd = feature_scaling(x[rows])
+        else:
+            mu, sd = fallback
+            small.append(int(code))
+        out[rows] = apply_feature_scaling(x[rows], mu, sd, clip=clip)
+    return out, small
+
+
+def standardize_features(
+    train: np.ndarray, *others: np.ndarray, clip: float | None = Defaults.FEATURE_Z_CLIP, std_floor: float = 0.1
+) -> tuple[np.ndarray, ...]:
+    """Z-score features with the training set's statistics, robust to near-constant channels.
+
+    The standard deviation is floored (:func:`feature_scaling`) and the z-scores are clipped to
+    ``[-clip, clip]`` (:func:`apply_feature_scaling`), so a channel nearly constant in training
+    cannot dominate new units.
+
+    Parameters
+    ----------
+    train
+        ``(n, d)`` training features (statistics come from here).
+    *others
+        Further ``(m, d)`` arrays standardised with the training statistics.
+    clip
+        Absolute clip of the z-scores (``None``: no clip).
+    std_floor
+        Floor of the per-channel standard deviation, relative to its median over channels.
+
+    Returns
+    -------
+    ``(train_z, *others_z)`` float32.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> tr, te = rng.normal(size=(100, 4)), rng.normal(size=(10, 4))
+    >>> tr[:, 3] = 1.0
+    >>> te[:, 3] = 2.0
+    >>> ztr, zte = standardize_features(tr, te)
+    >>> float(np.abs(zte).max()) <= 5.0
+    True
+    """
+    mu, sd = feature_scaling(train, std_floor=std_floor)
+    return tuple(apply_feature_scaling(x, mu, sd, clip=clip) for x in (train, *others))
+
+
+def feature_stats(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and floored std of training features (:func:`feature_scaling`), as a model saves them (float32).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mu, sd = feature_stats(np.array([[0.0, 1.0], [2.0, 1.0]]))
+    >>> mu.round(3).tolist(), bool(sd[1] > 0)
+    ([1.0, 1.0], True)
+    """
+    mu, sd = feature_scaling(train)
+    return mu.astype(np.float32), sd.astype(np.float32)
+
+
+def check_channels(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> None:
+    """Refuse features from another encoder than the model's (a channel-count mismatch).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_channels(np.zeros((2, 3)), (np.zeros(3), np.ones(3)))
+    """
+    if x.shape[1] != stats[0].shape[0]:
+        raise ValueError(
+            f"image features have {x.shape[1]} channels but the model was trained on {stats[0].shape[0]}: "
+            "the encoder differs from the model's."
+        )
+
+
+def apply_feature_stats(x: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Standardise and clip features with a model's saved statistics.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> apply_feature_stats(np.array([[2.0]]), (np.zeros(1), np.ones(1))).tolist()
+    [[2.0]]
+    """
+    check_channels(x, stats)
+    return apply_feature_scaling(x, *stats)
+
+
+def scale_features(
+    x: np.ndarray,
+    section: np.ndarray,
+    stats: tuple[np.ndarray, np.ndarray],
+    *,
+    feature_norm: str,
+    sections: Sequence[str],
+    level: str,
+) -> np.ndarray:
+    """Model inputs from raw features: per-section z-scores (``"section"``) or the training statistics (``"global"``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.arange(80, dtype=float).reshape(40, 2)
+    >>> z = scale_features(x, np.zeros(40, int), (np.zeros(2), np.ones(2)), feature_norm="section", sections=["A"], level="meso")
+    >>> bool(abs(z.mean()) < 1e-6)
+    True
+    """
+    if feature_norm not in Choices.FEATURE_NORMS:
+        raise ValueError(f"feature_norm must be one of {Choices.FEATURE_NORMS}, got {feature_norm!r}.")
+    if feature_norm == "global":
+        return apply_feature_stats(x, stats)
+    check_channels(x, stats)
+    z, small = apply_section_scaling(x, section, stats)
+    if small:
+        names = [sections[c] for c in small]
+        logger.warning(
+            f"sections {names} have fewer than {Defaults.FEATURE_NORM_MIN_NODES} {level} nodes: their "
+            "image features are standardised with the training statistics, not their own"
+        )
+    return z
+
+
+# ---------------------------------------------------------------------------------------------
+# a slide's inputs
+# ---------------------------------------------------------------------------------------------
+def slide_features(
+    sdata: SpatialData,
+    *,
+    table_key: str,
+    levels: Sequence[str],
+    encoder: Any,
+    feature_method: str = Defaults.FEATURE_METHOD,
+    stain_normalize: str | None = None,
+    hierarchy_kwargs: dict[str, Any] | None = None,
+) -> tuple[SlideData, pp.Hierarchy, dict[str, np.ndarray], pp.FeatureKey]:
+    """The validated slide, its hierarchy and its raw image features per level, computed when missing.
+
+    Returns
+    -------
+    ``(slide, hierarchy, {level: (n_nodes, dim) raw features}, feature key)``; levels the hierarchy
+    lacks are left out.
+    """
+    slide, hier = pp.ensure_hierarchy(sdata, table_key=table_key, require_image=False, **(hierarchy_kwargs or {}))
+    use = [lv for lv in levels if lv in hier.levels]
+    key = pp.image_features(
+        sdata,
+        table_key=table_key,
+        encoder=encoder,
+        method=feature_method,
+        levels=use,
+        stain_normalize=stain_normalize,
+    )
+    feats = pp.get_features(sdata, key=key, table_key=table_key)
+    return slide, hier, {lv: feats[lv] for lv in use if lv in feats}, key
+
+
+def level_inputs(
+    hier: pp.Hierarchy,
+    feats: dict[str, np.ndarray],
+    stats: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    feature_norm: str = Defaults.FEATURE_NORM,
+) -> dict[str, LevelInput]:
+    """Model inputs of every hierarchy level: graph, parents, members and scaled image features.
+
+    ``feature_norm="section"`` z-scores each section's features with its own statistics (the
+    training statistics for sections under ``Defaults.FEATURE_NORM_MIN_NODES`` nodes);
+    ``"global"`` uses the training statistics everywhere.
+    """
+    out = {}
+    for name, lv in hier.levels.items():
+        f = None
+        if name in feats and name in stats:
+            f = scale_features(
+                feats[name], lv.section, stats[name], feature_norm=feature_norm, sections=hier.sections, level=name
+            )
+        out[name] = LevelInput(name=name, n=lv.n_nodes, edges=lv.edges, parent=lv.parent, features=f, members=lv.members)
+    return out
+
+
+def has_expression_matrix(table: AnnData) -> bool:
+    """Whether a table carries any expression (H&E-only tables have no genes or no ``X``)."""
+    return table.n_vars > 0 and (table.X is not None or Keys.COUNTS_LAYER in table.layers)
+
+
+def expression_matrix(slide: SlideData) -> sp.csr_matrix:
+    """Raw counts, or the log1p-normalised ``X`` of tables flagged ``log_normalized``."""
+    if slide.log_normalized:
+        return sp.csr_matrix(slide.table.X, dtype=np.float32)
+    return slide.counts()
+
+
+def select_genes(
+    counts: sp.spmatrix | np.ndarray,
+    var_names: pd.Index | list[str],
+    *,
+    n_genes: int,
+    log_normalized: bool = False,
+    min_detected: float = Defaults.MIN_DETECTED,
+) -> list[str]:
+    """Pick the most variable genes of the training units.
+
+    Genes detected (non-zero) in at least ``min_detected`` of the units are ranked by the variance of
+    their log1p-normalised expression; the top ``n_genes`` are kept, in decreasing variance. Unlike
+    scanpy's ``seurat`` flavour, this does not favour low-count noise genes on legacy ST data.
+
+    Parameters
+    ----------
+    counts
+        ``(n_units, n_vars)`` raw counts of the training units, or log1p-normalised values when
+        ``log_normalized``.
+    var_names
+        Gene names, one per column.
+    n_genes
+        How many genes to keep; capped at the number of detected genes.
+    log_normalized
+        ``counts`` already holds log1p-normalised values (never log-transform twice).
+    min_detected
+        Minimum fraction of units in which a gene must be non-zero.
+
+    Returns
+    -------
+    Selected gene names, most variable first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.poisson([5.0, 0.5, 20.0], size=(100, 3))
+    >>> select_genes(x, ["a", "b", "c"], n_genes=2)
+    ['b', 'a']
+    """
+    var_names = pd.Index(var_names)
+    if counts.shape[1] != len(var_names):
+        raise ValueError(f"counts has {counts.shape[1]} columns but {len(var_names)} gene names were given.")
+    if n_genes < 1:
+        raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
+    x = sp.csr_matrix(counts, dtype=np.float32) if not sp.issparse(counts) else sp.csr_matrix(counts)
+    if x.shape[0] == 0:
+        raise ValueError("select_genes needs at least one training unit.")
+    detected = np.asarray((x > 0).sum(axis=0)).ravel() / x.shape[0]
+    keep = np.flatnonzero(detected >= min_detected)
+    if keep.size == 0:
+        raise ValueError(
+            f"no gene is detected in >= {min_detected:.0%} of the {x.shape[0]} training units; "
+            "check that the table holds counts (not an empty or H&E-only table)."
+        )
+    logx = x if log_normalized else log1p_normalize(x)
+    logx = logx[:, keep]
+    mean = np.asarray(logx.mean(axis=0)).ravel()
+    mean_sq = np.asarray(logx.multiply(logx).mean(axis=0)).ravel()
+    var = mean_sq - mean**2
+    # Stable order: ties broken by the original gene order.
+    order = np.lexsort((keep, -var))
+    return [str(g) for g in var_names[keep[order[:n_genes]]]]
+
+
+def model_genes(slide: SlideData, matrix: sp.csr_matrix, *, n_genes: int, min_detected: float) -> list[str]:
+    """The genes a model is trained on (:func:`select_genes`), with a warning when too few pass the rule."""
+    genes = select_genes(
+        matrix, slide.table.var_names, n_genes=n_genes, log_normalized=slide.log_normalized, min_detected=min_detected
+    )
+    if len(genes) < min(n_genes, FEW_GENES):
+        logger.warning(
+            f"only {len(genes)} genes are detected in >= {min_detected:.0%} of the training units (asked for "
+            f"{n_genes}): sparse units such as 16 um bins need a lower min_detected, e.g. tl.fit(min_detected=0.01)."
+        )
+    elif len(genes) < n_genes:
+        logger.info(f"{len(genes)} genes pass the detection filter (asked for {n_genes}): using them all")
+    return genes
+
+
+def build_reference(slide: SlideData, genes: list[str], emb: dict[str, np.ndarray | None]) -> AnnData:
+    """The training units as a retrieval reference: expression of ``genes`` (log1p) and the embeddings."""
+    import anndata as ad
+
+    obs = pd.DataFrame(index=pd.Index(slide.table.obs_names.astype(str)))
+    obs[Keys.SECTION] = pd.Categorical(np.asarray(slide.sections, dtype=object)[slide.unit_section])
+    ref = ad.AnnData(
+        X=slide.expression(genes).astype(np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index(genes)),
+    )
+    ref.obsm[Keys.SPATIAL] = np.asarray(slide.xy_um, dtype=np.float64)
+    ref.obsm[Keys.X_SIGMMA_IMG] = emb["img"]
+    ref.obsm[Keys.X_SIGMMA_EXPR] = emb["expr"]
+    ref.obsm[Keys.X_SIGMMA] = emb["joint"]
+    return ref

@@ -209,7 +209,8 @@ class SubgraphBatcher:
         expression encoders.
     disjoint_macro
         Mark, per batch, a subset of macro regions whose meso members do not overlap (greedy, in a
-        seeded random order) for the macro-level loss.
+        seeded random order) for the macro-level loss (``macro_loss_mask``, with the seed of the
+        draw in ``macro_mask_seed``: under DDP the loss redraws the mask on the global batch).
 
     Examples
     --------
@@ -356,14 +357,22 @@ class SubgraphBatcher:
             if self.has_expression(Levels.MACRO):
                 out["macro_expr"] = self._expr(Levels.MACRO, macro_ids)
             if self.disjoint_macro:
+                # The mask of this batch alone (one device); under DDP the loss redraws it on the
+                # global batch from the gathered regions and rank 0's seed (_losses.coarse_rows).
                 out["macro_loss_mask"] = self._disjoint(reg, macro_ids.size, seed)
+                out["macro_mask_seed"] = int(seed)
 
         return {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in out.items()}
 
     @staticmethod
     def _disjoint(reg: sp.coo_matrix, n_macro: int, seed: int) -> np.ndarray:
-        """Greedy set of regions sharing no meso member, visited in a seeded random order."""
-        m = sp.csr_matrix((np.ones(reg.row.size, dtype=np.float32), (reg.row, reg.col)))
+        """Greedy set of regions sharing no meso member, visited in a seeded random order.
+
+        ``reg`` holds one entry per (region position in ``0..n_macro-1``, meso member id) pair;
+        duplicated pairs are harmless. Depends only on the set of pairs, ``n_macro`` and ``seed``.
+        """
+        shape = (n_macro, int(reg.col.max(initial=-1)) + 1)
+        m = sp.csr_matrix((np.ones(reg.row.size, dtype=np.float32), (reg.row, reg.col)), shape=shape)
         m = m[:, np.unique(reg.col)] if reg.col.size else m
         overlap = sp.csr_matrix(m @ m.T)
         keep = np.zeros(n_macro, dtype=bool)

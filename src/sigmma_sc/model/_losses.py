@@ -11,16 +11,75 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sigmma_sc._constants import Levels
+
 #: CLIP's initial temperature (logit scale 1 / 0.07) and its upper clamp (scale 100).
 INIT_TEMPERATURE = 0.07
 MAX_LOGIT_SCALE = 100.0
+
+
+def world_size() -> int:
+    """Return the number of processes of the default ``torch.distributed`` group (1 when not initialised)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if (dist.is_available() and dist.is_initialized()) else 1
+
+
+def _gather(x: torch.Tensor, *, grad: bool) -> torch.Tensor:
+    """Rows of ``x`` from every rank, in rank order (ranks may hold different row counts)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    if max(sizes) == 0:
+        return x
+    pad = max(sizes) - x.shape[0]
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))], dim=0)
+    x = x.contiguous()
+    if grad:
+        parts = _AllGatherRows.apply(x).split(x.shape[0], dim=0)
+    else:
+        parts = [torch.empty_like(x) for _ in sizes]
+        dist.all_gather(parts, x)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """All-gather of equal-sized row blocks whose backward sums every rank's gradient of this rank's block.
+
+    Public collectives only (``all_gather`` forward, ``all_reduce`` backward): works with gloo and NCCL.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = (dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows[0] : ctx.rows[1]]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` over all devices, keeping the gradient; identity on one device.
 
     Ranks may hold different numbers of rows (micro nodes per batch vary): rows are padded to the
-    largest count for the collective and the padding is dropped afterwards.
+    largest count for the collective and the padding is dropped afterwards. The backward pass sums
+    the gradients every rank sends to a rank's rows: with every rank computing the same loss on the
+    gathered rows, the gradients DDP averages are those of that loss on one device.
 
     Examples
     --------
@@ -28,21 +87,66 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     >>> gather_with_grad(torch.ones(2, 3)).shape
     torch.Size([2, 3])
     """
-    import torch.distributed as dist
+    return _gather(x, grad=True)
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
 
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    pad = max(sizes) - x.shape[0]
-    if pad:
-        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))], dim=0)
-    parts = all_gather(x.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+def gather_ids(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate an integer tensor over all devices (no gradient); identity on one device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> gather_ids(torch.arange(3)).tolist()
+    [0, 1, 2]
+    """
+    return _gather(x, grad=False)
+
+
+def coarse_rows(batch: dict[str, torch.Tensor], level: str, *, disjoint: bool) -> torch.Tensor:
+    """Rows of the gathered ``level`` embeddings that the loss of the global batch uses.
+
+    Coarse nodes (regions) are the parents of each rank's targets, so two ranks may hold the same
+    region: the global batch counts each region once (its first copy; every copy embeds the same).
+    Rows come in increasing node id, as on one device. With ``disjoint``, the greedy set of regions
+    that share no member is drawn on the global batch, from the gathered region memberships and
+    rank 0's batch seed (:meth:`~sigmma_sc.model._data.SubgraphBatcher._disjoint`): identical on
+    every rank, and on one device the batcher's own ``{level}_loss_mask``.
+
+    Returns
+    -------
+    Index (on the device of the batch) into the rows of ``gather_with_grad(z)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> b = {"macro_ids": torch.tensor([2, 5]), "meso_ids": torch.tensor([7, 8, 9]),
+    ...      "region_src": torch.tensor([0, 1, 1, 2]), "region_dst": torch.tensor([0, 0, 1, 1]),
+    ...      "macro_mask_seed": 0}
+    >>> coarse_rows(b, "macro", disjoint=False).tolist()
+    [0, 1]
+    >>> len(coarse_rows(b, "macro", disjoint=True))  # the two regions share meso node 8
+    1
+    """
+    import numpy as np
+
+    from ._data import SubgraphBatcher
+
+    ids_local = batch[f"{level}_ids"]
+    device = ids_local.device
+    ids = gather_ids(ids_local).cpu().numpy()
+    uniq, first = np.unique(ids, return_index=True)
+    if disjoint:
+        node = gather_ids(ids_local[batch["region_dst"]]).cpu().numpy()
+        member = gather_ids(batch["meso_ids"][batch["region_src"]]).cpu().numpy()
+        seed = gather_ids(torch.tensor([int(batch[f"{level}_mask_seed"])], device=device)).cpu().numpy()
+        import scipy.sparse as sp
+
+        reg = sp.coo_matrix(
+            (np.ones(node.size, dtype=np.float32), (np.searchsorted(uniq, node), member)),
+            shape=(uniq.size, int(member.max(initial=-1)) + 1),
+        )
+        first = first[SubgraphBatcher._disjoint(reg, uniq.size, int(seed[0]))]
+    return torch.as_tensor(first, dtype=torch.long, device=device)
 
 
 def info_nce(
@@ -52,6 +156,7 @@ def info_nce(
     *,
     soft: bool = False,
     mask: torch.Tensor | None = None,
+    gather: bool = True,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between paired, L2-normalised rows.
 
@@ -67,6 +172,9 @@ def info_nce(
         temperature, so near-duplicate neighbours are not pushed apart as hard negatives.
     mask
         ``(n,)`` bool: rows to keep (e.g. non-overlapping regions); all kept when ``None``.
+    gather
+        Gather the (kept) rows of every device first, for negatives across devices; ``False`` when
+        the rows are already the global batch's.
 
     Examples
     --------
@@ -77,7 +185,8 @@ def info_nce(
     """
     if mask is not None:
         z_img, z_expr = z_img[mask], z_expr[mask]
-    z_img, z_expr = gather_with_grad(z_img), gather_with_grad(z_expr)
+    if gather:
+        z_img, z_expr = gather_with_grad(z_img), gather_with_grad(z_expr)
     n = z_img.shape[0]
     if n < 2:
         return z_img.sum() * 0.0
@@ -98,15 +207,19 @@ def info_nce(
 def consistency(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """Mean cosine distance between normalised child embeddings and their parents' (``1 - cos``).
 
+    The mean runs over the rows of every device (the distances are gathered), so that under DDP
+    it is the mean of the global batch, whatever the number of rows per device.
+
     Examples
     --------
     >>> import torch
     >>> float(consistency(torch.eye(2), torch.eye(2)))
     0.0
     """
-    if child.shape[0] == 0:
+    dist = gather_with_grad(1.0 - (child * parent).sum(-1))
+    if dist.shape[0] == 0:
         return child.sum() * 0.0
-    return (1.0 - (child * parent).sum(-1)).mean()
+    return dist.mean()
 
 
 class ContrastiveLoss(nn.Module):
@@ -124,6 +237,9 @@ class ContrastiveLoss(nn.Module):
         Levels whose InfoNCE uses soft targets.
     disjoint_levels
         Levels whose InfoNCE uses only the batch's non-overlapping nodes (``macro_loss_mask``).
+        Under DDP the macro rows are gathered first and the mask is drawn once on the global batch
+        (:func:`coarse_rows`), so the loss and its gradients are those of one device on the
+        concatenated batches.
     """
 
     def __init__(
@@ -160,7 +276,14 @@ class ContrastiveLoss(nn.Module):
         total = 0.0
         for lv in self.pair_levels:
             mask = batch.get(f"{lv}_loss_mask") if lv in self.disjoint_levels else None
-            terms[f"loss_{lv}"] = info_nce(img[lv], expr[lv], self.scale(lv), soft=lv in self.soft_levels, mask=mask)
+            soft = lv in self.soft_levels
+            if lv == Levels.MACRO and world_size() > 1:
+                # Regions: deduplicated (and masked) on the global batch, after the gather.
+                rows = coarse_rows(batch, lv, disjoint=mask is not None)
+                zi, ze = gather_with_grad(img[lv])[rows], gather_with_grad(expr[lv])[rows]
+                terms[f"loss_{lv}"] = info_nce(zi, ze, self.scale(lv), soft=soft, gather=False)
+            else:
+                terms[f"loss_{lv}"] = info_nce(img[lv], expr[lv], self.scale(lv), soft=soft, mask=mask)
             total = total + self.level_weights[lv] * terms[f"loss_{lv}"]
         if self.consistency_weight > 0:
             cons = []

@@ -34,6 +34,21 @@ def _close_figures():
     plt.close("all")
 
 
+def colorbars(fig) -> list[tuple[str, tuple[float, float]]]:
+    """(label, (vmin, vmax)) of each colour bar, in drawing order (a vertical bar's y range is its norm)."""
+    bars = [a for a in fig.axes if not a.get_title() and a.get_ylabel()]
+    return [(a.get_ylabel(), tuple(float(v) for v in np.round(a.get_ylim(), 10))) for a in bars]
+
+
+def colorbar_limits(fig) -> dict[str, tuple[float, float]]:
+    """Colour-bar label -> (vmin, vmax), for figures whose bars have distinct labels."""
+    return dict(colorbars(fig))
+
+
+def map_titles(fig) -> list[str]:
+    return [a.get_title() for a in fig.axes if a.get_title()]
+
+
 def assert_image(path: Path, *, min_std: float = 0.02) -> np.ndarray:
     """The PNG exists, is not tiny, and its pixels vary (not a blank canvas)."""
     assert path.exists(), f"{path} was not written"
@@ -187,12 +202,22 @@ def test_predicted_vs_observed_her2st(her2st_sdata, tmp_path):
     )
     fig = sg.pl.predicted_vs_observed(pred, her2st_sdata, genes=genes, save=tmp_path / "pvo.png")
     titles = [a.get_title() for a in fig.axes if a.get_title()]
-    from sigmma_sc.tl._metrics import pearson_per_gene
+    from sigmma_sc.tl import pearson_per_gene
 
     r = pearson_per_gene(observed, pred.X)
     assert f"ERBB2 predicted, r = {r[0]:.2f}" in titles
     assert f"KRT19 predicted, r = {r[1]:.2f}" in titles
     assert_image(tmp_path / "pvo.png")
+    # One colour scale per gene by default: observed and predicted maps, vmax = p99 of both together.
+    lims = colorbar_limits(fig)
+    assert lims["ERBB2 (log1p)"] == lims["ERBB2 predicted (log1p)"]
+    assert lims["KRT19 (log1p)"] == lims["KRT19 predicted (log1p)"]
+    both = np.concatenate([observed[:, 0], np.asarray(pred.X)[:, 0]])
+    np.testing.assert_allclose(lims["ERBB2 (log1p)"], (both.min(), np.percentile(both, 99)))
+    # share_scale=False: each map its own (the noisy prediction spans other values than the counts).
+    fig = sg.pl.predicted_vs_observed(pred, her2st_sdata, genes="ERBB2", library_id="C2", share_scale=False)
+    lims = colorbar_limits(fig)
+    assert lims["ERBB2 (log1p)"] != lims["ERBB2 predicted (log1p)"]
 
 
 def test_embedding_her2st(her2st_sdata, tmp_path):
@@ -276,6 +301,97 @@ def test_spatial_synthetic(synthetic_sdata, tmp_path):
         sg.pl.spatial(synthetic_sdata, color=gene, ax=axs[0])
 
 
+def test_spatial_color_list_one_panel_per_key(synthetic_sdata, tmp_path):
+    """scanpy semantics: color=[...] draws one panel per key (and section), wrapped by ncols."""
+    gene = str(synthetic_sdata["table"].var_names[0])
+    fig = sg.pl.spatial(
+        synthetic_sdata, color=[Keys.CELL_TYPE, gene], ncols=2, wspace=0.5, hspace=0.3, save=tmp_path / "keys.png"
+    )
+    assert isinstance(fig, plt.Figure)
+    assert map_titles(fig) == [f"{Keys.CELL_TYPE} – S0", f"{Keys.CELL_TYPE} – S1", f"{gene} – S0", f"{gene} – S1"]
+    maps = [a for a in fig.axes if a.get_title()]
+    grid = maps[0].get_subplotspec().get_gridspec()
+    assert (grid.nrows, grid.ncols) == (2, 2) and grid.wspace == 0.5 and grid.hspace == 0.3
+    # One legend for the categorical key (beside its last panel), a colour bar per gene panel.
+    assert [a.get_legend() is not None for a in maps] == [False, True, False, False]
+    assert [label for label, _ in colorbars(fig)] == [f"{gene} (log1p)"] * 2
+    assert_image(tmp_path / "keys.png")
+    # One section, two keys: the keys are the titles; the same call as scanpy's.
+    fig = sg.pl.spatial(synthetic_sdata, color=[Keys.CELL_TYPE, gene], library_id="S1")
+    assert map_titles(fig) == [Keys.CELL_TYPE, gene]
+    with pytest.raises(ValueError, match="one section"):
+        sg.pl.spatial(synthetic_sdata, color=[Keys.CELL_TYPE, gene], library_id="S1", ax=plt.subplots()[1])
+
+
+def test_spatial_library_id_and_return_fig(synthetic_sdata):
+    table = synthetic_sdata["table"]
+    n_s1 = int((table.obs[Keys.SECTION] == "S1").sum())
+    ax = sg.pl.spatial(synthetic_sdata, color=Keys.CELL_TYPE, library_id="S1")
+    assert ax.get_title() == "S1" and len(ax.collections[0].get_offsets()) == n_s1
+    fig = sg.pl.spatial(synthetic_sdata, color=Keys.CELL_TYPE, library_id=["S1"], return_fig=True)
+    assert isinstance(fig, plt.Figure) and map_titles(fig) == ["S1"]
+    assert len(fig.axes[0].collections[0].get_offsets()) == n_s1
+    # sections= is the same argument under this package's name; both at once is ambiguous.
+    assert map_titles(sg.pl.spatial(synthetic_sdata, sections="S0", return_fig=True)) == ["S0"]
+    with pytest.raises(ValueError, match="same argument"):
+        sg.pl.spatial(synthetic_sdata, library_id="S0", sections="S1")
+    with pytest.raises(KeyError, match="not in the data"):
+        sg.pl.spatial(synthetic_sdata, library_id="S9")
+    # return_fig with the user's ax returns that ax's figure.
+    fig, ax = plt.subplots()
+    assert sg.pl.spatial(synthetic_sdata, library_id="S0", ax=ax, return_fig=True) is fig
+
+
+def test_spatial_sections_share_one_colour_scale(synthetic_sdata):
+    """Several sections of one continuous key: one norm over all drawn units unless share_scale=False."""
+    table = synthetic_sdata["table"]
+    gene = str(table.var_names[0])
+    values = sg.io.validate(synthetic_sdata).expression([gene])[:, 0]
+    sec = table.obs[Keys.SECTION].to_numpy()
+    v0, v1 = np.sort(values[sec == "S0"]), np.sort(values[sec == "S1"])
+    shared = np.intersect1d(v0[v0 > v0.min()], v1)
+    probe = shared[len(shared) // 2]  # a value both sections hold, inside the colour range
+
+    def probe_colors(fig):
+        # Panels draw units by increasing value (hot spots on top): the i-th colour is the i-th smallest value.
+        maps = [a for a in fig.axes if a.get_title()]
+        return [a.collections[0].get_facecolors()[np.searchsorted(v, probe)] for a, v in zip(maps, (v0, v1))]
+
+    fig = sg.pl.spatial(synthetic_sdata, color=gene)
+    (_, lim0), (_, lim1) = colorbars(fig)
+    assert lim0 == lim1
+    np.testing.assert_allclose(lim0, (values.min(), np.percentile(values, 99)))
+    c0, c1 = probe_colors(fig)
+    np.testing.assert_allclose(c0, c1)  # the same value, the same colour in both sections
+    # Each section its own scale on request (the two sections' p99 differ, so the colours do too).
+    fig = sg.pl.spatial(synthetic_sdata, color=gene, share_scale=False)
+    lims = [lim for _, lim in colorbars(fig)]
+    np.testing.assert_allclose(lims, [(v.min(), np.percentile(v, 99)) for v in (v0, v1)])
+    assert lims[0] != lims[1]
+    c0, c1 = probe_colors(fig)
+    assert not np.allclose(c0, c1)
+
+
+def test_spatial_img_key_levels_and_elements(synthetic_sdata):
+    """img_key picks the pyramid level (int, "scaleN", "hires" / "lowres") or the image element."""
+    img = sg.io.validate(synthetic_sdata).images["S0"]
+    assert img.n_levels >= 2
+
+    def drawn(**kw):
+        ax = sg.pl.spatial(synthetic_sdata, library_id="S0", **kw)
+        return ax.images[0].get_array().shape[:2]
+
+    full, coarse = drawn(img_key=0), drawn(img_key="lowres")
+    assert drawn(img_key="hires") == full and drawn(img_key=f"scale{img.n_levels - 1}") == coarse
+    ratio = img.level_factors[-1] / img.level_factors[0]
+    assert abs(full[0] / coarse[0] - ratio) < 0.1 * ratio
+    assert drawn(img_key={"S0": "S0_he"}) == drawn()
+    with pytest.raises(KeyError, match="pyramid level"):
+        sg.pl.spatial(synthetic_sdata, library_id="S0", img_key="nope")
+    with pytest.raises(ValueError, match="not a pyramid level"):
+        sg.pl.spatial(synthetic_sdata, library_id="S0", img_key=img.n_levels)
+
+
 def test_embedding_stacked_levels_synthetic(synthetic_sdata, tmp_path):
     table = _embedded_table(synthetic_sdata, list(synthetic_sdata["table"].var_names))
     bases = [Keys.level_embedding(lv, m) for lv in (Levels.MESO, Levels.MACRO) for m in ("img", "expr")]
@@ -346,27 +462,193 @@ def test_history_panels_per_level(tmp_path):
         sg.pl.history(object())
 
 
-def test_evaluation_bars_chance_and_errors(tmp_path):
+def test_history_integer_epoch_ticks():
+    """Four epochs: matplotlib would tick 0, 0.5, 1, ...; epochs are whole numbers."""
+    df = _history(levels=(Levels.MESO,), epochs=3)
+    fig = sg.pl.history(df, return_fig=True)
+    assert isinstance(fig, plt.Figure)
+    for a in fig.axes:
+        fig.canvas.draw()
+        lo, hi = a.get_xlim()
+        ticks = [t for t in a.get_xticks() if lo <= t <= hi]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        labels = [t.get_text().replace("\u2212", "-") for t in a.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+        assert all(lab.lstrip("-").isdigit() for lab in labels), labels
+
+
+def _axes_by_ylabel(fig) -> dict[str, plt.Axes]:
+    return {a.get_ylabel(): a for a in fig.axes}
+
+
+def test_evaluation_readable_panels_and_chance(tmp_path):
+    """tl.evaluate's table: Pearson r and Recall@k on separate axes, names in words, chance on recall."""
     df = _scores()
-    ax = sg.pl.evaluation(df, save=tmp_path / "eval.png")
-    ticks = [t.get_text() for t in ax.get_xticklabels()]
-    # Median ranks (outside [-1, 1]) are left out by default; chance columns are not metrics.
-    assert "median_rank_img2expr" not in ticks and not any(t.startswith("chance") for t in ticks)
-    assert "r5_img2expr" in ticks
-    bars = [p for p in ax.patches if p.get_height() != 0]
-    assert len(bars) == 3 * len(ticks)
-    # Chance drawn as dashed ticks over the retrieval metrics only.
-    assert len(ax.collections) == sum(t.startswith("r") for t in ticks)
+    fig = sg.pl.evaluation(df, save=tmp_path / "eval.png")
+    assert isinstance(fig, plt.Figure)
+    axes = _axes_by_ylabel(fig)
+    assert list(axes) == ["Pearson r", "Recall@k"]
+    pcc_ticks = [t.get_text() for t in axes["Pearson r"].get_xticklabels()]
+    recall_ticks = [t.get_text() for t in axes["Recall@k"].get_xticklabels()]
+    assert pcc_ticks == [
+        "top-50 HVG",
+        "top-50 expressed genes",
+        "top-50 HVG (per slide)",
+        "top-50 expressed genes (per slide)",
+    ]
+    assert recall_ticks[:3] == ["H&E → expression, k = 1", "H&E → expression, k = 5", "H&E → expression, k = 10"]
+    assert not any("_" in t for t in pcc_ticks + recall_ticks)  # no raw column names; no median ranks either
+    # One bar per method and metric; chance (k / n) as one dashed line per recall metric, none for r.
+    assert sum(p.get_height() != 0 for p in axes["Pearson r"].patches) == 3 * 4
+    assert not [c for c in axes["Pearson r"].collections if c.get_gid() == "chance"]
+    chance = [c.get_segments()[0][0][1] for c in axes["Recall@k"].collections if c.get_gid() == "chance"]
+    np.testing.assert_allclose(chance, [k / 180 for k in (1, 5, 10)] * 2)
+    assert "chance" in [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
     assert_image(tmp_path / "eval.png")
-    # Error bars from *_std columns; a long table works too.
-    wide = df[["pcc_hvg50", "r1_img2expr"]].assign(pcc_hvg50_std=[0.05, 0.02, 0.03])
-    ax = sg.pl.evaluation(wide)
-    assert len(ax.containers) == 3 + 3  # a bar group and an error-bar container per method
-    long = wide.reset_index().melt(id_vars="method", value_vars=["pcc_hvg50", "r1_img2expr"], var_name="metric")
-    ax = sg.pl.evaluation(long, metrics=["r1_img2expr"])
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["r1_img2expr"]
+    # One kind of metric fits the user's axes, with readable tick labels; two kinds do not.
+    _, ax = plt.subplots()
+    out = sg.pl.evaluation(df, metrics=["r1_img2expr", "r1_expr2img"], ax=ax)
+    assert out is ax and ax.get_ylabel() == "Recall@k"
+    with pytest.raises(ValueError, match="one panel"):
+        sg.pl.evaluation(df, ax=ax)
     with pytest.raises(KeyError, match="not in the evaluation table"):
         sg.pl.evaluation(df, metrics=["nope"])
+    ax = sg.pl.evaluation(df, metrics=["pcc_hvg50"], metric_names={"pcc_hvg50": "HVG"})
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["HVG"]
+
+
+def test_evaluation_error_bars_from_seeds():
+    """Several seeds (the runs of benchmarks/quality.py): mean of per-seed fold means, s.d. over seeds."""
+    rng = np.random.default_rng(0)
+    runs = pd.DataFrame(
+        [
+            {
+                "fold": f,
+                "seed": s,
+                "method": m,
+                "pcc_hvg50": rng.uniform(0.2, 0.5),
+                "r5_img2expr": rng.uniform(0.1, 0.4),
+                "chance_r5": 5 / 90,
+            }
+            for f in range(2)
+            for s in range(3)
+            for m in ("sigmma", "ridge_cv")
+        ]
+    )
+    fig = sg.pl.evaluation(runs)
+    per_seed = runs.groupby(["method", "seed"])[["pcc_hvg50", "r5_img2expr"]].mean()
+    for metric, ylabel in (("pcc_hvg50", "Pearson r"), ("r5_img2expr", "Recall@k")):
+        ax = _axes_by_ylabel(fig)[ylabel]
+        heights = [p.get_height() for p in ax.patches]
+        half = [
+            seg[1][1] - seg[0][1] for c in ax.containers if hasattr(c, "lines") for seg in c.lines[2][0].get_segments()
+        ]
+        for meth, h, e in zip(("sigmma", "ridge_cv"), heights, np.array(half) / 2):
+            np.testing.assert_allclose(h, per_seed.loc[meth, metric].mean())
+            np.testing.assert_allclose(e, per_seed.loc[meth, metric].std(ddof=1))
+    assert fig.axes[-1].get_legend().get_title().get_text() == "mean ± s.d. over 3 seeds"
+    # One seed: no error bars.
+    fig = sg.pl.evaluation(runs[runs["seed"] == 0])
+    assert not any(hasattr(c, "lines") for a in fig.axes for c in a.containers)
+
+
+def test_evaluation_benchmark_json_and_long_table():
+    """The aggregated table of benchmarks/quality.py (*_std columns, chance_r5 only) and long tables."""
+    import json
+
+    methods = json.loads((REPO / "benchmarks" / "results_her2st_loso.json").read_text())["methods"]
+    df = pd.DataFrame.from_dict(methods, orient="index")
+    fig = sg.pl.evaluation(df)
+    recall = _axes_by_ylabel(fig)["Recall@k"]
+    # chance_r5 alone gives every k: Recall@k of a random ranking of n items is k / n.
+    chance = [c.get_segments()[0][0][1] for c in recall.collections if c.get_gid() == "chance"]
+    c5 = methods["sigmma"]["chance_r5"]
+    np.testing.assert_allclose(chance, [c5 / 5, c5, 2 * c5] * 2)
+    assert sum(hasattr(c, "lines") for c in recall.containers) == len(methods)  # error bars from *_std
+    assert fig.axes[-1].get_legend().get_title().get_text() == "mean ± s.d."
+    wide = _scores()[["pcc_hvg50", "r1_img2expr"]].assign(pcc_hvg50_std=[0.05, 0.02, 0.03])
+    long = wide.reset_index().melt(id_vars="method", value_vars=["pcc_hvg50", "r1_img2expr"], var_name="metric")
+    ax = sg.pl.evaluation(long, metrics=["r1_img2expr"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["H&E → expression, k = 1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# structure: shared docstrings, imports
+# ---------------------------------------------------------------------------------------------
+PL_DIR = REPO / "src" / "sigmma_sc" / "pl"
+PL_FUNCTIONS = ("spatial", "embedding", "levels", "predicted_vs_observed", "retrieval", "history", "evaluation")
+
+
+def test_pl_docstrings_share_one_text_and_render():
+    """save / show / ax / return_fig text lives once in pl/_docs.py; napoleon renders every parameter."""
+    import inspect
+
+    from sphinx.ext.napoleon import Config
+    from sphinx.ext.napoleon.docstring import NumpyDocstring
+
+    from sigmma_sc.pl import _docs
+
+    sources = {f.name: f.read_text() for f in PL_DIR.glob("*.py")}
+    for phrase in ("Write the figure to this path", "Return the :class:`~matplotlib.figure.Figure` instead"):
+        assert [name for name, text in sources.items() if phrase in text] == ["_docs.py"], phrase
+    config = Config(napoleon_use_param=True)
+    for name in PL_FUNCTIONS:
+        fn = getattr(sg.pl, name)
+        assert "{" + "save_show}" not in fn.__doc__ and _docs.doc_save_show.splitlines()[1].strip() in fn.__doc__
+        rendered = str(NumpyDocstring(inspect.getdoc(fn), config))
+        documented = set()
+        for line in rendered.splitlines():
+            if line.startswith(":param "):
+                documented.update(p.strip() for p in line[len(":param ") :].split(":")[0].split(","))
+        params = set(inspect.signature(fn).parameters)
+        assert params <= documented, f"{name}: undocumented {sorted(params - documented)}"
+        assert ":returns:" in rendered or ":rtype:" in rendered or "Returns" in rendered, name
+
+
+def test_pl_docstring_examples_run():
+    """Every docstring example of sigmma_sc.pl runs (those needing a trained model are marked +SKIP)."""
+    import doctest
+    import importlib
+
+    from sigmma_sc.datasets import local_dataset_dir
+    from sigmma_sc.datasets._paths import REQUIRED_FILES
+
+    if local_dataset_dir("squidpy_tests", required=REQUIRED_FILES["squidpy_tests"]) is None:
+        pytest.skip("the pl.spatial example draws the squidpy_tests mouse brain")
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    n = 0
+    for mod in sorted(f.stem for f in PL_DIR.glob("_*.py") if f.stem != "__init__"):
+        for test in finder.find(importlib.import_module(f"sigmma_sc.pl.{mod}")):
+            n += len(test.examples)
+            runner.run(test)
+    assert n > 20
+    assert runner.failures == 0, f"{runner.failures} failing docstring example(s): see the captured output"
+
+
+def test_pl_imports_public_api_only():
+    """pl imports other subpackages through their public names, at module top, and stays light."""
+    import ast
+
+    for path in PL_DIR.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body} | {
+            id(n) for node in tree.body if isinstance(node, ast.If) for n in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or node.module is None:
+                continue
+            mod = ("." * node.level) + node.module
+            parts = mod.lstrip(".").split(".") if node.level < 2 else ["sigmma_sc", *node.module.split(".")]
+            # sigmma_sc.<subpackage>._<private>: reach it through the subpackage's public names.
+            private = len(parts) > 2 and parts[1] not in ("pl",) and not parts[1].startswith("_")
+            assert not (parts[0] == "sigmma_sc" and private and any(x.startswith("_") for x in parts[2:])), (
+                path.name,
+                mod,
+            )
+            if mod.startswith("sigmma_sc.") and not mod.startswith("sigmma_sc._"):
+                assert id(node) in top, f"{path.name}: `from {mod} import ...` inside a function"
+    code = "import sys, sigmma_sc.pl; print(sorted(m for m in ('torch', 'squidpy', 'spatialdata', 'scanpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +668,29 @@ def test_api_page_lists_every_public_function():
             if name not in skip and f"{sub}.{name}" not in api:
                 missing.append(f"{sub}.{name}")
     assert not missing, f"add to docs/api.md: {missing}"
+
+
+def test_plotting_page_spatialdata_plot_claims(synthetic_sdata):
+    """docs/plotting.md names spatialdata-plot arguments: they exist, and its example runs on our objects."""
+    import inspect
+    import re
+
+    sdp = pytest.importorskip("spatialdata_plot")
+    from spatialdata_plot.pl.basic import PlotAccessor
+
+    page = (REPO / "docs" / "plotting.md").read_text()
+    section = page[page.index("### spatialdata-plot") : page.index("## `pl.levels`")]
+    claims = re.findall(r"(render_images|render_shapes|show)\((\w+)=", section)
+    assert len(claims) >= 6
+    for method, arg in claims:
+        assert arg in inspect.signature(getattr(PlotAccessor, method)).parameters, (
+            f"{method}({arg}=) in docs/plotting.md"
+        )
+    assert f"({sdp.__version__}" in section, "spatialdata-plot changed: re-check the claims of docs/plotting.md"
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    exec(code, {"sdata": synthetic_sdata})
+    axes = plt.gcf().axes
+    assert [a.get_title() for a in axes[:2]] == ["S0", "S1"] and axes[0].images
 
 
 @pytest.mark.slow

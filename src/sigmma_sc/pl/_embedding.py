@@ -12,6 +12,7 @@ import pandas as pd
 from sigmma_sc._constants import Keys
 from sigmma_sc._logging import logger
 
+from . import _docs as d
 from . import _utils as u
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,6 +82,7 @@ def _coordinates(
     return xy, obs_all
 
 
+@d.shared_docs
 def embedding(
     data: AnnData | SpatialData,
     *,
@@ -93,17 +95,20 @@ def embedding(
     key_added: str | None = None,
     size: float | None = None,
     alpha: float = 0.9,
-    palette: str | Sequence[Any] | dict[str, Any] | None = None,
     cmap: str | Any | None = "viridis",
     vmin: float | str | None = None,
     vmax: float | str | None = None,
+    palette: str | Sequence[Any] | dict[str, Any] | None = None,
     groups: Sequence[str] | None = None,
     na_color: Any = u.NA_COLOR,
     title: str | Sequence[str] | None = None,
     ncols: int = 4,
+    wspace: float | None = None,
+    hspace: float | None = None,
     frameon: bool = False,
     legend_loc: str | None = "right margin",
     ax: Axes | None = None,
+    return_fig: bool = False,
     save: str | Path | None = None,
     show: bool | None = None,
 ) -> Axes | Figure:
@@ -142,41 +147,32 @@ def embedding(
         Marker size in points² (default ``120000 / n_points``, clipped to ``[1, 60]``, as scanpy).
     alpha
         Marker opacity.
-    palette
-        Categorical colours: dict, list, or colormap name.
-    cmap
-        Colormap for continuous values.
-    vmin, vmax
-        Colour limits: numbers or percentiles such as ``"p99"``.
-    groups
-        Categories to colour; the others are drawn in ``na_color``.
-    na_color
-        Colour of missing values and hidden categories.
+    {cmap}
+    {palette}
     title
         Panel title(s); default the colour key.
-    ncols
-        Panels per row.
+    {panels}
     frameon
         Draw axes with ``UMAP1`` / ``UMAP2`` labels.
-    legend_loc
-        ``"right margin"``, ``"none"`` or a matplotlib location.
-    ax
-        Draw into this axes (one colour only).
-    save
-        Write the figure to this path.
-    show
-        Show the figure (default: only when not saving and the backend is interactive).
+    {legend_loc}
+    {ax_save_show}
 
-    Returns
-    -------
-    The axes for one colour, else the figure.
+    {returns_panels}
 
     Examples
     --------
+    Any ``obsm`` key works; a 2-D one is drawn as it is (no UMAP):
+
+    >>> import scanpy as sc
     >>> import sigmma_sc as sg
-    >>> adata = sdata["table"]  # after sg.tl.fit(sdata)
-    >>> fig = sg.pl.embedding(adata, color=["section", "leiden"])
-    >>> ax = sg.pl.embedding(adata, basis=["X_sigmma_meso_img", "X_sigmma_meso_expr"], color="modality")
+    >>> sdata = sg.datasets.synthetic(300, n_genes=20, n_sections=2, seed=0)
+    >>> sc.pp.pca(sdata["table"], n_comps=2)
+    >>> fig = sg.pl.embedding(sdata, basis="X_pca", color=["section", "cell_type"])
+
+    After training (minutes on a CPU), the SIGMMA embeddings, modalities stacked:
+
+    >>> model = sg.tl.fit(sdata)  # doctest: +SKIP
+    >>> ax = sg.pl.embedding(sdata, basis=["X_sigmma_meso_img", "X_sigmma_meso_expr"], color="modality")  # doctest: +SKIP
     """
     adata = u.as_table(data, table_key)
     bases = [basis] if isinstance(basis, str) else list(basis)
@@ -191,26 +187,17 @@ def embedding(
         raise ValueError(f"ax= draws one panel but {len(colors)} colours were asked.")
     if ax is not None or len(colors) == 1:
         axs = [u.single_axes(ax, figsize=(5.0, 4.5))]
-        fig = axs[0].figure
     else:
-        fig, axs = u.panel_grid(len(colors), ncols=ncols, panel_size=(5.0, 4.5), wspace=0.45)
+        wspace = 0.45 if wspace is None else wspace
+        _, axs = u.panel_grid(len(colors), ncols=ncols, panel_size=(5.0, 4.5), wspace=wspace, hspace=hspace)
+    style = u.ColorStyle(palette, cmap, vmin, vmax, groups, na_color)
     rng = np.random.default_rng(random_state)
     for a, c, t in zip(axs, colors, titles):
         cv = _color_values(adata, obs, c, layer=layer, n_bases=len(bases))
         if cv.kind == "none":
             rgba, key = np.tile(np.array([[0.4, 0.4, 0.4, 1.0]]), (n, 1)), None
         else:
-            uns = adata.uns.get(f"{c}_colors")
-            rgba, key = u.unit_colors(
-                cv,
-                palette=palette,
-                uns_colors=uns,
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
-                groups=groups,
-                na_color=na_color,
-            )
+            rgba, key = u.unit_colors(cv, style, uns_colors=adata.uns.get(f"{c}_colors"))
         # Categories in random order (no group hides another); continuous values high on top.
         order = rng.permutation(n) if cv.kind != "continuous" else np.argsort(np.nan_to_num(cv.values, nan=-np.inf))
         a.scatter(xy[order, 0], xy[order, 1], c=rgba[order], s=s, alpha=alpha, linewidths=0, rasterized=n > 5000)
@@ -227,8 +214,7 @@ def embedding(
             u.add_legend(a, key, title=None, loc=legend_loc)
         elif cv.kind == "continuous":
             u.add_colorbar(a, key, cv.label)
-    u.savefig_or_show(fig, save=save, show=show)
-    return axs[0] if len(axs) == 1 else fig
+    return u.finish(axs, save=save, show=show, return_fig=return_fig)
 
 
 def _color_values(adata: AnnData, obs: pd.DataFrame, key: str | None, *, layer: str | None, n_bases: int) -> Any:

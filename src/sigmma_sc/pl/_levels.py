@@ -9,14 +9,16 @@ import numpy as np
 import pandas as pd
 
 from sigmma_sc._constants import Keys, Levels
+from sigmma_sc.io import validate
+from sigmma_sc.pp import Hierarchy, get_hierarchy
 
+from . import _docs as d
 from . import _utils as u
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
     from spatialdata import SpatialData
-
-    from sigmma_sc.pp import Hierarchy
 
 # A typical nucleus / cell is ~8 µm across: micro nodes are drawn at that size, in microns.
 _NODE_DIAMETER_UM = 8.0
@@ -50,6 +52,26 @@ def _edges(ax: Axes, centers: np.ndarray, edges: np.ndarray, keep: np.ndarray, *
         ax.add_collection(LineCollection(np.stack([centers[e[0]], centers[e[1]]], axis=1), **kwargs))
 
 
+def _key(label: str, color: str, *, marker: str = "o", filled: bool = False, line: bool = False, ms: float = 8) -> Any:
+    """Make a legend entry: a marker (hollow in ``color``, or ``color`` with a black rim), optionally on a line."""
+    from matplotlib.lines import Line2D
+
+    face, edge = (color, "black") if filled else ("none", color)
+    return Line2D(
+        [],
+        [],
+        marker=marker,
+        ls="-" if line else "",
+        color=color,
+        lw=1,
+        mfc=face,
+        mec=edge,
+        mew=1.5,
+        ms=ms,
+        label=label,
+    )
+
+
 def _region_index(sdata: SpatialData, hier: Hierarchy, region: int | str | None, table_key: str) -> int:
     """Macro node of ``region``: an index, a unit's obs_name, or the most central region of the first section."""
     macro = hier.levels[Levels.MACRO]
@@ -71,6 +93,7 @@ def _region_index(sdata: SpatialData, hier: Hierarchy, region: int | str | None,
     return r
 
 
+@d.shared_docs
 def levels(
     sdata: SpatialData,
     *,
@@ -78,13 +101,14 @@ def levels(
     table_key: str = Keys.TABLE,
     img_alpha: float = 1.0,
     title: str | None = None,
-    frameon: bool = False,
     legend_loc: str | None = "right margin",
+    frameon: bool = False,
     scalebar: bool = True,
     ax: Axes | None = None,
+    return_fig: bool = False,
     save: str | Path | None = None,
     show: bool | None = None,
-) -> Axes:
+) -> Axes | Figure:
     """Draw the micro / meso / macro nodes of one region over the H&E.
 
     Shows what the model sees at each scale around one region: the macro view (square) and the
@@ -106,35 +130,28 @@ def levels(
         Opacity of the H&E.
     title
         Axes title (default: the region and its section).
-    frameon
-        Draw micron ticks instead of a bare image.
-    legend_loc
-        ``"right margin"``, ``"none"`` or a matplotlib location.
-    scalebar
-        Draw a scale bar.
-    ax
-        Draw into this axes.
-    save
-        Write the figure to this path.
-    show
-        Show the figure (default: only when not saving and the backend is interactive).
+    {legend_loc}
+    {map_frame}
+    {ax_save_show}
 
     Returns
     -------
-    The axes.
+    The :class:`~matplotlib.axes.Axes` (the :class:`~matplotlib.figure.Figure` with
+    ``return_fig=True``).
 
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st(sections=["C2"])
-    >>> sg.pp.build_hierarchy(sdata)
-    >>> ax = sg.pl.levels(sdata, region="C2_10")
+    >>> sdata = sg.datasets.synthetic(300, n_genes=20, n_sections=2, seed=0)
+    >>> hier = sg.pp.build_hierarchy(sdata)
+    >>> ax = sg.pl.levels(sdata, region=0)
+
+    Spots (her2st, ~180 spots and their nuclei; segmenting the nuclei takes a minute):
+
+    >>> sdata = sg.datasets.her2st(sections=["C2"])  # doctest: +SKIP
+    >>> hier = sg.pp.build_hierarchy(sdata)  # doctest: +SKIP
+    >>> ax = sg.pl.levels(sdata, region="C2_10")  # doctest: +SKIP
     """
-    from matplotlib.lines import Line2D
-
-    from sigmma_sc.io import validate
-    from sigmma_sc.pp import get_hierarchy
-
     slide = validate(sdata, table_key=table_key)
     hier = get_hierarchy(sdata, table_key=table_key)
     missing = [lv for lv in (Levels.MESO, Levels.MACRO) if lv not in hier.levels]
@@ -162,80 +179,27 @@ def levels(
     ax = u.single_axes(ax, figsize=(6.0, 6.0))
     if section in slide.images:
         u.draw_he(ax, slide.images[section], bbox, alpha=img_alpha)
-    handles = []
-
     spot_units = hier.unit_level == Levels.MESO
     _edges(ax, meso.centers_um, meso.edges, region_meso, colors=_COLORS["edge"], linewidths=1.0, alpha=0.8, zorder=3)
+    ring = region_meso[region_meso != centre_meso]
     if spot_units:
         # Spots: the region's spots as rings of their true diameter, the centre spot in another colour.
-        ring = region_meso[region_meso != centre_meso]
-        u.draw_units(
-            ax,
-            meso.centers_um[ring],
-            slide.unit_diameter_um,
-            "none",
-            edgecolor=_COLORS["ring"],
-            linewidth=1.6,
-            zorder=4,
-        )
-        u.draw_units(
-            ax,
-            meso.centers_um[[centre_meso]],
-            slide.unit_diameter_um,
-            "none",
-            edgecolor=_COLORS["centre"],
-            linewidth=2.4,
-            zorder=4,
-        )
-        handles += [
-            Line2D(
-                [], [], marker="o", ls="", mfc="none", mec=_COLORS["centre"], mew=2, ms=10, label="meso: centre spot"
-            ),
-            Line2D(
-                [],
-                [],
-                marker="o",
-                ls="",
-                mfc="none",
-                mec=_COLORS["ring"],
-                mew=2,
-                ms=10,
-                label=f"macro: region ({len(region_meso)} spots)",
-            ),
-        ]
+        for nodes, color, lw in ((ring, _COLORS["ring"], 1.6), ([centre_meso], _COLORS["centre"], 2.4)):
+            u.draw_units(
+                ax, meso.centers_um[nodes], slide.unit_diameter_um, "none", edgecolor=color, linewidth=lw, zorder=4
+            )
+        what_meso, marker, filled = "spot", "o", False
     else:
-        ax.scatter(
-            *meso.centers_um[region_meso].T,
-            marker="D",
-            s=30,
-            c=_COLORS["ring"],
-            edgecolors="black",
-            linewidths=0.5,
-            zorder=5,
-        )
-        ax.scatter(
-            *meso.centers_um[[centre_meso]].T,
-            marker="D",
-            s=60,
-            c=_COLORS["centre"],
-            edgecolors="black",
-            linewidths=0.5,
-            zorder=6,
-        )
-        handles += [
-            Line2D([], [], marker="D", ls="", mfc=_COLORS["centre"], mec="black", ms=7, label="meso: centre niche"),
-            Line2D(
-                [],
-                [],
-                marker="D",
-                ls="",
-                mfc=_COLORS["ring"],
-                mec="black",
-                ms=6,
-                label=f"macro: region ({len(region_meso)} niches)",
-            ),
-        ]
-    handles.append(Line2D([], [], color=_COLORS["edge"], lw=1, label="meso graph edges"))
+        for nodes, color, s_, z in ((region_meso, _COLORS["ring"], 30, 5), ([centre_meso], _COLORS["centre"], 60, 6)):
+            ax.scatter(
+                *meso.centers_um[nodes].T, marker="D", s=s_, c=color, edgecolors="black", linewidths=0.5, zorder=z
+            )
+        what_meso, marker, filled = "niche", "D", True
+    handles = [
+        _key(f"meso: centre {what_meso}", _COLORS["centre"], marker=marker, filled=filled, ms=10),
+        _key(f"macro: region ({len(region_meso)} {what_meso}s)", _COLORS["ring"], marker=marker, filled=filled),
+        _key("meso graph edges", _COLORS["edge"], marker="", line=True),
+    ]
 
     micro = hier.levels.get(Levels.MICRO)
     if micro is not None and micro.parent is not None:
@@ -243,82 +207,38 @@ def levels(
         in_centre = in_region[micro.parent[in_region] == centre_meso]
         others = np.setdiff1d(in_region, in_centre)
         _edges(ax, micro.centers_um, micro.edges, in_centre, colors=_COLORS["micro"], linewidths=0.6, zorder=5)
-        u.draw_units(
-            ax,
-            micro.centers_um[others],
-            _NODE_DIAMETER_UM,
-            _COLORS["micro_other"],
-            edgecolor="black",
-            linewidth=0.3,
-            alpha=0.9,
-            zorder=5,
-        )
-        u.draw_units(
-            ax,
-            micro.centers_um[in_centre],
-            _NODE_DIAMETER_UM,
-            _COLORS["micro"],
-            edgecolor="black",
-            linewidth=0.4,
-            zorder=6,
-        )
+        for nodes, color, lw, z in ((others, "micro_other", 0.3, 5), (in_centre, "micro", 0.4, 6)):
+            u.draw_units(
+                ax,
+                micro.centers_um[nodes],
+                _NODE_DIAMETER_UM,
+                _COLORS[color],
+                edgecolor="black",
+                linewidth=lw,
+                zorder=z,
+            )
         what = "nuclei" if spot_units else "cells"
         handles += [
-            Line2D(
-                [],
-                [],
-                marker="o",
-                ls="-",
-                color=_COLORS["micro"],
-                mec="black",
+            _key(
+                f"micro: {what} of the centre + graph ({len(in_centre)})",
+                _COLORS["micro"],
+                filled=True,
+                line=True,
                 ms=5,
-                lw=0.6,
-                label=f"micro: {what} of the centre + graph ({len(in_centre)})",
             ),
-            Line2D(
-                [],
-                [],
-                marker="o",
-                ls="",
-                mfc=_COLORS["micro_other"],
-                mec="black",
-                ms=5,
-                label=f"micro: other {what} of the region",
-            ),
+            _key(f"micro: other {what} of the region", _COLORS["micro_other"], filled=True, ms=5),
         ]
         if in_centre.size:
             first = in_centre[
                 np.argmin(np.linalg.norm(micro.centers_um[in_centre] - meso.centers_um[centre_meso], axis=1))
             ]
             _square(ax, micro.centers_um[first], micro.fov_um, edgecolor=_COLORS["micro"], lw=1.5, zorder=7)
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    marker="s",
-                    ls="",
-                    mfc="none",
-                    mec=_COLORS["micro"],
-                    ms=8,
-                    label=f"micro view ({micro.fov_um:g} µm)",
-                )
-            )
+            handles.append(_key(f"micro view ({micro.fov_um:g} µm)", _COLORS["micro"], marker="s"))
     _square(ax, meso.centers_um[centre_meso], meso.fov_um, edgecolor=_COLORS["centre"], lw=1.5, ls="--", zorder=7)
     _square(ax, centre, macro.fov_um, edgecolor=_COLORS["macro"], lw=1.5, ls="--", zorder=7)
     handles += [
-        Line2D(
-            [], [], marker="s", ls="", mfc="none", mec=_COLORS["centre"], ms=10, label=f"meso view ({meso.fov_um:g} µm)"
-        ),
-        Line2D(
-            [],
-            [],
-            marker="s",
-            ls="",
-            mfc="none",
-            mec=_COLORS["macro"],
-            ms=12,
-            label=f"macro view ({macro.fov_um:g} µm)",
-        ),
+        _key(f"meso view ({meso.fov_um:g} µm)", _COLORS["centre"], marker="s", ms=10),
+        _key(f"macro view ({macro.fov_um:g} µm)", _COLORS["macro"], marker="s", ms=12),
     ]
     u.set_view(ax, bbox, frameon=frameon)
     if scalebar:
@@ -331,5 +251,4 @@ def levels(
         )
         ax.legend(handles=handles, fontsize=8, **kw)
     ax.set_title(title if title is not None else f"region {r} ({section})", fontsize=11)
-    u.savefig_or_show(ax.figure, save=save, show=show)
-    return ax
+    return u.finish([ax], save=save, show=show, return_fig=return_fig)

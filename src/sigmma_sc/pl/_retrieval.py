@@ -9,7 +9,11 @@ import numpy as np
 import pandas as pd
 
 from sigmma_sc._constants import Defaults, Keys
+from sigmma_sc.io import SlideData, validate
+from sigmma_sc.pp import iter_crops
+from sigmma_sc.tl import retrieve
 
+from . import _docs as d
 from . import _utils as u
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -17,7 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
-    from sigmma_sc.io import SlideData
     from sigmma_sc.model import Sigmma
 
 _PATCH_PX = 192
@@ -37,8 +40,6 @@ def _unit_index(slide: SlideData, query: int | str) -> int:
 
 def _patch(slide: SlideData, unit: int, fov_um: float) -> np.ndarray:
     """Read the H&E view of one unit (white when its section has no image)."""
-    from sigmma_sc.pp import iter_crops
-
     section = slide.sections[int(slide.unit_section[unit])]
     if section not in slide.images:
         return np.full((_PATCH_PX, _PATCH_PX, 3), 255, dtype=np.uint8)
@@ -62,6 +63,7 @@ def _expression(data: SlideData | AnnData, rows: np.ndarray, genes: list[str]) -
         return None
 
 
+@d.shared_docs
 def retrieval(
     model: Sigmma,
     sdata: SpatialData,
@@ -113,26 +115,21 @@ def retrieval(
         ``Defaults.MESO_FOV_UM``).
     cmap
         Colormap of the heatmap.
-    save
-        Write the figure to this path.
-    show
-        Show the figure (default: only when not saving and the backend is interactive).
+    {save_show}
 
-    Returns
-    -------
-    The figure.
+    {returns_figure}
 
     Examples
     --------
+    Needs a fitted model (training takes minutes on a CPU):
+
     >>> import sigmma_sc as sg
-    >>> model = sg.tl.fit(sdata)
-    >>> fig = sg.pl.retrieval(model, sdata, query="C2_10", k=5)
+    >>> sdata = sg.datasets.her2st(sections=["C2", "C3"])  # doctest: +SKIP
+    >>> model = sg.tl.fit(sdata)  # doctest: +SKIP
+    >>> fig = sg.pl.retrieval(model, sdata, query="C2_10", k=5)  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
     from anndata import AnnData
-
-    from sigmma_sc.io import validate
-    from sigmma_sc.tl import retrieve
 
     slide = validate(sdata, table_key=table_key)
     q = _unit_index(slide, query)
@@ -211,5 +208,4 @@ def retrieval(
         f"{'image → expression' if direction == 'img2expr' else 'expression → image'} retrieval, top {len(hits)}",
         fontsize=11,
     )
-    u.savefig_or_show(fig, save=save, show=show)
-    return fig
+    return u.finish([ax0], save=save, show=show, return_fig=True)

@@ -1,9 +1,10 @@
-"""Maps over the H&E: any obs column, gene or predicted gene, one panel per section."""
+"""Maps over the H&E: obs columns, genes or predicted genes; one panel per colour key and section."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,10 @@ import numpy as np
 import pandas as pd
 
 from sigmma_sc._constants import Keys
+from sigmma_sc.io import SlideData, validate
+from sigmma_sc.tl import pearson_per_gene
 
+from . import _docs as d
 from . import _utils as u
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,14 +24,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
-    from sigmma_sc.io import SlideData
-
 # Padding around the units of a section, in unit diameters: the tissue edge stays visible.
 _PAD_DIAMETERS = 1.5
 _PANEL = (5.0, 5.0)
 # Rendered panel width in pixels (5 in at 150 dpi) and the unit size from which units get a rim.
 _PANEL_PX = 750
 _OUTLINE_MIN_PX = 10
+# scanpy's image names -> pyramid level when the SpatialData has no element of that name.
+_LEVEL_NAMES = {"hires": 0, "lowres": -1}
+# Space between panels (fraction of a panel): default, and when a legend sits between two panels.
+_WSPACE, _WSPACE_LEGEND = 0.35, 0.6
 
 
 @dataclass
@@ -40,10 +46,59 @@ class _Layer:
     uns_colors: Sequence[Any] | None
 
 
-def _slide(sdata: SpatialData, table_key: str) -> SlideData:
-    from sigmma_sc.io import validate
+@dataclass(frozen=True)
+class MapStyle:
+    """How a map is drawn, apart from what it shows (shared by every panel of a figure)."""
 
-    return validate(sdata, table_key=table_key)
+    colors: u.ColorStyle = field(default_factory=u.ColorStyle)
+    img: bool = True
+    level: int | None = None
+    img_alpha: float = 1.0
+    alpha: float = 1.0
+    size: float = 1.0
+    colorbar: bool = True
+    scalebar: bool = True
+    frameon: bool = False
+    outline: bool | None = None
+    crop_coord: tuple[float, float, float, float] | None = None
+
+    def with_limits(self, values: np.ndarray | None) -> MapStyle:
+        """Return the style with ``vmin`` / ``vmax`` resolved to numbers over ``values`` (``None``: unchanged)."""
+        if values is None:
+            return self
+        lo, hi = u.color_limits(values, self.colors.vmin, self.colors.vmax)
+        return replace(self, colors=replace(self.colors, vmin=lo, vmax=hi))
+
+
+def _image_choice(data: Any, img_key: Any) -> tuple[str | dict[str, str] | None, int | None]:
+    """Resolve ``img_key`` to ``(image element(s) for io.validate, pyramid level)``."""
+    if img_key is None:
+        return None, None
+    if isinstance(img_key, Mapping):
+        return dict(img_key), None
+    if isinstance(img_key, (int, np.integer)) and not isinstance(img_key, bool):
+        return None, int(img_key)
+    names = list(getattr(data, "images", None) or {})
+    if isinstance(img_key, str):
+        if img_key in names:
+            return img_key, None
+        scale = re.fullmatch(r"scale(\d+)", img_key)
+        if scale:
+            return None, int(scale[1])
+        if img_key in _LEVEL_NAMES:
+            named = [n for n in names if n.endswith(f"_{img_key}_image")]
+            return (named[0], None) if len(named) == 1 else (None, _LEVEL_NAMES[img_key])
+    raise KeyError(
+        f"img_key={img_key!r} is neither an image element (sdata.images has {names}) nor a pyramid level "
+        "(an int, 'scaleN', 'hires' or 'lowres')."
+    )
+
+
+def _open(data: SpatialData | AnnData, table_key: str, image_key: str | dict[str, str] | None) -> SlideData:
+    """Validate a SpatialData, or describe an AnnData with ``obsm["spatial"]`` in microns (no H&E)."""
+    if hasattr(data, "tables"):
+        return validate(data, table_key=table_key, image_key=image_key)
+    return u.table_slide(data, table_key)
 
 
 def _layer(slide: SlideData, color: str | None, *, adata: AnnData | None, layer: str | None) -> _Layer:
@@ -80,24 +135,10 @@ def map_panel(
     slide: SlideData,
     section: str,
     lay: _Layer,
+    style: MapStyle,
     *,
-    img: bool,
-    img_alpha: float,
-    alpha: float,
-    size: float,
-    palette: Any,
-    cmap: Any,
-    vmin: Any,
-    vmax: Any,
-    groups: Sequence[str] | None,
-    na_color: Any,
-    legend_loc: str | None,
-    colorbar: bool,
-    scalebar: bool,
-    frameon: bool,
-    crop_coord: tuple[float, float, float, float] | None,
-    title: str | None,
-    outline: bool | None,
+    title: str,
+    legend_loc: str | None = None,
     legend_present: set[str] | None = None,
 ) -> tuple[float, float, float, float]:
     """Draw one section: H&E, units coloured by ``lay``, legend / colour bar, scale bar.
@@ -109,97 +150,96 @@ def map_panel(
     if not mask.any():
         raise ValueError(f"section {section!r} has no units to draw.")
     xy = lay.xy[mask]
-    diameter = slide.unit_diameter_um * size
-    bbox = crop_coord or u.bbox_of(xy, pad=_PAD_DIAMETERS * slide.unit_diameter_um)
-    if img and section in slide.images:
-        u.draw_he(ax, slide.images[section], bbox, alpha=img_alpha)
+    diameter = slide.unit_diameter_um * style.size
+    bbox = style.crop_coord or u.bbox_of(xy, pad=_PAD_DIAMETERS * slide.unit_diameter_um)
+    if style.img and section in slide.images:
+        u.draw_he(ax, slide.images[section], bbox, alpha=style.img_alpha, level=style.level)
     if lay.color.kind == "none":
-        u.draw_units(ax, xy, diameter, "none", edgecolor="black", linewidth=0.6, alpha=alpha)
+        u.draw_units(ax, xy, diameter, "none", edgecolor="black", linewidth=0.6, alpha=style.alpha)
     else:
         vals = lay.color.values[mask]
         sub = u.ColorValues(lay.color.kind, vals, lay.color.label)
-        rgba, key = u.unit_colors(
-            sub,
-            palette=palette,
-            uns_colors=lay.uns_colors,
-            cmap=cmap,
-            vmin=vmin,
-            vmax=vmax,
-            groups=groups,
-            na_color=na_color,
-            present=legend_present,
-        )
+        rgba, key = u.unit_colors(sub, style.colors, uns_colors=lay.uns_colors, present=legend_present)
         # High values on top so hot spots are not hidden under their neighbours (cells overlap).
         order = (
             np.argsort(np.nan_to_num(np.asarray(vals, dtype=float), nan=-np.inf)) if sub.kind == "continuous" else None
         )
+        outline = style.outline
         if outline is None:
             # A thin white rim separates adjacent spots and lifts them off the purple H&E; on
             # dense small units (cells, Visium HD bins) it would only paint a white lattice.
             span = max(bbox[1] - bbox[0], bbox[3] - bbox[2])
             outline = diameter / span * _PANEL_PX >= _OUTLINE_MIN_PX
         edge = "white" if outline else "none"
-        u.draw_units(ax, xy, diameter, rgba, alpha=alpha, edgecolor=edge, linewidth=0.3, order=order)
+        u.draw_units(ax, xy, diameter, rgba, alpha=style.alpha, edgecolor=edge, linewidth=0.3, order=order)
         if sub.kind == "categorical":
             u.add_legend(ax, key, title=lay.color.label, loc=legend_loc)
-        elif colorbar:
+        elif style.colorbar:
             u.add_colorbar(ax, key, lay.color.label)
-    u.set_view(ax, bbox, frameon=frameon)
-    if scalebar:
+    u.set_view(ax, bbox, frameon=style.frameon)
+    if style.scalebar:
         u.add_scalebar(ax)
-    ax.set_title(section if title is None else title, fontsize=11)
+    ax.set_title(title, fontsize=11)
     return bbox
 
 
+@d.shared_docs
 def spatial(
-    sdata: SpatialData,
+    sdata: SpatialData | AnnData,
     *,
-    color: str | None = None,
+    color: str | Sequence[str | None] | None = None,
     table_key: str = Keys.TABLE,
+    library_id: str | Sequence[str] | None = None,
     sections: str | Sequence[str] | None = None,
     adata: AnnData | None = None,
     layer: str | None = None,
     img: bool = True,
+    img_key: int | str | Mapping[str, str] | None = None,
     img_alpha: float = 1.0,
     alpha: float = 1.0,
     size: float = 1.0,
     palette: str | Sequence[Any] | dict[str, Any] | None = None,
+    groups: Sequence[str] | None = None,
+    na_color: Any = u.NA_COLOR,
     cmap: str | Any | None = "viridis",
     vmin: float | str | None = None,
     vmax: float | str | None = "p99",
-    groups: Sequence[str] | None = None,
-    na_color: Any = u.NA_COLOR,
+    share_scale: bool = True,
     title: str | Sequence[str] | None = None,
     ncols: int = 4,
+    wspace: float | None = None,
+    hspace: float | None = None,
     frameon: bool = False,
+    scalebar: bool = True,
     legend_loc: str | None = "right margin",
     colorbar: bool = True,
-    scalebar: bool = True,
     outline: bool | None = None,
     crop_coord: tuple[float, float, float, float] | None = None,
     ax: Axes | None = None,
+    return_fig: bool = False,
     save: str | Path | None = None,
     show: bool | None = None,
 ) -> Axes | Figure:
-    """Units coloured by an obs column, a gene or a predicted gene, over the H&E of each section.
+    """Units coloured by obs columns, genes or predicted genes, over the H&E of each section.
 
     Units (spots, cells, bins) are drawn as discs of their true diameter in microns on the
-    section's H&E, read from the coarsest pyramid level that keeps about 1,200 pixels across the
-    panel. Categorical keys get a legend (scanpy colours from ``uns[f"{color}_colors"]`` when
-    present), continuous keys a colour bar; every panel has a scale bar in microns.
+    section's H&E. Categorical keys get a legend (scanpy colours from ``uns["<key>_colors"]``
+    when present), continuous keys a colour bar; every panel has a scale bar in microns. As in
+    :func:`scanpy.pl.spatial`, ``color`` may be a list: one panel per key and section (key by
+    key, ``ncols`` panels a row).
 
     Parameters
     ----------
     sdata
-        SpatialData with an H&E per section (see :func:`sigmma_sc.io.validate`).
+        SpatialData with an H&E per section (see :func:`sigmma_sc.io.validate`), or an AnnData
+        with ``obsm["spatial"]`` in microns (maps without H&E).
     color
-        An ``obs`` column (categorical or numeric) or a gene. Genes of the table are shown as
-        ``log1p(normalize_total(counts, 1e4))``; with ``adata=`` they are read from ``adata.X``
-        as stored (predictions are already on the log1p scale). ``None`` draws unit outlines.
-    table_key
-        Table annotating the units.
-    sections
-        Section(s) to draw, one panel each (default: all, in table order).
+        ``obs`` column(s) (categorical or numeric) or gene(s); a list draws one panel per key.
+        Genes of the table are shown as ``log1p(normalize_total(counts, 1e4))``; with ``adata=``
+        they are read from ``adata.X`` as stored (predictions are already on the log1p scale).
+        ``None`` draws unit outlines.
+    {table_key}
+    {library_id}
     adata
         Take ``color`` from this AnnData instead of the table, e.g. the output of
         :func:`sigmma_sc.tl.predict_expression`. Its ``obs_names`` are matched to the table's
@@ -207,100 +247,104 @@ def spatial(
         ``obs["section"]``.
     layer
         Read genes from this layer as stored (no normalisation).
-    img
-        Draw the H&E.
-    img_alpha
-        Opacity of the H&E.
+    {img}
     alpha
         Opacity of the units.
-    size
-        Unit diameter as a multiple of the true diameter (``0.5`` leaves the tissue visible
-        between Visium spots).
-    palette
-        Categorical colours: dict category -> colour, list, or a colormap name.
-    cmap
-        Colormap for continuous values.
-    vmin, vmax
-        Colour limits: a number or a percentile such as ``"p99"`` (per panel). The default
-        ``vmax="p99"`` keeps one hot spot from washing out the map.
-    groups
-        Categories to colour; the others are drawn in ``na_color``.
-    na_color
-        Colour of missing values and of categories outside ``groups``.
+    {size}
+    {palette}
+    {cmap}
+    {share_scale}
     title
-        Panel title(s); default the section name.
-    ncols
-        Panels per row.
-    frameon
-        Draw axes with micron ticks instead of a bare image.
-    legend_loc
-        ``"right margin"``, ``None`` / ``"none"``, or a matplotlib legend location.
+        Panel title(s): one string (prefixed to each panel's default) or one per panel. Default:
+        the section for one key, the key for one section, else both.
+    {panels}
+    {map_frame}
+    {legend_loc}
     colorbar
         Draw a colour bar for continuous values.
-    scalebar
-        Draw a scale bar.
     outline
         Thin white rim around each unit (default: when units are drawn at least ~10 pixels wide).
     crop_coord
         View ``(x0, x1, y0, y1)`` in microns (default: the section's units plus a margin).
-    ax
-        Draw into this axes (one section only).
-    save
-        Write the figure to this path (format from the suffix, default PNG).
-    show
-        Show the figure (default: only when not saving and the backend is interactive).
+    {ax_save_show}
 
-    Returns
-    -------
-    The axes for one section, else the figure.
+    {returns_panels}
 
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st(sections=["C2", "C3"])
-    >>> fig = sg.pl.spatial(sdata, color="ERBB2")
-    >>> ax = sg.pl.spatial(sdata, color="section", sections="C2")
+    >>> sdata = sg.datasets.synthetic(300, n_genes=20, n_sections=2, seed=0)
+    >>> fig = sg.pl.spatial(sdata, color=["cell_type", "gene0"], library_id="S0")
+    >>> [a.get_title() for a in fig.axes]  # two maps, then the gene's colour bar
+    ['cell_type', 'gene0', '']
+    >>> ax = sg.pl.spatial(sdata, color="gene0", library_id="S1", img_key="lowres")
+
+    Both sections of ``gene0`` on one colour scale (``share_scale=False``: one scale each):
+
+    >>> fig = sg.pl.spatial(sdata, color="gene0", ncols=2)
+
+    Real Visium spots over their H&E (a crop of the 10x adult mouse brain):
+
+    >>> sdata = sg.datasets.visium_mouse_brain()
+    >>> ax = sg.pl.spatial(sdata, color="Ttr", size=0.8, return_fig=True)
     """
-    slide = _slide(sdata, table_key)
-    secs = _sections(slide, sections)
-    lay = _layer(slide, color, adata=adata, layer=layer)
-    titles = _titles(title, secs)
-    kwargs = dict(
+    image_key, level = _image_choice(sdata, img_key)
+    slide = _open(sdata, table_key, image_key)
+    colors: list[str | None] = [color] if color is None or isinstance(color, str) else list(color)
+    if not colors:
+        raise ValueError("color is an empty list; pass a key, a list of keys or None.")
+    layers = [_layer(slide, c, adata=adata, layer=layer) for c in colors]
+    secs = _sections(slide, _library(library_id, sections), layers)
+    n = len(colors) * len(secs)
+    titles = _titles(title, colors, secs)
+    if ax is not None and n > 1:
+        raise ValueError(
+            f"ax= draws one panel (one section, one colour) but {n} were asked ({len(colors)} colour(s) x "
+            f"{len(secs)} section(s) {secs}); pass library_id='{secs[0]}' and one colour."
+        )
+    ncols = max(1, min(ncols, n))
+    # The legend of a categorical key sits right of its group's first panel in the last column
+    # (or its last panel): one legend per key, beside the maps it explains.
+    legend_at = {}
+    for i in range(len(colors)):
+        group = range(i * len(secs), (i + 1) * len(secs))
+        legend_at[i] = next(j for j in group if j % ncols == ncols - 1 or j == group[-1])
+    inner_legend = legend_loc == "right margin" and any(
+        layers[i].color.kind == "categorical" and j % ncols != ncols - 1 for i, j in legend_at.items()
+    )
+    panel_size = _panel_size(slide, layers[0], secs, crop_coord)
+    if ax is not None or n == 1:
+        axs = [u.single_axes(ax, figsize=panel_size)]
+    else:
+        wspace = wspace if wspace is not None else _WSPACE_LEGEND if inner_legend else _WSPACE
+        _, axs = u.panel_grid(n, ncols=ncols, panel_size=panel_size, wspace=wspace, hspace=hspace)
+    style = MapStyle(
+        u.ColorStyle(palette, cmap, vmin, vmax, groups, na_color),
         img=img,
+        level=level,
         img_alpha=img_alpha,
         alpha=alpha,
         size=size,
-        palette=palette,
-        cmap=cmap,
-        vmin=vmin,
-        vmax=vmax,
-        groups=groups,
-        na_color=na_color,
-        legend_loc=legend_loc,
         colorbar=colorbar,
         scalebar=scalebar,
         frameon=frameon,
-        crop_coord=crop_coord,
         outline=outline,
+        crop_coord=crop_coord,
     )
-    if ax is not None or len(secs) == 1:
-        if ax is not None and len(secs) > 1:
-            raise ValueError(f"ax= draws one section but {len(secs)} were asked; pass sections='{secs[0]}'.")
-        ax = u.single_axes(ax, figsize=_panel_size(slide, lay, secs, crop_coord))
-        map_panel(ax, slide, secs[0], lay, title=titles[0], **kwargs)
-        u.savefig_or_show(ax.figure, save=save, show=show)
-        return ax
-    fig, axs = u.panel_grid(len(secs), ncols=ncols, panel_size=_panel_size(slide, lay, secs, crop_coord))
-    present = None
-    if lay.color.kind == "categorical":  # the one legend lists what any drawn panel shows
-        drawn = np.isin(lay.section, [slide.sections.index(s) for s in secs])
-        present = set(pd.Series(np.asarray(lay.color.values)[drawn]).dropna().astype(str))
-    for a, s, t in zip(axs, secs, titles):
-        # One legend for categorical keys: the right-most panel of the first row carries it.
-        loc = legend_loc if a is axs[min(ncols, len(axs)) - 1] else None
-        map_panel(a, slide, s, lay, title=t, legend_present=present, **{**kwargs, "legend_loc": loc})
-    u.savefig_or_show(fig, save=save, show=show)
-    return fig
+    drawn_codes = [slide.sections.index(s) for s in secs]
+    for i, lay in enumerate(layers):
+        drawn = np.isin(lay.section, drawn_codes)
+        continuous = lay.color.kind == "continuous"
+        # One colour scale over every section of this key (numbers resolved once), unless asked otherwise.
+        key_style = style.with_limits(lay.color.values[drawn] if continuous and share_scale else None)
+        present = None
+        if lay.color.kind == "categorical":  # the legend lists what any panel of this key shows
+            present = set(pd.Series(np.asarray(lay.color.values)[drawn]).dropna().astype(str))
+        for k, s in enumerate(secs):
+            j = i * len(secs) + k
+            loc = legend_loc if j == legend_at[i] else None
+            map_panel(axs[j], slide, s, lay, key_style, title=titles[j], legend_loc=loc, legend_present=present)
+    return u.finish(axs, save=save, show=show, return_fig=return_fig)
 
 
 def _panel_size(
@@ -320,41 +364,59 @@ def _panel_size(
     return width, float(np.clip(0.85 * width * aspect, 0.5 * width, 1.5 * width)) + 0.4
 
 
-def _sections(slide: SlideData, sections: str | Sequence[str] | None) -> list[str]:
+def _library(library_id: str | Sequence[str] | None, sections: str | Sequence[str] | None) -> Any:
+    """``library_id`` (scanpy's name) or ``sections`` (this package's): the same argument."""
+    if library_id is not None and sections is not None:
+        raise ValueError("library_id and sections are the same argument (the sections to draw); pass one of them.")
+    return library_id if library_id is not None else sections
+
+
+def _sections(slide: SlideData, sections: str | Sequence[str] | None, layers: Sequence[_Layer]) -> list[str]:
+    """Sections to draw: those asked for (checked), else every section that has units in a layer."""
     if sections is None:
-        return list(slide.sections)
+        with_units = set().union(*(np.unique(lay.section).tolist() for lay in layers))
+        return [s for i, s in enumerate(slide.sections) if i in with_units]
     secs = [sections] if isinstance(sections, str) else list(sections)
     unknown = [s for s in secs if s not in slide.sections]
     if unknown:
-        raise KeyError(f"sections {unknown} not in the data; sections are {slide.sections}.")
+        raise KeyError(f"library_id / sections {unknown} not in the data; sections are {slide.sections}.")
     return secs
 
 
-def _titles(title: str | Sequence[str] | None, secs: list[str]) -> list[str | None]:
+def _titles(title: str | Sequence[str] | None, colors: Sequence[str | None], secs: list[str]) -> list[str]:
+    """Panel titles, key by key then section by section (the order panels are drawn in)."""
+    default = [
+        s if len(colors) == 1 else str(c or "units") if len(secs) == 1 else f"{c or 'units'} – {s}"
+        for c in colors
+        for s in secs
+    ]
     if title is None:
-        return [None] * len(secs)
+        return default
     if isinstance(title, str):
-        return [title if len(secs) == 1 else f"{title} – {s}" for s in secs]
+        return [title] if len(default) == 1 else [f"{title} – {t}" for t in default]
     titles = list(title)
-    if len(titles) != len(secs):
-        raise ValueError(f"title has {len(titles)} entries for {len(secs)} sections.")
+    if len(titles) != len(default):
+        raise ValueError(f"title has {len(titles)} entries for {len(default)} panels ({default}).")
     return titles
 
 
+@d.shared_docs
 def predicted_vs_observed(
     pred: AnnData,
     observed: SpatialData | AnnData,
     *,
     genes: str | Sequence[str],
     table_key: str = Keys.TABLE,
+    library_id: str | Sequence[str] | None = None,
     sections: str | Sequence[str] | None = None,
     img: bool = True,
+    img_key: int | str | Mapping[str, str] | None = None,
     img_alpha: float = 1.0,
     size: float = 1.0,
     cmap: str | Any | None = "viridis",
     vmin: float | str | None = None,
     vmax: float | str | None = "p99",
-    share_scale: bool = False,
+    share_scale: bool = True,
     frameon: bool = False,
     scalebar: bool = True,
     save: str | Path | None = None,
@@ -365,9 +427,9 @@ def predicted_vs_observed(
     One row per gene and section: the observed ``log1p(normalize_total)`` expression on the
     left, the prediction (e.g. from :func:`sigmma_sc.tl.predict_expression`) on the right, both
     over the H&E. ``r`` is Pearson's correlation over the units of that row (the per-gene score
-    of :func:`sigmma_sc.tl.evaluate`). Each map has its own colour bar unless ``share_scale``:
-    predictions are smoother than counts, so separate scales compare patterns, shared scales
-    compare levels.
+    of :func:`sigmma_sc.tl.evaluate`). All maps of a gene share one colour scale by default, so
+    a prediction that is too flat looks too flat; ``share_scale=False`` gives each map its own
+    (predictions are smoother than counts: separate scales compare patterns, as r does).
 
     Parameters
     ----------
@@ -381,44 +443,35 @@ def predicted_vs_observed(
         Gene(s) to draw, present in both.
     table_key
         Table of ``observed``.
-    sections
-        Section(s) to draw (default: every section holding predicted units).
-    img
-        Draw the H&E.
-    img_alpha
-        Opacity of the H&E.
-    size
-        Unit diameter as a multiple of the true diameter.
-    cmap
-        Colormap.
-    vmin, vmax
-        Colour limits (numbers or percentiles such as ``"p99"``), per map.
-    share_scale
-        Use the observed map's limits for the prediction too.
-    frameon
-        Draw micron ticks.
-    scalebar
-        Draw a scale bar.
-    save
-        Write the figure to this path.
-    show
-        Show the figure (default: only when not saving and the backend is interactive).
+    {library_id}
+    {img}
+    {size}
+    {cmap}
+    {share_scale}
+    {map_frame}
+    {save_show}
 
-    Returns
-    -------
-    The figure.
+    {returns_figure}
 
     Examples
     --------
+    A stand-in prediction (the observed expression of two genes plus noise) on a small synthetic
+    tissue; in practice ``pred = sg.tl.predict_expression(model, sdata)``:
+
+    >>> import anndata as ad
+    >>> import numpy as np
     >>> import sigmma_sc as sg
-    >>> pred = sg.tl.predict_expression(model, test_sdata)
-    >>> fig = sg.pl.predicted_vs_observed(pred, test_sdata, genes=["ERBB2", "GRB7"])
+    >>> sdata = sg.datasets.synthetic(300, n_genes=20, n_sections=2, seed=0)
+    >>> observed = sg.io.validate(sdata).expression(["gene0", "gene1"])
+    >>> noisy = observed + np.random.default_rng(0).normal(0, 0.3, observed.shape)
+    >>> pred = ad.AnnData(noisy, obs=sdata["table"].obs[[]])
+    >>> pred.var_names = ["gene0", "gene1"]
+    >>> fig = sg.pl.predicted_vs_observed(pred, sdata, genes=["gene0", "gene1"], library_id="S0")
+    >>> fig.axes[1].get_title().startswith("gene0 predicted, r = ")
+    True
     """
-    from anndata import AnnData
-
-    from sigmma_sc.tl._metrics import pearson_per_gene
-
-    slide = _slide(observed, table_key) if not isinstance(observed, AnnData) else u.table_slide(observed, table_key)
+    image_key, level = _image_choice(observed, img_key)
+    slide = _open(observed, table_key, image_key)
     genes = [genes] if isinstance(genes, str) else list(genes)
     missing = [g for g in genes if g not in pred.var_names or g not in slide.table.var_names]
     if missing:
@@ -433,40 +486,29 @@ def predicted_vs_observed(
     observed_x = obs_sub.expression(genes)
     x = pred[:, genes].X
     predicted_x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
-    present = [slide.sections[c] for c in dict.fromkeys(obs_sub.unit_section.tolist())]
-    secs = present if sections is None else _sections(obs_sub, sections)
-    rows = [(g, s) for g in genes for s in secs]
     all_units = _Layer(obs_sub.xy_um, obs_sub.unit_section, u.ColorValues("none", None, ""), None)
-    fig, axs = u.panel_grid(2 * len(rows), ncols=2, panel_size=_panel_size(obs_sub, all_units, secs, None), wspace=0.3)
-    kwargs = dict(
-        img=img,
-        img_alpha=img_alpha,
-        alpha=1.0,
-        size=size,
-        palette=None,
-        cmap=cmap,
-        groups=None,
-        na_color=u.NA_COLOR,
-        legend_loc=None,
-        colorbar=True,
-        scalebar=scalebar,
-        frameon=frameon,
-        crop_coord=None,
-        outline=None,
+    secs = _sections(obs_sub, _library(library_id, sections), [all_units])
+    _, axs = u.panel_grid(
+        2 * len(genes) * len(secs), ncols=2, panel_size=_panel_size(obs_sub, all_units, secs, None), wspace=0.3
     )
-    for i, (g, s) in enumerate(rows):
-        j = genes.index(g)
-        in_sec = obs_sub.unit_section == slide.sections.index(s)
-        r = pearson_per_gene(observed_x[in_sec, j : j + 1], predicted_x[in_sec, j : j + 1])[0]
-        obs_vals = observed_x[:, j].astype(np.float64)
-        lo, hi = u.percentile_limits(obs_vals[in_sec], vmin, vmax)
-        where = f" – {s}" if len(secs) > 1 else ""
-        for k, (vals, label, name) in enumerate(
-            ((obs_vals, f"{g} (log1p)", "observed"), (predicted_x[:, j], f"{g} predicted (log1p)", "predicted"))
-        ):
-            lay = _Layer(obs_sub.xy_um, obs_sub.unit_section, u.ColorValues("continuous", vals, label), None)
-            limits = {"vmin": lo, "vmax": hi} if share_scale and k == 1 else {"vmin": vmin, "vmax": vmax}
-            rtxt = f", r = {r:.2f}" if k == 1 and np.isfinite(r) else (", r undefined (constant)" if k == 1 else "")
-            map_panel(axs[2 * i + k], obs_sub, s, lay, title=f"{g} {name}{rtxt}{where}", **kwargs, **limits)
-    u.savefig_or_show(fig, save=save, show=show)
-    return fig
+    colors = u.ColorStyle(cmap=cmap, vmin=vmin, vmax=vmax)
+    style = MapStyle(colors, img=img, level=level, img_alpha=img_alpha, size=size, scalebar=scalebar, frameon=frameon)
+    drawn = np.isin(obs_sub.unit_section, [slide.sections.index(s) for s in secs])
+    where = {s: f" – {s}" if len(secs) > 1 else "" for s in secs}
+    panels = iter(axs)
+    for j, g in enumerate(genes):
+        maps = (
+            (observed_x[:, j], f"{g} (log1p)", f"{g} observed"),
+            (predicted_x[:, j], f"{g} predicted (log1p)", f"{g} predicted"),
+        )
+        # Observed and predicted maps of a gene, over every section drawn, on one scale.
+        gene_style = style.with_limits(np.concatenate([v[drawn] for v, _, _ in maps]) if share_scale else None)
+        for s in secs:
+            in_sec = obs_sub.unit_section == slide.sections.index(s)
+            r = pearson_per_gene(observed_x[in_sec, j : j + 1], predicted_x[in_sec, j : j + 1])[0]
+            score = f", r = {r:.2f}" if np.isfinite(r) else ", r undefined (constant)"
+            for k, (vals, label, name) in enumerate(maps):
+                lay = _Layer(obs_sub.xy_um, obs_sub.unit_section, u.ColorValues("continuous", vals, label), None)
+                title = f"{name}{score if k == 1 else ''}{where[s]}"
+                map_panel(next(panels), obs_sub, s, lay, gene_style, title=title)
+    return u.finish(axs, save=save, show=show, return_fig=True)

@@ -17,14 +17,12 @@ import pandas as pd
 
 from sigmma_sc._constants import Keys
 from sigmma_sc._logging import logger
+from sigmma_sc.io import SectionImage, SlideData
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-    from sigmma_sc.io import SlideData
-    from sigmma_sc.io._image import SectionImage
 
 # Matplotlib backends that cannot show a window: ``show`` is a no-op there (and would warn).
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
@@ -52,6 +50,18 @@ class ColorValues:
     kind: str
     values: Any
     label: str
+
+
+@dataclass(frozen=True)
+class ColorStyle:
+    """How values become colours: the scanpy arguments ``palette``, ``cmap``, ``vmin``, ``vmax``, ``groups``, ``na_color``."""
+
+    palette: Any = None
+    cmap: Any = "viridis"
+    vmin: Any = None
+    vmax: Any = None
+    groups: Sequence[str] | None = None
+    na_color: Any = NA_COLOR
 
 
 def obs_color(obs: pd.DataFrame, key: str) -> ColorValues | None:
@@ -197,21 +207,40 @@ def percentile_limits(values: np.ndarray, vmin: Any, vmax: Any) -> tuple[float |
     return one(vmin), one(vmax)
 
 
+def color_limits(values: np.ndarray, vmin: Any, vmax: Any) -> tuple[float, float]:
+    """Resolve ``vmin`` / ``vmax`` over ``values`` to two numbers (``None``: the data's min / max).
+
+    Panels sharing a colour scale pass the numbers computed over all their units.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> color_limits(np.arange(101.0), None, "p90")
+    (0.0, 90.0)
+    """
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = percentile_limits(values, vmin, vmax)
+    finite = values[np.isfinite(values)]
+    if lo is None:
+        lo = float(finite.min()) if finite.size else 0.0
+    if hi is None:
+        hi = float(finite.max()) if finite.size else 1.0
+    if hi <= lo:  # a constant map: keep one colour, not a division by zero
+        hi = lo + 1.0
+    return lo, hi
+
+
 def unit_colors(
     cv: ColorValues,
+    style: ColorStyle | None = None,
     *,
-    palette: Any = None,
     uns_colors: Sequence[Any] | None = None,
-    cmap: Any = None,
-    vmin: Any = None,
-    vmax: Any = None,
-    groups: Sequence[str] | None = None,
-    na_color: Any = NA_COLOR,
     present: set[str] | None = None,
 ) -> tuple[np.ndarray, Any]:
     """RGBA per unit plus what the legend / colour bar needs.
 
-    ``present``: categories the legend lists (default: those among ``cv.values``).
+    ``uns_colors``: scanpy's stored category colours; ``present``: categories the legend lists
+    (default: those among ``cv.values``).
 
     Returns
     -------
@@ -221,9 +250,11 @@ def unit_colors(
     import matplotlib as mpl
     from matplotlib.colors import Normalize, to_rgba
 
+    style = style or ColorStyle()
+    groups, na_color = style.groups, style.na_color
     if cv.kind == "categorical":
         cats = [str(c) for c in cv.values.categories]
-        colors = palette_for(cats, palette, uns_colors=uns_colors)
+        colors = palette_for(cats, style.palette, uns_colors=uns_colors)
         if groups is not None:
             unknown = [g for g in groups if g not in colors]
             if unknown:
@@ -238,15 +269,9 @@ def unit_colors(
         shown = {c: colors[c] for c in cats if (groups is None or c in groups) and c in present}
         return rgba, shown
     values = np.asarray(cv.values, dtype=np.float64)
-    lo, hi = percentile_limits(values, vmin, vmax)
-    finite = values[np.isfinite(values)]
-    if lo is None:
-        lo = float(finite.min()) if finite.size else 0.0
-    if hi is None:
-        hi = float(finite.max()) if finite.size else 1.0
-    if hi <= lo:  # a constant map: keep one colour, not a division by zero
-        hi = lo + 1.0
+    lo, hi = color_limits(values, style.vmin, style.vmax)
     norm = Normalize(vmin=lo, vmax=hi, clip=True)
+    cmap = style.cmap
     cm = mpl.colormaps[cmap] if isinstance(cmap, str) else (cmap or mpl.colormaps["viridis"])
     rgba = cm(norm(np.nan_to_num(values, nan=lo)))
     rgba[~np.isfinite(values)] = to_rgba(na_color)
@@ -301,19 +326,26 @@ def draw_he(
     *,
     alpha: float = 1.0,
     target_px: int = _HE_TARGET_PX,
+    level: int | None = None,
 ) -> np.ndarray:
     """Draw the part of a section's H&E under ``bbox_um = (x0, x1, y0, y1)`` in microns.
 
-    The pyramid level is the coarsest one that still gives about ``target_px`` pixels across
-    the view, so a whole-slide panel reads a thumbnail and a zoom reads full resolution. The
-    image is placed with the section's pixel -> micron affine, so mirrored or rotated images sit
-    under their units. Returns the pixels drawn.
+    The pyramid level is ``level`` when given (negative counts from the coarsest), else the
+    coarsest one that still gives about ``target_px`` pixels across the view, so a whole-slide
+    panel reads a thumbnail and a zoom reads full resolution. The image is placed with the
+    section's pixel -> micron affine, so mirrored or rotated images sit under their units.
+    Returns the pixels drawn.
     """
     from matplotlib.transforms import Affine2D
 
     x0, x1, y0, y1 = bbox_um
-    span = max(x1 - x0, y1 - y0)
-    level = image.best_level(span / target_px)
+    if level is None:
+        level = image.best_level(max(x1 - x0, y1 - y0) / target_px)
+    elif not -image.n_levels <= level < image.n_levels:
+        raise ValueError(
+            f"img_key={level} is not a pyramid level of image {image.element!r}: it has levels 0 to {image.n_levels - 1}."
+        )
+    level %= image.n_levels
     corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]])
     cr = image.um_to_px(corners, level=level)
     c0, r0 = np.floor(cr.min(axis=0)).astype(int)
@@ -446,12 +478,17 @@ def panel_grid(
     *,
     ncols: int,
     panel_size: tuple[float, float] = (4.5, 4.5),
-    wspace: float = 0.35,
-    hspace: float = 0.25,
+    wspace: float | None = None,
+    hspace: float | None = None,
 ) -> tuple[Figure, list[Axes]]:
-    """Make a figure of ``n`` panels in rows of ``ncols``; unused grid cells are removed."""
+    """Make a figure of ``n`` panels in rows of ``ncols``; unused grid cells are removed.
+
+    ``wspace`` / ``hspace`` ``None``: 0.35 / 0.25 of a panel.
+    """
     import matplotlib.pyplot as plt
 
+    wspace = 0.35 if wspace is None else wspace
+    hspace = 0.25 if hspace is None else hspace
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
     fig, axs = plt.subplots(
@@ -500,6 +537,20 @@ def savefig_or_show(fig: Figure, *, save: str | Path | None, show: bool | None, 
         plt.show()
 
 
+def finish(
+    axes: Sequence[Axes], *, save: str | Path | None, show: bool | None, return_fig: bool = False
+) -> Axes | Figure:
+    """Save / show the figure of ``axes``, then return what the pl functions return.
+
+    The figure with ``return_fig``, the axes when every panel is one axes, else the figure.
+    """
+    fig = axes[0].figure
+    savefig_or_show(fig, save=save, show=show)
+    if return_fig or len({id(a) for a in axes}) > 1:
+        return fig
+    return axes[0]
+
+
 def as_table(data: Any, table_key: str) -> AnnData:
     """Return the AnnData behind ``data``: itself, or ``sdata.tables[table_key]``."""
     from anndata import AnnData
@@ -520,8 +571,6 @@ def table_slide(data: AnnData, table_key: str = Keys.TABLE) -> SlideData:
     Reuses :meth:`SlideData.expression` (log1p of normalised counts) for tables that are not in a
     SpatialData. Units are placed by ``obsm["spatial"]`` (microns) when present.
     """
-    from sigmma_sc.io import SlideData
-
     info = data.uns.get(Keys.DATASET, {})
     sec = data.obs[Keys.SECTION].astype(str) if Keys.SECTION in data.obs else pd.Series("section", index=data.obs_names)
     sections = list(dict.fromkeys(sec))

@@ -337,6 +337,9 @@ def test_spatial_library_id_and_return_fig(synthetic_sdata):
         sg.pl.spatial(synthetic_sdata, library_id="S0", sections="S1")
     with pytest.raises(KeyError, match="not in the data"):
         sg.pl.spatial(synthetic_sdata, library_id="S9")
+    # A bare AnnData with obsm["spatial"] in microns: the same maps without H&E.
+    ax = sg.pl.spatial(table, color=Keys.CELL_TYPE, library_id="S1")
+    assert len(ax.collections[0].get_offsets()) == n_s1 and not ax.images
     # return_fig with the user's ax returns that ax's figure.
     fig, ax = plt.subplots()
     assert sg.pl.spatial(synthetic_sdata, library_id="S0", ax=ax, return_fig=True) is fig
@@ -398,8 +401,8 @@ def test_embedding_stacked_levels_synthetic(synthetic_sdata, tmp_path):
     # 2-D stand-ins keep this test free of UMAP's compile time; the stacking logic is what is checked.
     for b in bases:
         table.obsm[b] = table.obsm[b][:, :2]
-    ax = sg.pl.embedding(table, basis=bases[:1], color="level", legend_loc="none")
-    assert len(ax.collections[0].get_offsets()) == table.n_obs
+    fig = sg.pl.embedding(table, basis=bases[:1], color="level", legend_loc="none", return_fig=True)
+    assert isinstance(fig, plt.Figure) and len(fig.axes[0].collections[0].get_offsets()) == table.n_obs
     with pytest.raises(ValueError, match="key_added"):
         sg.pl.embedding(table, basis=bases, color="level", key_added="X_umap_levels")
     with pytest.raises(KeyError, match="Run sg.tl.fit"):
@@ -418,7 +421,9 @@ def test_embedding_umap_synthetic(synthetic_sdata, tmp_path):
 
 
 def test_levels_synthetic(synthetic_hier, tmp_path):
-    ax = sg.pl.levels(synthetic_hier, region=3, save=tmp_path / "levels.png")
+    fig = sg.pl.levels(synthetic_hier, region=3, return_fig=True, save=tmp_path / "levels.png")
+    assert isinstance(fig, plt.Figure)
+    ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("cells of the centre" in lab for lab in labels)
     assert any(lab.startswith("macro: region (") and "niches" in lab for lab in labels)

@@ -15,6 +15,7 @@ from scipy import sparse
 from sigmma_sc._constants import Defaults, Keys
 
 from ._geometry import Geometry
+from ._image import SectionImage  # noqa: F401  (the inherited dataclass fields name it: Sphinx resolves it here)
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData

@@ -12,6 +12,7 @@ from ..model import Sigmma
 from ._metrics import cosine_similarity, top_k
 
 if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
     from spatialdata import SpatialData
 
 #: Retrieval directions: the query modality first.

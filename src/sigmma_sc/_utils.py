@@ -7,7 +7,17 @@ from typing import Any
 import numpy as np
 
 #: Libraries whose versions shape the package's results (recorded with every model and evaluation).
-VERSIONED = ("sigmma-sc", "numpy", "scipy", "scikit-learn", "torch", "lightning", "torch-geometric", "anndata", "spatialdata")
+VERSIONED = (
+    "sigmma-sc",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "torch",
+    "lightning",
+    "torch-geometric",
+    "anndata",
+    "spatialdata",
+)
 
 
 def versions() -> dict[str, str]:
@@ -31,7 +41,7 @@ def versions() -> dict[str, str]:
 
 
 def jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    """A flat dict with tuples as lists and numpy scalars as Python numbers (for ``json.dumps``).
+    """Return a flat dict with tuples as lists and numpy scalars as Python numbers (for ``json.dumps``).
 
     Examples
     --------
@@ -50,7 +60,7 @@ def jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def uns_safe(d: dict[str, Any]) -> dict[str, Any]:
-    """A dict anndata can write: ``None`` dropped, sequences as arrays, nested dicts kept.
+    """Return a dict anndata can write: ``None`` dropped, sequences as arrays, nested dicts kept.
 
     Examples
     --------

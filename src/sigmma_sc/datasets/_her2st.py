@@ -15,8 +15,8 @@ from scipy import sparse
 
 from sigmma_sc._constants import HER2ST_MPP, ST_SPOT_DIAMETER_UM
 from sigmma_sc._logging import logger
-
 from sigmma_sc.io import SectionArrays, build_sdata, pixel_index_to_um, read_rgb_pyramid
+
 from ._paths import REQUIRED_FILES, resolve_dataset_dir
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -12,8 +13,8 @@ from scipy import sparse
 
 from sigmma_sc._constants import VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM, XENIUM_NCBI858_MPP
 from sigmma_sc._logging import logger
-
 from sigmma_sc.io import SectionArrays, build_sdata, pixel_index_to_um, read_rgb_pyramid
+
 from ._paths import KIDNEY_CROP_FILES, REQUIRED_FILES, resolve_dataset_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,22 +78,38 @@ def xenium_lung(path: str | os.PathLike | None = None, *, drop_empty: bool = Tru
     if meta_path.is_file():
         diameter = float(json.loads(meta_path.read_text()).get(_NCBI858_CELL_DIAMETER, diameter))
     px = adata.obs[[_NCBI858_COL, _NCBI858_ROW]].to_numpy(dtype=np.float64)  # (column, row)
-    section = SectionArrays(
-        section="NCBI858",
-        image=read_rgb_pyramid(folder / "NCBI858.jpg"),
+    section = _circle_section(
+        adata,
+        "NCBI858",
+        folder / "NCBI858.jpg",
+        px,
         mpp=XENIUM_NCBI858_MPP,
-        xy_um=pixel_index_to_um(px, XENIUM_NCBI858_MPP),
         counts=_csr_int32(adata.X, "NCBI858.h5ad"),
-        genes=adata.var_names.astype(str).tolist(),
-        shape="circle",
         diameter_um=diameter,
         unit="cell",
-        barcodes=adata.obs_names.astype(str).tolist(),
-        obs=adata.obs,
-        var=adata.var,
     )
     return build_sdata(
         [section], technology="xenium", unit_kind="cell", unit_diameter_um=diameter, drop_empty=drop_empty
+    )
+
+
+def _circle_section(
+    adata: Any, name: str, image_path: Path, px: np.ndarray, *, mpp: float, counts: Any, diameter_um: float, unit: str
+) -> SectionArrays:
+    """One section of circular units read from an AnnData with pixel-index centres and an image file."""
+    return SectionArrays(
+        section=name,
+        image=read_rgb_pyramid(image_path),
+        mpp=mpp,
+        xy_um=pixel_index_to_um(px, mpp),
+        counts=counts,
+        genes=adata.var_names.astype(str).tolist(),
+        shape="circle",
+        diameter_um=diameter_um,
+        unit=unit,
+        barcodes=adata.obs_names.astype(str).tolist(),
+        obs=adata.obs,
+        var=adata.var,
     )
 
 
@@ -148,19 +165,15 @@ def visium_mouse_brain(path: str | os.PathLike | None = None, *, drop_empty: boo
     px = np.asarray(adata.obsm[_SOURCE_SPATIAL], dtype=np.float64)  # (column, row)
     mpp = VISIUM_SPOT_PITCH_UM / spot_pitch_px(px)
     logger.debug(f"visium_mouse_brain: {mpp:.4f} µm/px from the spot pitch.")
-    section = SectionArrays(
-        section="mouse_brain",
-        image=read_rgb_pyramid(folder / "test_img.jpg"),
+    section = _circle_section(
+        adata,
+        "mouse_brain",
+        folder / "test_img.jpg",
+        px,
         mpp=mpp,
-        xy_um=pixel_index_to_um(px, mpp),
         counts=sparse.csr_matrix(adata.X, dtype=np.float32),
-        genes=adata.var_names.astype(str).tolist(),
-        shape="circle",
         diameter_um=VISIUM_SPOT_DIAMETER_UM,
         unit="spot",
-        barcodes=adata.obs_names.astype(str).tolist(),
-        obs=adata.obs,
-        var=adata.var,
     )
     return build_sdata(
         [section],

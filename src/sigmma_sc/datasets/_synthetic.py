@@ -28,7 +28,6 @@ import pandas as pd
 from scipy import sparse
 
 from sigmma_sc._constants import Defaults, Keys
-
 from sigmma_sc.io import SectionArrays, build_sdata, level_shapes, pyramid_factors
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -103,7 +103,6 @@ def from_anndata(
     >>> sdata = sg.io.from_anndata(adata, image, mpp=0.5, spot_diameter=55.0)
     >>> slide = sg.io.validate(sdata)
     """
-
     if (spot_diameter is None) == (cell_diameter is None):
         raise ValueError(
             "give exactly one of spot_diameter= (spot data: units hold many cells, e.g. 55 for Visium, 100 for "

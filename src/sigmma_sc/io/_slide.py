@@ -241,7 +241,7 @@ class SlideData(Geometry):
 # helpers: table
 # ---------------------------------------------------------------------------------------------
 def get_table(sdata: SpatialData | AnnData, table_key: str = Keys.TABLE) -> AnnData:
-    """The table of a SpatialData object by name; an AnnData is returned as it is.
+    """Return the table of a SpatialData object by name; an AnnData is returned as it is.
 
     The one place that finds a table: every function taking ``sdata`` and ``table_key`` uses it,
     so a wrong name always gives the same message with the fix.
@@ -382,5 +382,3 @@ def check_empty(mat: Any, what: str, table_key: str, *, allow_empty_genes: bool)
             f"sdata.tables[{table_key!r}] = table. (A held-out test section may legitimately miss genes: callers "
             "that only read it pass allow_empty_genes=True.)"
         )
-
-

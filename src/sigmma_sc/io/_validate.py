@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from sigmma_sc._constants import Choices, Keys
 
@@ -17,7 +16,6 @@ from ._geometry import check_inside, geometry_foreign, geometry_sigmma
 from ._slide import SlideData, check_count_values, check_empty, check_names, get_table
 
 if TYPE_CHECKING:  # pragma: no cover
-    from anndata import AnnData
     from spatialdata import SpatialData
 
 
@@ -154,5 +152,3 @@ def validate(
             mat = slide.counts()
             check_empty(mat, slide.counts_source or "X", table_key, allow_empty_genes=allow_empty_genes)
     return slide
-
-

@@ -102,10 +102,10 @@ class SideEncoder(nn.Module):
         embed_dim: int,
         hidden_dim: int,
         graph: bool,
-        intra_layers: int = 1,
-        inter_layers: int = 1,
-        heads: int = 4,
-        dropout: float = 0.1,
+        intra_layers: int,
+        inter_layers: int,
+        heads: int,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.levels = tuple(lv for lv in Levels.ALL if lv in in_dims)

@@ -8,6 +8,7 @@ the map under every window (area-weighted mean, exact for fractional windows).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import sparse

@@ -87,6 +87,9 @@ class Defaults:
     NUCLEUS_MARGIN_UM: Final = 15.0
     N_GENES: Final = 1000
     MIN_DETECTED: Final = 0.1
+    # Largest share of the model's genes a query table may lack before its expression side is refused
+    # (missing genes are embedded as zeros): a section loaded on its own drops genes without counts.
+    MAX_MISSING_GENES: Final = 0.1
     # Library size every unit is scaled to before log1p (scanpy's normalize_total target).
     TARGET_SUM: Final = 1e4
     ENCODER: Final = "efficientnet_lite0"

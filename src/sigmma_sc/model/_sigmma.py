@@ -286,7 +286,12 @@ class Sigmma:
         return unit_embeddings(nodes, levels, hier.unit_level, slide.n_units, context_weight=float(weight))
 
     def get_embeddings(
-        self, sdata: SpatialData, *, table_key: str = Keys.TABLE, expression: bool | None = None
+        self,
+        sdata: SpatialData,
+        *,
+        table_key: str = Keys.TABLE,
+        expression: bool | None = None,
+        max_missing_genes: float = Defaults.MAX_MISSING_GENES,
     ) -> dict[str, np.ndarray | None]:
         """Embeddings of every unit of a table, image side always, expression side when counts exist.
 
@@ -301,9 +306,13 @@ class Sigmma:
         table_key
             Table of the units.
         expression
-            ``None``: embed expression when the table holds all model genes, none when it holds no
+            ``None``: embed expression when the table holds the model genes, none when it holds no
             expression (H&E only), error when it holds some other gene panel. ``True``: require it.
-            ``False``: image side only.
+            ``False``: image side only (no genes needed).
+        max_missing_genes
+            Share of the model's genes the table may lack: they are embedded as zeros (no counts),
+            with a warning, as for a section loaded on its own (loaders drop genes without counts).
+            A larger share is an error (another gene panel).
 
         Returns
         -------
@@ -318,7 +327,7 @@ class Sigmma:
         >>> emb["img"].shape  # doctest: +SKIP
         """
         slide = io.validate(sdata, table_key=table_key)
-        use_expr = self._check_genes(slide.table, table_key, expression)
+        use_expr = self._check_genes(slide.table, table_key, expression, max_missing_genes)
         slide, hier, feats, key = slide_features(
             sdata,
             table_key=table_key,
@@ -339,23 +348,52 @@ class Sigmma:
         if use_expr:
             matrix = expression_matrix(slide)
             idx = slide.table.var_names.get_indexer(self.genes)
+            if (idx < 0).any():
+                # Model genes the table lacks (checked above) read an appended all-zero column: no counts,
+                # library sizes unchanged.
+                zeros = sp.csr_matrix((matrix.shape[0], 1), dtype=matrix.dtype)
+                matrix = sp.hstack([matrix, zeros], format="csr")
+                idx = np.where(idx < 0, matrix.shape[1] - 1, idx)
             source = ExpressionSource.from_counts(matrix, idx, log_normalized=slide.log_normalized)
         return self._embed(slide, hier, levels, source)
 
-    def _check_genes(self, table: AnnData, table_key: str, expression: bool | None) -> bool:
+    def _check_genes(
+        self,
+        table: AnnData,
+        table_key: str,
+        expression: bool | None,
+        max_missing_genes: float = Defaults.MAX_MISSING_GENES,
+    ) -> bool:
+        """Whether to embed the table's expression; warns when it lacks a few model genes, refuses more.
+
+        A section loaded on its own drops genes without counts, so a few missing genes are the normal
+        case: they are embedded as zeros (no counts). A larger share is another gene panel.
+        """
         if expression is False:
             return False
         if not has_expression_matrix(table):
             if expression:
                 raise ValueError(f"table {table_key!r} holds no expression; pass expression=False for H&E only.")
             return False
-        missing = [g for g in self.genes if g not in table.var_names]
-        if missing:
+        if not 0.0 <= max_missing_genes <= 1.0:
+            raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
+        var = pd.Index(table.var_names)
+        missing = [g for g, p in zip(self.genes, var.get_indexer(self.genes)) if p < 0]
+        if not missing:
+            return True
+        share = len(missing) / len(self.genes)
+        if share > max_missing_genes:
             raise ValueError(
-                f"table {table_key!r} lacks {len(missing)} of the model's {len(self.genes)} genes "
-                f"(e.g. {missing[:5]}): the gene panel does not match the model. Pass expression=False to "
-                "embed the H&E only, or train a model on this panel."
+                f"table {table_key!r} lacks {len(missing)} of the model's {len(self.genes)} genes ({share:.1%}, "
+                f"e.g. {missing[:5]}), more than max_missing_genes={max_missing_genes:.1%}: the gene panel does not "
+                "match the model. Pass expression=False to embed the H&E only, raise max_missing_genes= to embed "
+                "the expression with the missing genes as zeros, or train a model on this panel."
             )
+        logger.warning(
+            f"table {table_key!r} lacks {len(missing)} of the model's {len(self.genes)} genes ({share:.1%}, e.g. "
+            f"{missing[:5]}): their expression is embedded as zero (no counts), as a section loaded on its own "
+            "drops genes without counts"
+        )
         return True
 
     # -- persistence --------------------------------------------------------------------------

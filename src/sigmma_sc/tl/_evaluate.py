@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Keys
+from .._constants import Defaults, Keys
 from .._logging import logger
 from .._utils import versions
 from ..io import validate
@@ -30,10 +30,13 @@ from ._metrics import (
     subsample,
     top_expressed_genes,
 )
-from ._predict import DEFAULT_TEMPERATURE, reference_expression, weighted_average
+from ._predict import DEFAULT_TEMPERATURE, reference_expression, split_genes, weighted_average
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
+
+# Missing genes listed by name in the protocol (the count is always there).
+_GENES_LISTED = 20
 
 #: Columns of the evaluation table, in order (``n_genes=50`` and ``ks=(1, 5, 10)``).
 METRICS: tuple[str, ...] = (
@@ -55,7 +58,9 @@ METRICS: tuple[str, ...] = (
 )
 
 
-def gene_sets(model: Sigmma, train_expression: Any, *, n_genes: int = 50) -> dict[str, list[str]]:
+def gene_sets(
+    model: Sigmma, train_expression: Any, *, n_genes: int = 50, genes: Sequence[str] | None = None
+) -> dict[str, list[str]]:
     """Pick the evaluation genes: ``hvg`` (most variable) and ``heg`` (most expressed) among ``model.genes``.
 
     ``hvg``: the highest variance of log1p(normalize_total) among genes detected in at least 10% of
@@ -67,9 +72,12 @@ def gene_sets(model: Sigmma, train_expression: Any, *, n_genes: int = 50) -> dic
     model
         Fitted model (its genes are the candidates).
     train_expression
-        ``(n_train, len(model.genes))`` log1p expression of the training units.
+        ``(n_train, len(genes))`` log1p expression of the training units.
     n_genes
         Size of each set.
+    genes
+        The candidates, one per column of ``train_expression``: default ``model.genes``; the model
+        genes the test data holds when it lacks some.
 
     Returns
     -------
@@ -79,7 +87,7 @@ def gene_sets(model: Sigmma, train_expression: Any, *, n_genes: int = 50) -> dic
     --------
     >>> sets = gene_sets(model, model.reference.X)  # doctest: +SKIP
     """
-    genes = list(model.genes)
+    genes = list(model.genes) if genes is None else list(genes)
     hvg = select_genes(train_expression, genes, n_genes=n_genes, log_normalized=True)
     heg = [genes[i] for i in top_expressed_genes(train_expression, n=n_genes)]
     return {"hvg": hvg, "heg": heg}
@@ -146,8 +154,8 @@ def _features(
     try:
         return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key, rows=rows)
     except KeyError:
-        # No hierarchy / features cached yet: embedding computes and caches them.
-        model.get_embeddings(sdata, table_key=table_key)
+        # No hierarchy / features cached yet: embedding the image side computes and caches them (no genes needed).
+        model.get_embeddings(sdata, table_key=table_key, expression=False)
         return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key, rows=rows)
 
 
@@ -166,6 +174,7 @@ def evaluate(
     max_train_units: int = 20000,
     fit_kwargs: dict[str, Any] | None = None,
     table_key: str = Keys.TABLE,
+    max_missing_genes: float = Defaults.MAX_MISSING_GENES,
 ) -> pd.DataFrame:
     """Score SIGMMA and baselines on held-out data: expression prediction and cross-modal retrieval.
 
@@ -173,8 +182,11 @@ def evaluate(
 
     - Genes: the ``n_genes`` most variable (``hvg``: variance of log1p(normalize_total) among genes
       detected in >= 10% of the training units) and most expressed (``heg``: mean log1p) genes of
-      the training units, among ``model.genes``. Training units are ``train_sdata`` when given,
-      else ``model.reference``.
+      the training units, among the model genes the test table holds (and ``train_sdata``, when
+      given). A test section loaded on its own lacks the genes without counts in it: they are left
+      out of the scores (a warning, and ``n_genes_missing`` / ``genes_missing`` in the protocol) and
+      embedded as zeros on the expression side (up to ``max_missing_genes`` of the model's genes).
+      Training units are ``train_sdata`` when given, else ``model.reference``.
     - Prediction: per-gene Pearson r between predicted and observed log1p expression of the test
       units, averaged over genes (genes constant in the test data or in a prediction are left out),
       pooled over all test units (``pcc_*``) and averaged over test slides (``pcc_*_per_slide``).
@@ -184,7 +196,7 @@ def evaluate(
       unit's image queries the expression of every unit in the subsample (``img2expr``) and the
       reverse (``expr2img``); Recall@k (ties at their worst rank), chance ``k / n`` and median
       rank. SIGMMA and ``single_scale`` rank by cosine of embeddings; ridge models by the
-      correlation of predicted and observed z-scored profiles over ``model.genes``.
+      correlation of predicted and observed z-scored profiles over the scored genes.
     - Baselines (:mod:`sigmma_sc.tl._baselines`): ``ridge`` (HEST-Benchmark probe on the meso
       view), ``ridge_cv`` (RidgeCV on every level + neighbour-mean features, clipped z-scores),
       ``single_scale`` (``tl.fit(levels=("meso",), graph=False)``, same encoder and genes,
@@ -221,12 +233,16 @@ def evaluate(
         length as the model).
     table_key
         Table of both SpatialData objects.
+    max_missing_genes
+        Largest share of the model's genes the test table may lack (see
+        :meth:`sigmma_sc.Sigmma.get_embeddings`); more is an error.
 
     Returns
     -------
     DataFrame, one row per method (``"sigmma"`` first, then the baselines run), columns as in
-    :data:`METRICS` (with ``n_genes`` and ``ks`` in the names); ``df.attrs["protocol"]`` holds genes,
-    split, sizes, parameters, ridge alphas, seconds per method and package versions.
+    :data:`METRICS` (with ``n_genes`` and ``ks`` in the names); ``df.attrs["protocol"]`` holds genes
+    (scored, and the model genes the test table lacks), split, sizes, parameters, ridge alphas,
+    seconds per method and package versions.
 
     Examples
     --------
@@ -246,12 +262,35 @@ def evaluate(
             "Evaluating SIGMMA alone."
         )
         baselines = ()
-    genes = list(model.genes)
+    if not 0.0 <= max_missing_genes <= 1.0:
+        raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
     test = validate(test_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
+    train = (
+        validate(train_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
+        if train_sdata is not None
+        else None
+    )
+    # Scored genes: the model genes the test table holds (a section loaded on its own drops genes
+    # without counts); the embedding checks the share and reads the missing ones as zeros.
+    genes, missing = split_genes(model.genes, test.table.var_names)
+    missing_train: list[str] = []
+    if train is not None:
+        genes, missing_train = split_genes(genes, train.table.var_names)
+    if not genes:
+        raise ValueError(
+            f"the test table {table_key!r} holds none of the model's {len(model.genes)} genes: nothing to score. "
+            "Evaluate on data measured on the model's gene panel."
+        )
+    if missing or missing_train:
+        logger.warning(
+            f"evaluate: the test table lacks {len(missing)} of the model's {len(model.genes)} genes "
+            f"(e.g. {missing[:5]})"
+            + (f" and the training table {len(missing_train)} (e.g. {missing_train[:5]})" if missing_train else "")
+            + f": scoring the {len(genes)} genes both hold"
+        )
     y_test = test.expression(genes).astype(np.float64)
     groups = np.asarray(test.sections, dtype=object)[test.unit_section]
-    if train_sdata is not None:
-        train = validate(train_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
+    if train is not None:
         y_train = train.expression(genes).astype(np.float64)
         train_sections = list(train.sections)
         train_names = train.table.obs_names
@@ -267,7 +306,7 @@ def evaluate(
         logger.warning(
             f"{len(shared)} test units (e.g. {shared[0]!r}) are also training units: the scores are not held-out scores."
         )
-    sets = gene_sets(model, y_train, n_genes=n_genes)
+    sets = gene_sets(model, y_train, n_genes=n_genes, genes=genes)
     pos = {name: pd.Index(genes).get_indexer(names) for name, names in sets.items()}
     observed = {name: y_test[:, p] for name, p in pos.items()}
     retrieval_units = subsample(len(y_test), max_n=max_units, seed=seed)
@@ -283,7 +322,7 @@ def evaluate(
         seconds[name] = round(time.perf_counter() - t0, 2)
 
     def embedding_method(m: Sigmma) -> dict[str, float]:
-        emb = m.get_embeddings(test_sdata, table_key=table_key)
+        emb = m.get_embeddings(test_sdata, table_key=table_key, max_missing_genes=max_missing_genes)
         ref_emb, ref_expr = reference_expression(m, None)
         pred = weighted_average(emb["img"], ref_emb, ref_expr, k=k, temperature=temperature)
         m_genes = pd.Index(list(m.genes))
@@ -330,6 +369,12 @@ def evaluate(
         "genes_hvg": sets["hvg"],
         "genes_heg": sets["heg"],
         "n_genes": n_genes,
+        "n_model_genes": len(model.genes),
+        "n_genes_scored": len(genes),
+        "n_genes_missing": len(missing),
+        "genes_missing": missing[:_GENES_LISTED],
+        "n_genes_missing_train": len(missing_train),
+        "max_missing_genes": float(max_missing_genes),
         "gene_rule_hvg": "variance of log1p(normalize_total) among genes detected in >= 10% of training units",
         "gene_rule_heg": "mean log1p(normalize_total) over training units",
         "train_sections": train_sections,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._constants import Keys
+from .._constants import Defaults, Keys
 from .._logging import logger
 from ..io import get_table, log1p_normalize, validate
 from ..model import Sigmma
@@ -100,7 +100,101 @@ def weighted_average(
     return out.astype(np.float32)
 
 
-def reference_expression(model: Sigmma, reference: Any, *, table_key: str = Keys.TABLE) -> tuple[np.ndarray, Any]:
+def split_genes(genes: Any, var_names: Any) -> tuple[list[str], list[str]]:
+    """The genes a table holds and those it lacks, each in the order of ``genes``.
+
+    Parameters
+    ----------
+    genes
+        Wanted genes (e.g. ``model.genes``).
+    var_names
+        The table's genes.
+
+    Returns
+    -------
+    ``(present, missing)``.
+
+    Examples
+    --------
+    >>> split_genes(["a", "b", "c"], ["c", "a"])
+    (['a', 'c'], ['b'])
+    """
+    genes = [str(g) for g in genes]
+    pos = pd.Index(var_names).get_indexer(genes)
+    return [g for g, p in zip(genes, pos) if p >= 0], [g for g, p in zip(genes, pos) if p < 0]
+
+
+def check_missing_genes(
+    genes: Any, var_names: Any, *, max_missing_genes: float = Defaults.MAX_MISSING_GENES, what: str = "the table"
+) -> list[str]:
+    """Model genes a table lacks: a warning for a few (read as zeros), an error above ``max_missing_genes``.
+
+    Parameters
+    ----------
+    genes
+        The model's genes.
+    var_names
+        The table's genes.
+    max_missing_genes
+        Largest share of ``genes`` that may be missing.
+    what
+        Name of the table in messages.
+
+    Returns
+    -------
+    The missing genes, in model order.
+
+    Examples
+    --------
+    >>> check_missing_genes(["a", "b"], ["a", "b", "c"])
+    []
+    """
+    genes = list(genes)
+    _, missing = split_genes(genes, var_names)
+    if missing:
+        share = len(missing) / max(len(genes), 1)
+        if share > max_missing_genes:
+            raise KeyError(
+                f"{what} lacks {len(missing)} of the model's {len(genes)} genes ({share:.1%}, e.g. {missing[:5]}), "
+                f"more than max_missing_genes={max_missing_genes:.1%}: the gene panel does not match the model. "
+                "Pass a table whose var_names include model.genes, or raise max_missing_genes= to read the "
+                "missing genes as zeros."
+            )
+        logger.warning(
+            f"{what} lacks {len(missing)} of the model's {len(genes)} genes ({share:.1%}, e.g. {missing[:5]}): "
+            "read as zeros (no counts)"
+        )
+    return missing
+
+
+def take_columns(mat: Any, pos: np.ndarray) -> Any:
+    """Columns ``pos`` of a dense or sparse matrix; ``-1`` gives an all-zero column.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> take_columns(np.array([[1.0, 2.0]]), np.array([1, -1, 0]))
+    array([[2., 0., 1.]])
+    """
+    pos = np.asarray(pos, dtype=np.int64)
+    if (pos < 0).any():
+        if sp.issparse(mat):
+            mat = sp.csr_matrix(mat)
+            mat = sp.hstack([mat, sp.csr_matrix((mat.shape[0], 1), dtype=mat.dtype)], format="csr")
+        else:
+            mat = np.asarray(mat)
+            mat = np.hstack([mat, np.zeros((mat.shape[0], 1), dtype=mat.dtype)])
+        pos = np.where(pos < 0, mat.shape[1] - 1, pos)
+    return mat[:, pos]
+
+
+def reference_expression(
+    model: Sigmma,
+    reference: Any,
+    *,
+    table_key: str = Keys.TABLE,
+    max_missing_genes: float = Defaults.MAX_MISSING_GENES,
+) -> tuple[np.ndarray, Any]:
     """Expression embeddings and log1p expression over ``model.genes`` of a prediction reference.
 
     Parameters
@@ -114,6 +208,8 @@ def reference_expression(model: Sigmma, reference: Any, *, table_key: str = Keys
         :func:`sigmma_sc.tl.fit`), or a SpatialData with counts (embedded now).
     table_key
         Table of a SpatialData reference.
+    max_missing_genes
+        Share of the model's genes the reference may lack; they are read as zeros (no counts).
 
     Returns
     -------
@@ -130,21 +226,22 @@ def reference_expression(model: Sigmma, reference: Any, *, table_key: str = Keys
         reference = model.reference
     if not isinstance(reference, AnnData):
         slide = validate(reference, table_key=table_key, require_counts=True, allow_empty_genes=True)
-        return embeddings_of(model, reference, "expr", table_key=table_key, what="reference"), slide.expression(genes)
-    emb = embeddings_of(model, reference, "expr", what="reference")
-    pos = pd.Index(reference.var_names).get_indexer(genes)
-    if (pos < 0).any():
-        missing = [g for g, p in zip(genes, pos) if p < 0]
-        raise KeyError(
-            f"The reference AnnData lacks {len(missing)} of the model's genes (e.g. {missing[:5]}); "
-            "pass an AnnData whose var_names include model.genes."
+        emb = embeddings_of(
+            model, reference, "expr", table_key=table_key, what="reference", max_missing_genes=max_missing_genes
         )
+        # Genes the reference lacks (checked by the embedding) have no counts: zeros.
+        present, _ = split_genes(genes, slide.table.var_names)
+        pos = pd.Index(present).get_indexer(genes)
+        return emb, take_columns(slide.expression(present), pos)
+    emb = embeddings_of(model, reference, "expr", what="reference")
+    check_missing_genes(genes, reference.var_names, max_missing_genes=max_missing_genes, what="the reference AnnData")
+    pos = pd.Index(reference.var_names).get_indexer(genes)
     info = reference.uns.get(Keys.DATASET, {})
     if isinstance(info, dict) and Keys.LOG_NORMALIZED in info and not bool(info[Keys.LOG_NORMALIZED]):
         counts = reference.layers[Keys.COUNTS_LAYER] if Keys.COUNTS_LAYER in reference.layers else reference.X
         # Totals over every gene of the table, as in training, before keeping the model genes.
-        return emb, log1p_normalize(sp.csr_matrix(counts))[:, pos]
-    return emb, reference.X[:, pos]
+        return emb, take_columns(log1p_normalize(sp.csr_matrix(counts)), pos)
+    return emb, take_columns(reference.X, pos)
 
 
 def predict_expression(
@@ -155,13 +252,14 @@ def predict_expression(
     k: int = 50,
     temperature: float = DEFAULT_TEMPERATURE,
     table_key: str = Keys.TABLE,
+    max_missing_genes: float = Defaults.MAX_MISSING_GENES,
 ) -> AnnData:
     """Predict gene expression of every unit of a slide from its H&E alone.
 
     The query's image views are embedded by the model; the ``k`` reference units whose expression
     embeddings are most similar (cosine) are retrieved and their log1p expression averaged with
     softmax weights ``exp(cosine / temperature)`` (normalised per query). The query needs no
-    counts: any counts it has are ignored.
+    counts and no genes: any it has are ignored.
 
     Parameters
     ----------
@@ -179,6 +277,9 @@ def predict_expression(
         Softmax temperature on cosine similarities (> 0); large values approach the plain mean.
     table_key
         Table of ``sdata``.
+    max_missing_genes
+        Share of the model's genes the reference may lack (read as zeros, with a warning; a
+        reference section loaded on its own drops genes without counts).
 
     Returns
     -------
@@ -202,7 +303,7 @@ def predict_expression(
         raise ValueError(f"k must be >= 1, got {k}.")
     table = get_table(sdata, table_key)
     queries = embeddings_of(model, sdata, "img", table_key=table_key, what="query")
-    ref_emb, ref_expr = reference_expression(model, reference, table_key=table_key)
+    ref_emb, ref_expr = reference_expression(model, reference, table_key=table_key, max_missing_genes=max_missing_genes)
     if ref_emb.shape[1] != queries.shape[1]:
         raise ValueError(
             f"The reference embeddings have {ref_emb.shape[1]} dimensions but the model embeds {queries.shape[1]}; "

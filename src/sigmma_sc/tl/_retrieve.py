@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import Keys
+from .._constants import Defaults, Keys
 from ..io import get_table
 from ..model import Sigmma
 from ._metrics import cosine_similarity, top_k
@@ -62,7 +62,13 @@ def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarra
 
 
 def embeddings_of(
-    model: Sigmma, data: Any, modality: str, *, table_key: str = Keys.TABLE, what: str = "data"
+    model: Sigmma,
+    data: Any,
+    modality: str,
+    *,
+    table_key: str = Keys.TABLE,
+    what: str = "data",
+    max_missing_genes: float = Defaults.MAX_MISSING_GENES,
 ) -> np.ndarray:
     """Image or expression embeddings of the units of a SpatialData (embedded now) or an AnnData (from ``obsm``).
 
@@ -79,6 +85,9 @@ def embeddings_of(
         Table of a SpatialData.
     what
         Name of ``data`` in error messages.
+    max_missing_genes
+        Share of the model's genes a SpatialData may lack for its expression embedding (see
+        :meth:`sigmma_sc.Sigmma.get_embeddings`).
 
     Returns
     -------
@@ -99,7 +108,9 @@ def embeddings_of(
             )
         return np.asarray(data.obsm[key], dtype=np.float32)
     # An image-only request skips the expression side: H&E-only tables and tables with counts embed alike.
-    emb = model.get_embeddings(data, table_key=table_key, expression=modality == "expr").get(modality)
+    emb = model.get_embeddings(
+        data, table_key=table_key, expression=modality == "expr", max_missing_genes=max_missing_genes
+    ).get(modality)
     if emb is None:
         raise ValueError(
             f"{what} has no expression counts in table {table_key!r}, so it has no expression embedding; "
@@ -116,6 +127,7 @@ def retrieve(
     k: int = 10,
     gallery: SpatialData | AnnData | None = None,
     table_key: str = Keys.TABLE,
+    max_missing_genes: float = Defaults.MAX_MISSING_GENES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` cross-modal matches of every unit by cosine similarity of the model's embeddings.
 
@@ -136,6 +148,10 @@ def retrieve(
         ``model.reference`` (``obsm["X_sigmma_expr"]`` / ``obsm["X_sigmma_img"]``).
     table_key
         Table of ``sdata`` (and of ``gallery`` when it is a SpatialData).
+    max_missing_genes
+        Share of the model's genes an embedded expression table may lack: they are embedded as
+        zeros with a warning (a section loaded on its own drops genes without counts); more is an
+        error. Image-only embedding needs no genes.
 
     Returns
     -------
@@ -155,7 +171,11 @@ def retrieve(
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
     get_table(sdata, table_key)
     query_mod, gallery_mod = ("img", "expr") if direction == "img2expr" else ("expr", "img")
-    emb = model.get_embeddings(sdata, table_key=table_key)
+    # The expression of sdata is embedded only when it is used: image queries against another gallery need no genes.
+    need_expr = query_mod == "expr" or gallery is None
+    emb = model.get_embeddings(
+        sdata, table_key=table_key, expression=None if need_expr else False, max_missing_genes=max_missing_genes
+    )
     queries = emb.get(query_mod)
     if queries is None:
         raise ValueError(
@@ -170,6 +190,8 @@ def retrieve(
                 "expression gallery; pass gallery=model.reference (or another embedded AnnData)."
             )
     else:
-        items = embeddings_of(model, gallery, gallery_mod, table_key=table_key, what="gallery")
+        items = embeddings_of(
+            model, gallery, gallery_mod, table_key=table_key, what="gallery", max_missing_genes=max_missing_genes
+        )
     k = int(min(k, len(items)))
     return nearest(np.asarray(queries), np.asarray(items), k)

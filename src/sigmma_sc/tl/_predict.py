@@ -101,7 +101,7 @@ def weighted_average(
 
 
 def split_genes(genes: Any, var_names: Any) -> tuple[list[str], list[str]]:
-    """The genes a table holds and those it lacks, each in the order of ``genes``.
+    """Split genes into those a table holds and those it lacks, each in the order of ``genes``.
 
     Parameters
     ----------

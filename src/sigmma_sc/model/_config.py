@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,9 @@ class TrainConfig:
     devices: Any = Defaults.DEVICES
     precision: str | None = None
     checkpoint_dir: str | None = None
+    #: Continue an interrupted run: ``True`` from the newest ``last.ckpt`` of ``checkpoint_dir``,
+    #: a path from that checkpoint, ``None`` / ``False`` from scratch.
+    resume: bool | str | None = None
 
     def __post_init__(self) -> None:
         self.levels = tuple(self.levels)
@@ -63,3 +67,14 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 2 (InfoNCE needs negatives), got {self.batch_size}.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}.")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        if self.resume is False:
+            self.resume = None
+        elif isinstance(self.resume, os.PathLike):
+            self.resume = os.fspath(self.resume)
+        elif self.resume is not None and self.resume is not True and not isinstance(self.resume, str):
+            raise TypeError(
+                f"resume must be True (the newest last.ckpt of checkpoint_dir), a checkpoint path or None, "
+                f"got {type(self.resume).__name__}."
+            )

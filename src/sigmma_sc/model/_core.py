@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import shutil
+import signal
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +38,10 @@ COARSE_LEVELS = (Levels.MACRO,)
 MIN_NODES_FOR_VALIDATION = 40
 #: At most this many batches are scored for the loss at initialisation (history row ``epoch 0``).
 MAX_INIT_BATCHES = 20
+#: File name (without ``.ckpt``) of the checkpoint of the latest finished epoch, rewritten every epoch.
+LAST_CHECKPOINT = "last"
+#: File name (without ``.ckpt``) of the checkpoint of the best validation epoch.
+BEST_CHECKPOINT = "best"
 
 
 def resolve_accelerator(accelerator: str, devices: Any) -> tuple[str, Any, str, str]:
@@ -159,6 +167,246 @@ def _quiet_lightning():
         lg.setLevel(level)
 
 
+# ---------------------------------------------------------------------------------------------
+# reliability: non-finite losses, resumable checkpoints, interrupts
+# ---------------------------------------------------------------------------------------------
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN / inf loss or gradient and stopped before the weights were updated.
+
+    Attributes
+    ----------
+    epoch, batch
+        Where it happened (epoch counted from 1, batch from 0).
+    checkpoint
+        Path of the last good checkpoint (the latest finished epoch), or ``None`` when no epoch
+        finished.
+    """
+
+    def __init__(self, message: str, *, epoch: int, batch: int, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.batch = batch
+        self.checkpoint = checkpoint
+
+
+def _non_finite_inputs(batch: dict[str, Any]) -> list[str]:
+    """Keys of the floating-point tensors of a batch that hold NaN or inf."""
+    bad = []
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            if not bool(torch.isfinite(value).all()):
+                bad.append(key)
+    return bad
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states (torch, CUDA, numpy, Python) in a form ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, ValueError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _guard_callback(config: TrainConfig, precision: str):
+    """Build the Lightning callback that stops at a non-finite loss / gradient and makes runs resumable.
+
+    - Before every backward pass: a NaN / inf training loss raises :class:`NonFiniteLossError`
+      (the weights are not updated); after every validation batch the same for the validation loss.
+    - Before every optimiser step: a NaN / inf gradient raises the same (except under ``16-mixed``,
+      whose gradient scaler skips such steps by design).
+    - Checkpoints carry the history rows and the global RNG states (dropout draws, data loader
+      seeds), so that a resumed CPU run ends with the weights of an uninterrupted one; the resumed
+      run uses the configuration's learning rate and weight decay.
+    - Records a ``KeyboardInterrupt`` (Lightning turns it into ``SystemExit``).
+    """
+    import lightning as L
+
+    class _Guard(L.Callback):
+        def __init__(self) -> None:
+            self.interrupted: BaseException | None = None
+            self._resumed = False
+
+        @property
+        def state_key(self) -> str:
+            return "SigmmaTrainingState"
+
+        def _fail(self, trainer: Any, pl_module: Any, what: str, batch: Any, batch_idx: int, detail: str) -> None:
+            bad = _non_finite_inputs(batch) if isinstance(batch, dict) else []
+            epoch = int(trainer.current_epoch) + 1
+            causes = []
+            if bad:
+                causes.append(
+                    f"the batch's inputs hold NaN / inf ({', '.join(bad)}): check the counts (non-negative, "
+                    "finite) and the image features (recompute them with sigmma_sc.pp.image_features)"
+                )
+            causes.append(f"the learning rate is too high (lr={config.lr:g}): retry with a lower lr")
+            if precision != "32-true":
+                causes.append(f"the {precision} precision overflowed: retry with precision='32-true'")
+            elif not bad:
+                causes.append("bad counts or image features (NaN, inf or extreme values) in this batch")
+            raise NonFiniteLossError(
+                f"training stopped at epoch {epoch}, batch {batch_idx}: the {what} is not finite ({detail}); "
+                "the weights were not updated. Likely causes: " + "; ".join(causes) + ".",
+                epoch=epoch,
+                batch=int(batch_idx),
+            )
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self._batch, self._batch_idx = batch, batch_idx
+
+        def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+            if not bool(torch.isfinite(loss.detach()).all()):
+                self._fail(
+                    trainer, pl_module, "training loss", self._batch, self._batch_idx, f"loss={float(loss.detach()):g}"
+                )
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            if precision == "16-mixed":
+                return
+            named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+            if not named:
+                return
+            # One fused norm and one device sync a step; the per-tensor search only after a failure.
+            total = torch.nn.utils.get_total_norm([g for _, g in named], foreach=True)
+            if not bool(torch.isfinite(total)):
+                names = [n for n, g in named if not bool(torch.isfinite(g).all())]
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                self._fail(
+                    trainer, pl_module, "gradient", self._batch, self._batch_idx, f"in {', '.join(names[:3])}{more}"
+                )
+
+        def on_validation_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        ) -> None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+                self._fail(trainer, pl_module, "validation loss", batch, batch_idx, f"loss={float(loss.detach()):g}")
+
+        def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+            checkpoint["sigmma"] = {"epoch_rows": list(pl_module.epoch_rows), "rng": _rng_state()}
+
+        def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+            state = checkpoint.get("sigmma")
+            if state is None:
+                return
+            pl_module.epoch_rows = [dict(r) for r in state["epoch_rows"]]
+            # Now, before the data loader of the resumed epoch is built: building it draws its
+            # base seed from the global RNG, as it did at the start of that epoch in the first run.
+            _set_rng_state(state["rng"])
+            self._resumed = True
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            if not self._resumed:
+                return
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = config.lr
+                    group["weight_decay"] = config.weight_decay
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            if isinstance(exception, KeyboardInterrupt):
+                self.interrupted = exception
+
+    return _Guard()
+
+
+def _checkpoint_callbacks(root: str, with_validation: bool) -> tuple[Any, Any]:
+    """``(last, best)`` checkpoint callbacks: the latest finished epoch (every epoch) and the best one.
+
+    Lightning's ``save_last=True`` rewrites ``last.ckpt`` only in the epochs where a top-k
+    checkpoint is saved (2.6), that is when the validation loss improves; a separate unmonitored
+    callback keeps the truly last epoch. Both save at the end of the training epoch, after the
+    epoch's history row, so a resumed run starts at the next epoch.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    last = ModelCheckpoint(dirpath=root, filename=LAST_CHECKPOINT, save_top_k=1, save_on_train_epoch_end=True)
+    best = (
+        ModelCheckpoint(
+            dirpath=root,
+            monitor="val_loss",
+            mode="min",
+            save_top_k=1,
+            filename=BEST_CHECKPOINT,
+            save_on_train_epoch_end=True,
+        )
+        if with_validation
+        else None
+    )
+    return last, best
+
+
+def find_last_checkpoint(folder: str | Path) -> Path | None:
+    """Return the newest ``last*.ckpt`` of a checkpoint folder (``None`` when there is none).
+
+    Examples
+    --------
+    >>> find_last_checkpoint("/nonexistent") is None
+    True
+    """
+    folder = Path(folder)
+    found = sorted(folder.glob(f"{LAST_CHECKPOINT}*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def resolve_resume(config: TrainConfig) -> tuple[str | None, str | None]:
+    """``(checkpoint to resume from, checkpoint folder)`` of a configuration.
+
+    ``resume=True``: the newest ``last.ckpt`` of ``checkpoint_dir`` (a warning and a fresh start
+    when there is none). A path: that checkpoint; its folder keeps the new checkpoints unless
+    ``checkpoint_dir`` is given.
+    """
+    resume = config.resume
+    if resume is None or resume is False:
+        return None, config.checkpoint_dir
+    if resume is True:
+        if config.checkpoint_dir is None:
+            raise ValueError(
+                "resume=True resumes from the newest last.ckpt of checkpoint_dir, but checkpoint_dir is None: "
+                "pass the checkpoint_dir of the interrupted run, or resume=<path to a .ckpt>."
+            )
+        found = find_last_checkpoint(config.checkpoint_dir)
+        if found is None:
+            logger.warning(f"resume=True: no {LAST_CHECKPOINT}.ckpt in {config.checkpoint_dir}: training from scratch")
+            return None, config.checkpoint_dir
+        return str(found), config.checkpoint_dir
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resume={str(resume)!r}: no such checkpoint file; pass a .ckpt written by a run with checkpoint_dir "
+            f"(its {LAST_CHECKPOINT}.ckpt), or resume=True with that checkpoint_dir."
+        )
+    return str(path), config.checkpoint_dir or str(path.parent)
+
+
+def _existing(path: str | None) -> str | None:
+    return path if path and Path(path).is_file() else None
+
+
+def _restore_sigint(handler: Any) -> None:
+    """Put back the SIGINT handler Lightning replaces with ``SIG_IGN`` after a ``KeyboardInterrupt``."""
+    if handler is None:
+        return
+    with contextlib.suppress(ValueError, TypeError, OSError):  # not the main thread / not settable
+        if signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
+
+
 @torch.no_grad()
 def initial_losses(module: SigmmaModule, data: SubgraphBatches) -> dict[str, float]:
     """Mean loss terms of the untrained module (eval mode) over the first batches of ``data``."""
@@ -181,19 +429,29 @@ def train(
     config: TrainConfig,
     *,
     nodes: np.ndarray | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[SigmmaModule, pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]], float]:
     """Train a module on the meso subgraphs ``nodes`` (default all) minus a held-out validation fraction.
 
     Subgraphs outside ``nodes`` never enter a batch unless they are graph neighbours of a training
     subgraph (graphs never cross sections, so leaving out whole sections isolates them).
 
+    Every finished epoch is checkpointed (``last.ckpt``, with the optimiser state, the history rows
+    and the RNG states; ``best.ckpt`` for the best validation epoch) in ``config.checkpoint_dir``
+    (default: a temporary folder, removed after a successful run). ``config.resume`` continues an
+    interrupted run: on CPU it ends with the weights of an uninterrupted one. A NaN / inf loss or
+    gradient raises :class:`NonFiniteLossError` at once (before the weights change); Ctrl+C raises
+    ``KeyboardInterrupt``; both keep the checkpoints and name the last one. ``callbacks`` are extra
+    Lightning callbacks.
+
     Returns the trained module (best validation epoch when there is a validation set, on CPU),
     the per-epoch history (epoch 0 = at initialisation), the expression standardisation and the
     training time in seconds.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
 
+    resume_from, checkpoint_dir = resolve_resume(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     pool = np.arange(levels[Levels.MESO].n) if nodes is None else np.unique(np.asarray(nodes, dtype=np.int64))
     tr, va = split_nodes(pool.size, config.val_fraction, config.seed)
@@ -244,12 +502,16 @@ def train(
 
     from torch.utils.data import DataLoader
 
-    root = config.checkpoint_dir or tempfile.mkdtemp(prefix="sigmma_")
-    callbacks = []
-    ckpt = None
-    if val_data is not None:
-        ckpt = ModelCheckpoint(dirpath=root, monitor="val_loss", mode="min", save_top_k=1, filename="best")
-        callbacks += [EarlyStopping(monitor="val_loss", mode="min", patience=config.patience, min_delta=1e-4), ckpt]
+    root = checkpoint_dir or tempfile.mkdtemp(prefix="sigmma_")
+    last_ckpt, best_ckpt = _checkpoint_callbacks(root, with_validation=val_data is not None)
+    guard = _guard_callback(config, precision)
+    trainer_callbacks = [guard, *callbacks, last_ckpt]
+    if best_ckpt is not None:
+        trainer_callbacks = [
+            EarlyStopping(monitor="val_loss", mode="min", patience=config.patience, min_delta=1e-4),
+            *trainer_callbacks,
+            best_ckpt,
+        ]
     with _quiet_lightning():
         trainer = L.Trainer(
             accelerator=accelerator,
@@ -259,8 +521,8 @@ def train(
             max_epochs=config.max_epochs,
             default_root_dir=root,
             logger=False,
-            callbacks=callbacks,
-            enable_checkpointing=ckpt is not None,
+            callbacks=trainer_callbacks,
+            enable_checkpointing=True,
             enable_progress_bar=settings.progress_bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -269,20 +531,52 @@ def train(
             deterministic=accelerator == "cpu",
             gradient_clip_val=1.0,
         )
+    if resume_from is not None:
+        logger.info(f"resuming from {resume_from}")
     t0 = time.perf_counter()
+    sigint = signal.getsignal(signal.SIGINT)
+    keep = False
     try:
-        with _quiet_lightning():
+        with _quiet_lightning(), warnings.catch_warnings():
+            if resume_from is not None:
+                warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(
                 module,
                 train_dataloaders=DataLoader(train_data, batch_size=None, shuffle=False),
                 val_dataloaders=None if val_data is None else DataLoader(val_data, batch_size=None, shuffle=False),
+                ckpt_path=resume_from,
             )
         seconds = time.perf_counter() - t0
-        if ckpt is not None and ckpt.best_model_path:
-            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        if best_ckpt is not None and best_ckpt.best_model_path:
+            state = torch.load(best_ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
             module.load_state_dict(state)
+    except NonFiniteLossError as err:
+        last = _existing(last_ckpt.last_model_path or last_ckpt.best_model_path)
+        keep = last is not None
+        err.checkpoint = last
+        where = (
+            f"The last good checkpoint (epoch {err.epoch - 1}) is {last}: resume from it with resume={last!r} "
+            "once the cause is fixed."
+            if last
+            else "No epoch finished, so there is no checkpoint to resume from."
+        )
+        raise NonFiniteLossError(f"{err} {where}", epoch=err.epoch, batch=err.batch, checkpoint=last) from None
+    except SystemExit:
+        if guard.interrupted is None:
+            raise
+        last = _existing(last_ckpt.last_model_path or last_ckpt.best_model_path)
+        keep = last is not None
+        msg = (
+            f"training interrupted in epoch {trainer.current_epoch + 1}; the last checkpoint is {last}: continue "
+            f"with resume={last!r} (or resume=True with checkpoint_dir={root!r})"
+            if last
+            else f"training interrupted in epoch {trainer.current_epoch + 1}, before any checkpoint"
+        )
+        logger.warning(msg)
+        raise KeyboardInterrupt(msg) from None
     finally:
-        if config.checkpoint_dir is None:
+        _restore_sigint(sigint)
+        if checkpoint_dir is None and not keep:
             shutil.rmtree(root, ignore_errors=True)
     module = module.cpu().eval()
     history = pd.DataFrame([row0, *module.epoch_rows])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import uuid
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +43,22 @@ _GENES_FILE = "genes.txt"
 _STATS_FILE = "stats.npz"
 _REFERENCE_FILE = "reference.h5ad"
 _HISTORY_FILE = "history.csv"
-_FORMAT_VERSION = 1
+#: Saved-model format. 1: no checksums (sigmma-sc <= 0.1.0 before the reliability work); 2: the
+#: config records ``files``, the sha256 and size of every other file, and the folder is written
+#: atomically. :meth:`Sigmma.load` reads both.
+_FORMAT_VERSION = 2
+#: Config key of the per-file records (``{name: {"sha256": hex, "bytes": size}}``), format >= 2.
+_FILES_KEY = "files"
+#: Files every saved model has (the reference is optional).
+_REQUIRED_FILES = (_WEIGHTS_FILE, _GENES_FILE, _STATS_FILE, _HISTORY_FILE)
+_MODEL_FILES = (_CONFIG_FILE, *_REQUIRED_FILES, _REFERENCE_FILE)
+#: Config fields :meth:`Sigmma.load` needs to rebuild the module.
+_REQUIRED_FIELDS = ("levels", "encoder", "img_dims", "expr_dims", "pair_levels")
+#: Sibling folders of a model folder during :meth:`Sigmma.save`: the new model being written, and
+#: the previous one moved aside for the instant of the swap.
+_SAVING_TAG = ".saving-"
+_REPLACED_TAG = ".replaced-"
+_REWRITE_HINT = "copy the whole model folder again from where it came from, or save the model again"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +79,204 @@ def default_context_weight(unit_level: str) -> float:
     (0.0, 1.0)
     """
     return 0.0 if unit_level == Levels.MICRO else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# persistence helpers (atomic folder writes, checksums)
+# ---------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames, new files) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.parent / f".{path.name}{tag}{uuid.uuid4().hex[:12]}"
+
+
+def _check_save_target(path: Path, overwrite: bool) -> None:
+    """Refuse targets whose replacement would lose something: a file, foreign files, a model without overwrite."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file: Sigmma.save writes a folder; pass a folder path.")
+    if not path.is_dir():
+        return
+    entries = sorted(e.name for e in path.iterdir())
+    if not entries:
+        return
+    if _CONFIG_FILE not in entries:
+        raise FileExistsError(
+            f"{path} is not empty and holds no saved model ({entries[:5]}): save into a new or empty folder."
+        )
+    if not overwrite:
+        raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it.")
+    foreign = [e for e in entries if e not in _MODEL_FILES]
+    if foreign:
+        raise FileExistsError(
+            f"{path} holds a saved model and other files ({foreign[:5]}): replacing the model folder would "
+            "delete them; move them elsewhere or save into another folder."
+        )
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path``; an existing ``path`` is moved aside first, then removed.
+
+    Readers see either the old folder or the new one, never a mix (between the two renames
+    ``path`` is briefly absent; :meth:`Sigmma.load` then names the folder holding the old model).
+    """
+    if path.exists():
+        old = _sibling(path, _REPLACED_TAG)
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _interrupted_save_hint(path: Path) -> str:
+    """Describe the leftovers of an interrupted :meth:`Sigmma.save` next to ``path`` ('' if none)."""
+    if not path.parent.is_dir():
+        return ""
+    old = sorted(path.parent.glob(f".{path.name}{_REPLACED_TAG}*"))
+    if old:
+        return f" An interrupted save left the previous model in {old[-1]}: rename that folder to {path} to use it."
+    partial = sorted(path.parent.glob(f".{path.name}{_SAVING_TAG}*"))
+    if partial:
+        return f" An interrupted save left an incomplete folder {partial[-1]} (safe to delete)."
+    return ""
+
+
+def _format_version(path: Path, config: dict[str, Any]) -> int:
+    version = config.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(
+            f"{path / _CONFIG_FILE}: format_version {version!r} is not a saved-model format (an integer >= 1); "
+            f"the file was edited or is not a Sigmma config: {_REWRITE_HINT}."
+        )
+    if version > _FORMAT_VERSION:
+        saved_by = (config.get("versions") or {}).get("sigmma_sc", "a newer version")
+        here = versions().get("sigmma_sc", "installed here")
+        raise ValueError(
+            f"{path} was saved by sigmma-sc {saved_by} in saved-model format {version}; this sigmma-sc "
+            f"({here}) reads formats up to {_FORMAT_VERSION}: upgrade it (pip install -U sigmma-sc)."
+        )
+    return version
+
+
+def _verify_files(path: Path, config: dict[str, Any], version: int) -> list[str]:
+    """Check every file of a model folder before anything is read; the names of the files to read.
+
+    Format >= 2: every file recorded in the config exists with its size and sha256. Format 1 (no
+    records): the required files exist.
+    """
+    if version < 2:
+        missing = [name for name in _REQUIRED_FILES if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} lacks {', '.join(missing)}: the model folder is incomplete; {_REWRITE_HINT}."
+            )
+        logger.info(f"{path}: saved-model format 1 has no checksums; save the model again to add them")
+        return [name for name in (*_REQUIRED_FILES, _REFERENCE_FILE) if (path / name).is_file()]
+    records = config.get(_FILES_KEY)
+    if not isinstance(records, dict):
+        raise ValueError(
+            f"{path / _CONFIG_FILE} has no {_FILES_KEY!r} record (format {version} requires it): the config was "
+            f"edited or replaced; {_REWRITE_HINT}."
+        )
+    unrecorded = [name for name in _REQUIRED_FILES if name not in records]
+    if unrecorded:
+        raise ValueError(
+            f"{path / _CONFIG_FILE}: {_FILES_KEY!r} does not record {', '.join(unrecorded)}: the config was edited "
+            f"or replaced; {_REWRITE_HINT}."
+        )
+    missing = [name for name in records if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} lacks {', '.join(missing)}, written by Sigmma.save: the model folder is incomplete; "
+            f"{_REWRITE_HINT}."
+        )
+    for name, record in records.items():
+        file = path / name
+        size = file.stat().st_size
+        expected = record.get("bytes")
+        if expected is not None and size != expected:
+            what = "truncated" if size < expected else "longer than written"
+            raise ValueError(f"{file} is {what} ({size} bytes, {expected} written by Sigmma.save): {_REWRITE_HINT}.")
+        if _sha256(file) != record.get("sha256"):
+            raise ValueError(
+                f"{file} is corrupted: its sha256 differs from the one recorded in {_CONFIG_FILE} when it was "
+                f"saved; {_REWRITE_HINT}."
+            )
+    return list(records)
+
+
+def _read_stats(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path / _STATS_FILE) as stats:
+            return {k: np.asarray(stats[k]) for k in stats.files}
+    except Exception as exc:
+        raise ValueError(f"{path / _STATS_FILE} cannot be read ({exc}): {_REWRITE_HINT}.") from exc
+
+
+def _check_dims(path: Path, config: dict[str, Any], genes: list[str], stats: dict[str, np.ndarray]) -> None:
+    """Genes file, statistics and config agree on the dimensions of the module's inputs."""
+    genes_file = path / _GENES_FILE
+    if not genes:
+        raise ValueError(f"{genes_file} lists no genes: {_REWRITE_HINT}.")
+    dup = sorted({g for g in genes if genes.count(g) > 1}) if len(set(genes)) != len(genes) else []
+    if dup:
+        raise ValueError(f"{genes_file} lists genes twice ({dup[:5]}): {_REWRITE_HINT}.")
+    for lv, n in dict(config["expr_dims"]).items():
+        if int(n) != len(genes):
+            raise ValueError(
+                f"{genes_file} lists {len(genes)} genes but the {lv} expression encoder takes {n} "
+                f"({_CONFIG_FILE} expr_dims[{lv!r}]): the genes file does not belong to these weights; "
+                f"{_REWRITE_HINT}."
+            )
+    for lv, d in dict(config["img_dims"]).items():
+        mean, std = stats.get(f"feature_{lv}_mean"), stats.get(f"feature_{lv}_std")
+        if mean is None or std is None:
+            raise ValueError(
+                f"{path / _STATS_FILE} has no image-feature statistics for level {lv!r} ({_CONFIG_FILE} img_dims "
+                f"lists it): {_REWRITE_HINT}."
+            )
+        if mean.shape[-1] != int(d) or std.shape != mean.shape:
+            raise ValueError(
+                f"{path / _STATS_FILE}: the image-feature statistics of level {lv!r} have {mean.shape[-1]} "
+                f"channels but the image encoder takes {d} ({_CONFIG_FILE} img_dims[{lv!r}]): the statistics "
+                f"do not belong to these weights; {_REWRITE_HINT}."
+            )
+    for key, value in stats.items():
+        if key.startswith("expr_") and value.shape[-1] != len(genes):
+            raise ValueError(
+                f"{path / _STATS_FILE}: {key} has {value.shape[-1]} genes, {genes_file} {len(genes)}: {_REWRITE_HINT}."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,12 +616,18 @@ class Sigmma:
     def save(self, dir: str | os.PathLike, *, overwrite: bool = True) -> None:
         """Write weights, configuration, genes, encoder id, standardisation and reference to a folder.
 
+        The write is atomic: everything goes to a temporary sibling folder, is flushed to disk, and
+        the folder is then renamed to ``dir``, so ``dir`` holds either the previous model or the
+        new one, never a mix (a crash leaves the previous model in place). ``config.json`` records
+        the saved-model format and the sha256 and size of every other file; :meth:`load` checks them.
+
         Parameters
         ----------
         dir
-            Folder (created when missing).
+            Folder (created when missing). An existing folder must be empty or hold a saved model
+            and nothing else.
         overwrite
-            Replace an existing saved model in ``dir``.
+            Replace a saved model already in ``dir``.
 
         Examples
         --------
@@ -413,27 +635,45 @@ class Sigmma:
         """
         import torch
 
-        path = Path(dir)
-        if (path / _CONFIG_FILE).exists() and not overwrite:
-            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True to replace it.")
-        path.mkdir(parents=True, exist_ok=True)
-        config = {**self._config, "format_version": _FORMAT_VERSION, "versions": versions()}
-        (path / _CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-        (path / _GENES_FILE).write_text("\n".join(self.genes) + "\n")
-        torch.save(self._module.state_dict(), path / _WEIGHTS_FILE)
-        arrays = {}
-        for kind, stats in (("feature", self._feature_stats), ("expr", self._expr_stats)):
-            for lv, (a, b) in stats.items():
-                arrays[f"{kind}_{lv}_mean"] = a
-                arrays[f"{kind}_{lv}_std"] = b
-        np.savez(path / _STATS_FILE, **arrays)
-        self.history.to_csv(path / _HISTORY_FILE, index=False)
-        if self.reference is not None:
-            self.reference.write_h5ad(path / _REFERENCE_FILE)
+        path = Path(os.path.abspath(os.fspath(dir)))
+        _check_save_target(path, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _sibling(path, _SAVING_TAG)
+        tmp.mkdir()
+        try:
+            (tmp / _GENES_FILE).write_text("\n".join(self.genes) + "\n")
+            torch.save(self._module.state_dict(), tmp / _WEIGHTS_FILE)
+            arrays = {}
+            for kind, stats in (("feature", self._feature_stats), ("expr", self._expr_stats)):
+                for lv, (a, b) in stats.items():
+                    arrays[f"{kind}_{lv}_mean"] = a
+                    arrays[f"{kind}_{lv}_std"] = b
+            np.savez(tmp / _STATS_FILE, **arrays)
+            self.history.to_csv(tmp / _HISTORY_FILE, index=False)
+            written = list(_REQUIRED_FILES)
+            if self.reference is not None:
+                self.reference.write_h5ad(tmp / _REFERENCE_FILE)
+                written.append(_REFERENCE_FILE)
+            files = {}
+            for name in written:
+                _fsync_file(tmp / name)
+                files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            config = {**self._config, "format_version": _FORMAT_VERSION, "versions": versions(), _FILES_KEY: files}
+            (tmp / _CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+            _fsync_file(tmp / _CONFIG_FILE)
+            _fsync_dir(tmp)
+            _swap_in(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def load(cls, dir: str | os.PathLike, *, sdata: SpatialData | None = None, table_key: str = Keys.TABLE) -> Sigmma:
-        """Read a model written by :meth:`save`.
+        """Read a model written by :meth:`save` (any saved-model format up to the current one).
+
+        Every file is checked before use: present, of the size and sha256 recorded at saving
+        (format 2), the genes and the feature statistics matching the weights' dimensions, the image
+        encoder registered. Each failure names the file or field and what to do.
 
         Parameters
         ----------
@@ -455,21 +695,36 @@ class Sigmma:
 
         from ._core import build_module
 
-        path = Path(dir)
-        if not (path / _CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{path} holds no saved Sigmma model ({_CONFIG_FILE} missing).")
-        config = json.loads((path / _CONFIG_FILE).read_text())
-        if config.get("format_version", 0) > _FORMAT_VERSION:
-            raise ValueError(f"{path} was saved by a newer sigmma-sc (format {config['format_version']}); upgrade.")
+        path = Path(os.path.abspath(os.fspath(dir)))
+        if not (path / _CONFIG_FILE).is_file():
+            what = f"{_CONFIG_FILE} missing" if path.is_dir() else "no such folder"
+            raise FileNotFoundError(f"{path} holds no saved Sigmma model ({what}).{_interrupted_save_hint(path)}")
+        try:
+            config = json.loads((path / _CONFIG_FILE).read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"{path / _CONFIG_FILE} is not valid JSON ({exc}): it is corrupted or truncated; {_REWRITE_HINT}."
+            ) from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / _CONFIG_FILE} does not hold a Sigmma configuration: {_REWRITE_HINT}.")
+        version = _format_version(path, config)
+        absent = [f for f in _REQUIRED_FIELDS if f not in config]
+        if absent:
+            raise ValueError(
+                f"{path / _CONFIG_FILE} lacks the field(s) {', '.join(absent)}: the config was edited or is "
+                f"incomplete; {_REWRITE_HINT}."
+            )
+        present = _verify_files(path, config, version)
         encoder = config["encoder"]
         known = available_encoders()
         if encoder != "precomputed" and encoder not in known:
             raise ValueError(
-                f"the model's image encoder {encoder!r} is not available here (known: {known}); register it with "
-                "sigmma_sc.pp.register_encoder before loading."
+                f"the model's image encoder {encoder!r} ({_CONFIG_FILE} field 'encoder') is not available here "
+                f"(known: {known}); register it with sigmma_sc.pp.register_encoder before loading."
             )
         genes = [g for g in (path / _GENES_FILE).read_text().splitlines() if g]
-        stats = np.load(path / _STATS_FILE)
+        stats = _read_stats(path)
+        _check_dims(path, config, genes, stats)
         f_stats, e_stats = {}, {}
         for kind, target in (("feature", f_stats), ("expr", e_stats)):
             for lv in Levels.ALL:
@@ -477,12 +732,26 @@ class Sigmma:
                     target[lv] = (stats[f"{kind}_{lv}_mean"], stats[f"{kind}_{lv}_std"])
         cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig) if f.name in config})
         module = build_module(config["img_dims"], config["expr_dims"], tuple(config["pair_levels"]), cfg)
-        module.load_state_dict(torch.load(path / _WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path / _WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path / _WEIGHTS_FILE} cannot be read ({exc}): {_REWRITE_HINT}.") from exc
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{path / _WEIGHTS_FILE} does not fit the module described by {_CONFIG_FILE} (img_dims, expr_dims, "
+                f"embed_dim, hidden_dim, levels, graph): {exc}"
+            ) from exc
         module.eval()
-        history = pd.read_csv(path / _HISTORY_FILE)
-        reference = ad.read_h5ad(path / _REFERENCE_FILE) if (path / _REFERENCE_FILE).exists() else None
+        try:
+            history = pd.read_csv(path / _HISTORY_FILE)
+            reference = ad.read_h5ad(path / _REFERENCE_FILE) if _REFERENCE_FILE in present else None
+        except Exception as exc:
+            raise ValueError(f"{path} holds an unreadable history or reference file ({exc}): {_REWRITE_HINT}.") from exc
         config.pop("versions", None)
         config.pop("format_version", None)
+        config.pop(_FILES_KEY, None)
         model = cls(
             config=config,
             module=module,

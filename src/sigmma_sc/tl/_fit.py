@@ -51,6 +51,7 @@ def fit(
     feature_norm: str = Defaults.FEATURE_NORM,
     hierarchy_kwargs: dict[str, Any] | None = None,
     checkpoint_dir: str | None = None,
+    resume: bool | str | None = None,
 ) -> Sigmma:
     """Train SIGMMA (multi-scale graph contrastive alignment of H&E and expression) on a slide.
 
@@ -132,6 +133,10 @@ def fit(
         Passed to :func:`sigmma_sc.pp.build_hierarchy` when the table has no hierarchy.
     checkpoint_dir
         Keep Lightning checkpoints here (default: a temporary folder, removed after training).
+    resume
+        Continue an interrupted run (Ctrl+C, a crash, a time limit): ``True`` from the newest
+        ``last.ckpt`` of ``checkpoint_dir``, or the path of a checkpoint. Pass the other arguments
+        of the interrupted run; on CPU the result equals an uninterrupted run's.
 
     Returns
     -------
@@ -175,6 +180,7 @@ def fit(
         devices=devices,
         precision=precision,
         checkpoint_dir=checkpoint_dir,
+        resume=resume,
     )
     model, emb = Sigmma.train(
         sdata,

@@ -1,0 +1,403 @@
+"""Reliability: atomic, verified model folders (format 2, format 1 still read), NaN guards, resumable training.
+
+Array-level training on a small hand-built grid of spots (a few seconds a run); the format-1 model
+folder in ``tests/data`` was written by the code before saved-model format 2 (see
+``tests/data/make_format1_model.py``) and is embedded on ``datasets.synthetic(300, n_genes=40)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import sigmma_sc as sg
+from sigmma_sc.model._data import ExpressionSource, LevelInput
+
+DATA = Path(__file__).parent / "data"
+FORMAT1 = DATA / "format1_model"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_single_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    bar = sg.settings.progress_bar
+    torch.set_num_threads(1)
+    sg.settings.progress_bar = False
+    yield
+    torch.set_num_threads(n)
+    sg.settings.progress_bar = bar
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    """The 8-channel encoder of the format-1 folder, registered for the module's tests."""
+    spec = importlib.util.spec_from_file_location("make_format1_model", DATA / "make_format1_model.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    sg.pp.register_encoder(maker.ENCODER, maker.tiny_conv8)
+    yield maker.ENCODER
+    from sigmma_sc.pp import _encoders
+
+    _encoders._REGISTRY.pop(maker.ENCODER, None)
+
+
+@pytest.fixture
+def saved(tiny_encoder, tmp_path) -> Path:
+    """The format-1 model saved again by today's code (format 2)."""
+    path = tmp_path / "model"
+    sg.Sigmma.load(FORMAT1).save(path)
+    return path
+
+
+def _config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def _write_config(path: Path, config: dict) -> None:
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _rehash(path: Path, name: str) -> None:
+    # A consistent edit: the file changed and its record with it (only the content checks can object).
+    from sigmma_sc.model._sigmma import _sha256
+
+    config = _config(path)
+    config["files"][name] = {"sha256": _sha256(path / name), "bytes": (path / name).stat().st_size}
+    _write_config(path, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# saved-model folders
+# ---------------------------------------------------------------------------------------------
+def test_format1_folder_loads_and_embeds_as_when_it_was_saved(tiny_encoder):
+    model = sg.Sigmma.load(FORMAT1)
+    assert len(model.genes) == 20 and model.encoder == tiny_encoder and model.reference is None
+    assert "files" not in model.params and "format_version" not in model.params
+    sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
+    emb = model.get_embeddings(sdata)
+    expected = np.load(DATA / "format1_embeddings.npz")
+    for key in ("img", "expr", "joint"):
+        np.testing.assert_allclose(emb[key], expected[key], atol=1e-5)
+
+
+def test_save_is_atomic_and_records_format_and_checksums(saved, monkeypatch):
+    import torch
+
+    from sigmma_sc.model._sigmma import _FORMAT_VERSION, _sha256
+
+    config = _config(saved)
+    assert config["format_version"] == _FORMAT_VERSION == 2
+    names = {"weights.pt", "genes.txt", "stats.npz", "history.csv"}
+    assert set(config["files"]) == names
+    for name, record in config["files"].items():
+        assert record == {"sha256": _sha256(saved / name), "bytes": (saved / name).stat().st_size}
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["model"]  # no temporary folders left
+    model = sg.Sigmma.load(saved)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(saved, overwrite=False)
+    # A save that fails half-way leaves the previous folder untouched and nothing beside it.
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    model.history = pd.concat([model.history, model.history.tail(1)])  # a different model
+    monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        model.save(saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["model"]
+    monkeypatch.undo()
+    model.save(saved)  # overwrite (default): the new model, whole
+    assert len(pd.read_csv(saved / "history.csv")) == len(model.history)
+    assert sg.Sigmma.load(saved).history.shape == model.history.shape
+    # Never replace a folder holding something else.
+    (saved / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        model.save(saved)
+    other = saved.parent / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("x")
+    with pytest.raises(FileExistsError, match="holds no saved model"):
+        model.save(other)
+    assert torch.load(saved / "weights.pt", weights_only=True).keys() == model.module.state_dict().keys()
+
+
+def _drop_file(path):
+    (path / "weights.pt").unlink()
+
+
+def _truncate(path):
+    data = (path / "weights.pt").read_bytes()
+    (path / "weights.pt").write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path):
+    data = bytearray((path / "stats.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "stats.npz").write_bytes(bytes(data))
+
+
+def _newer_format(path):
+    config = _config(path)
+    config["format_version"] = 99
+    _write_config(path, config)
+
+
+def _genes_mismatch(path):
+    genes = (path / "genes.txt").read_text().splitlines()
+    (path / "genes.txt").write_text("\n".join(genes[:-1]) + "\n")
+    _rehash(path, "genes.txt")
+
+
+def _stats_mismatch(path):
+    with np.load(path / "stats.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["feature_meso_mean"] = np.zeros(5, np.float32)
+    arrays["feature_meso_std"] = np.ones(5, np.float32)
+    np.savez(path / "stats.npz", **arrays)
+    _rehash(path, "stats.npz")
+
+
+def _unknown_encoder(path):
+    config = _config(path)
+    config["encoder"] = "uni2-h-custom"
+    _write_config(path, config)
+
+
+def _broken_config(path):
+    text = (path / "config.json").read_text()
+    (path / "config.json").write_text(text[: len(text) // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (_drop_file, FileNotFoundError, r"lacks weights\.pt.*incomplete"),
+        (_truncate, ValueError, r"weights\.pt is truncated \(\d+ bytes, \d+ written"),
+        (_flip_byte, ValueError, r"stats\.npz is corrupted: its sha256 differs"),
+        (_newer_format, ValueError, r"format 99.*reads formats up to 2: upgrade"),
+        (_genes_mismatch, ValueError, r"genes\.txt lists 19 genes but .* expr_dims"),
+        (_stats_mismatch, ValueError, r"stats\.npz: .*level 'meso' have 5 channels .* img_dims\['meso'\]"),
+        (_unknown_encoder, ValueError, r"'uni2-h-custom' \(config\.json field 'encoder'\).*register_encoder"),
+        (_broken_config, ValueError, r"config\.json is not valid JSON"),
+    ],
+    ids=["missing", "truncated", "corrupted", "newer-format", "genes", "feature-dims", "encoder", "config"],
+)
+def test_load_verifies_every_file_and_names_it(saved, damage, error, match):
+    damage(saved)
+    with pytest.raises(error, match=match) as info:
+        sg.Sigmma.load(saved)
+    assert (
+        "save the model again" in str(info.value)
+        or "register_encoder" in str(info.value)
+        or "upgrade" in str(info.value)
+    )
+
+
+def test_load_points_to_the_previous_model_after_an_interrupted_swap(saved):
+    # A crash between the two renames of Sigmma.save: the old model sits in a hidden sibling.
+    aside = saved.parent / ".model.replaced-0123abcd"
+    os.replace(saved, aside)
+    with pytest.raises(FileNotFoundError, match=r"previous model in .*\.model\.replaced-0123abcd: rename"):
+        sg.Sigmma.load(saved)
+    os.replace(aside, saved)
+    assert sg.Sigmma.load(saved).genes
+
+
+def test_format1_folder_missing_a_file_is_refused(tiny_encoder, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(FORMAT1, copy)
+    (copy / "stats.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks stats\.npz"):
+        sg.Sigmma.load(copy)
+
+
+# ---------------------------------------------------------------------------------------------
+# training: non-finite losses, resume, interrupts
+# ---------------------------------------------------------------------------------------------
+def grid_levels(n_side: int = 8, n_sec: int = 2, n_nuc: int = 3, n_feat: int = 12, n_genes: int = 20, seed: int = 0):
+    """Spots on a grid with nuclei and ring regions (a smaller ``test_model.spot_levels``)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(np.arange(n_side), np.arange(n_side)), -1).reshape(-1, 2) * 200.0
+    xy = np.concatenate([grid] * n_sec)
+    sec = np.repeat(np.arange(n_sec), len(grid))
+    n = len(xy)
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    same = sec[:, None] == sec[None]
+    edges = np.array(np.nonzero((d > 0) & (d <= 201) & same))
+    region = sp.csr_matrix(((d <= 250) & same).astype(np.float32))
+    kind = ((xy[:, 0] // 600 + xy[:, 1] // 600) % 4).astype(int)
+    f_meso = rng.normal(size=(4, n_feat))[kind] + rng.normal(size=(n, n_feat))
+    counts = sp.csr_matrix(rng.poisson(rng.gamma(1.0, 1.0, size=(4, n_genes))[kind] * 5 + 0.5).astype(np.float32))
+    parent = np.repeat(np.arange(n), n_nuc)
+    f_micro = f_meso[parent] + rng.normal(size=(len(parent), n_feat))
+    pairs = np.array(
+        [
+            (a, b)
+            for i in range(n)
+            for a in range(i * n_nuc, (i + 1) * n_nuc)
+            for b in range(i * n_nuc, (i + 1) * n_nuc)
+            if a != b
+        ]
+    ).T
+    f_macro = np.asarray(region @ f_meso) / np.asarray(region.sum(1))
+    levels = {
+        "micro": LevelInput("micro", len(parent), pairs, parent, f_micro.astype(np.float32), None),
+        "meso": LevelInput("meso", n, edges, np.arange(n), f_meso.astype(np.float32), sp.identity(n, format="csr")),
+        "macro": LevelInput("macro", n, edges, None, f_macro.astype(np.float32), region),
+    }
+    return levels, ExpressionSource.from_counts(counts, np.arange(n_genes), log_normalized=False)
+
+
+FAST = {"max_epochs": 4, "batch_size": 16, "embed_dim": 8, "hidden_dim": 16}
+
+
+class _Count:
+    """A Lightning callback counting finished training batches (built lazily: lightning is heavy)."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class Counter(L.Callback):
+            batches = 0
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                self.batches += 1
+
+        return Counter()
+
+
+def test_nan_features_stop_training_at_once_naming_the_input():
+    from sigmma_sc.model._core import NonFiniteLossError, TrainConfig, train
+
+    levels, src = grid_levels()
+    levels["meso"].features[7, 2] = np.nan
+    counter = _Count()
+    with pytest.raises(FloatingPointError, match=r"epoch 1, batch \d+: the training loss is not finite") as info:
+        train(levels, src, TrainConfig(**FAST), callbacks=[counter])
+    err = info.value
+    assert isinstance(err, NonFiniteLossError)
+    assert "meso_img" in str(err) and "image features" in str(err) and "counts" in str(err)
+    assert "no checkpoint" in str(err) and err.checkpoint is None
+    assert counter.batches == err.batch  # the failing batch never finished, no later one ran
+
+
+def test_nan_loss_later_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from sigmma_sc.model._core import NonFiniteLossError, TrainConfig, train
+    from sigmma_sc.model._losses import ContrastiveLoss
+
+    levels, src = grid_levels()
+    forward = ContrastiveLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 10:  # the second batch of the second epoch (8 training batches an epoch)
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(ContrastiveLoss, "forward", poisoned)
+    counter = _Count()
+    with pytest.raises(
+        NonFiniteLossError, match=r"epoch 2, batch 1: .*lr=0\.001.*epoch 1\) is .*resume from it"
+    ) as info:
+        train(levels, src, TrainConfig(**FAST, checkpoint_dir=str(tmp_path)), callbacks=[counter])
+    err = info.value
+    assert counter.batches == 9 and calls["n"] == 10  # stopped at once
+    assert err.checkpoint == str(tmp_path / "last.ckpt") and err.checkpoint in str(err)
+    ckpt = torch.load(err.checkpoint, map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0  # the first epoch, finished
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def _embed(module, levels, src, stats):
+    from sigmma_sc.model._core import TrainConfig, embed_nodes, make_batcher, unit_embeddings
+
+    b = make_batcher(levels, TrainConfig(**FAST), src, stats)
+    nodes = embed_nodes(module, b, batch_size=16, expression=True)
+    return unit_embeddings(nodes, levels, "meso", levels["meso"].n)["joint"]
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    import lightning as L
+
+    from sigmma_sc.model._core import TrainConfig, train
+
+    levels, src = grid_levels()
+    full, hist_full, stats, _ = train(levels, src, TrainConfig(**FAST, checkpoint_dir=str(tmp_path / "a")))
+
+    class Interrupt(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:  # the end of epoch 2
+                raise KeyboardInterrupt
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted in epoch 2; the last checkpoint is .*last\.ckpt"):
+        train(levels, src, TrainConfig(**FAST, checkpoint_dir=str(tmp_path / "b")), callbacks=[Interrupt()])
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning had set SIG_IGN
+    assert (tmp_path / "b" / "last.ckpt").is_file()
+    resumed, hist_resumed, stats2, _ = train(
+        levels, src, TrainConfig(**FAST, checkpoint_dir=str(tmp_path / "b"), resume=True)
+    )
+    for key, value in full.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), resumed.state_dict()[key].numpy(), err_msg=key)
+    pd.testing.assert_frame_equal(hist_full, hist_resumed)
+    np.testing.assert_array_equal(_embed(full, levels, src, stats), _embed(resumed, levels, src, stats2))
+
+
+def test_resume_arguments(tmp_path, caplog):
+    from sigmma_sc.model import TrainConfig
+    from sigmma_sc.model._core import resolve_resume
+
+    assert TrainConfig(resume=False).resume is None
+    assert TrainConfig(resume=tmp_path / "x.ckpt").resume == str(tmp_path / "x.ckpt")
+    with pytest.raises(TypeError, match="resume must be"):
+        TrainConfig(resume=3)
+    with pytest.raises(ValueError, match="checkpoint_dir is None"):
+        resolve_resume(TrainConfig(resume=True))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        resolve_resume(TrainConfig(resume=str(tmp_path / "missing.ckpt")))
+    assert resolve_resume(TrainConfig(resume=True, checkpoint_dir=str(tmp_path))) == (None, str(tmp_path))
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    assert resolve_resume(TrainConfig(resume=True, checkpoint_dir=str(tmp_path))) == (
+        str(tmp_path / "last.ckpt"),
+        str(tmp_path),
+    )
+    # A path alone: new checkpoints go beside it.
+    assert resolve_resume(TrainConfig(resume=str(tmp_path / "last.ckpt")))[1] == str(tmp_path)
+    import inspect
+
+    assert inspect.signature(sg.tl.fit).parameters["resume"].default is None
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_the_step():
+    import lightning as L
+
+    from sigmma_sc.model._core import NonFiniteLossError, TrainConfig, train
+
+    class PoisonGradient(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3 and not hasattr(self, "hook"):
+                self.weight = pl_module.img.mlp["meso"].net[0].weight
+                self.before = self.weight.detach().clone()
+                self.hook = self.weight.register_hook(lambda g: g * float("nan"))
+
+    poison = PoisonGradient()
+    with pytest.raises(
+        NonFiniteLossError, match=r"batch 3: the gradient is not finite \(in img\.mlp\.meso\.net\.0\.weight"
+    ):
+        train(*grid_levels(), TrainConfig(**FAST), callbacks=[poison])
+    assert np.array_equal(poison.weight.detach().numpy(), poison.before.numpy())  # no optimiser step

@@ -444,10 +444,132 @@ def test_synthetic_deterministic_by_seed():
     assert ta.n_obs == 300 and tc.n_obs == 300
 
 
-@pytest.mark.parametrize("kwargs", [{"n_cells": 1, "n_sections": 2}, {"n_genes": 0}, {"mpp": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n_cells": 1, "n_sections": 2},
+        {"n_genes": 0},
+        {"mpp": 0.0},
+        {"stain_shift": 1.0},
+        {"stain_shift": -0.1},
+        {"depth_shift": 1.0},
+        {"depth_shift": -0.1},
+    ],
+)
 def test_synthetic_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         sg.datasets.synthetic(**kwargs)
+
+
+# The last version of datasets/_synthetic.py without section effects: with them off, the output must be its output.
+_SYNTHETIC_BEFORE_EFFECTS = "9477453f8442c8c8287b7e828906e3fd73e97ecf"
+_SYNTHETIC_PATH = "src/sigmma_sc/datasets/_synthetic.py"
+
+
+def _synthetic_digest(sdata) -> dict[str, str]:
+    """sha256 of the counts, the coordinates and every pyramid level of every image."""
+    import hashlib
+
+    table = sdata[Keys.TABLE]
+    out = {
+        "X": hashlib.sha256(table.X.toarray().tobytes()).hexdigest(),
+        "spatial": hashlib.sha256(np.ascontiguousarray(table.obsm[Keys.SPATIAL]).tobytes()).hexdigest(),
+    }
+    for key in sorted(sdata.images):
+        for level in _scale_keys(sdata.images[key]):
+            pixels = np.ascontiguousarray(sdata.images[key][level]["image"].values)
+            out[f"{key}/{level}"] = hashlib.sha256(pixels.tobytes()).hexdigest()
+    return out
+
+
+def test_synthetic_default_output_unchanged_by_section_effects():
+    import types
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{_SYNTHETIC_BEFORE_EFFECTS}:{_SYNTHETIC_PATH}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"git history with commit {_SYNTHETIC_BEFORE_EFFECTS[:7]} not available")
+    name = "_synthetic_before_section_effects"
+    before = types.ModuleType(name)
+    sys.modules[name] = before  # dataclasses look their module up
+    try:
+        exec(compile(source, name, "exec"), before.__dict__)
+        kwargs = dict(n_genes=30, n_sections=2, seed=5)
+        reference = _synthetic_digest(before.synthetic(300, **kwargs))
+    finally:
+        del sys.modules[name]
+    assert _synthetic_digest(sg.datasets.synthetic(300, **kwargs)) == reference
+    off = sg.datasets.synthetic(300, stain_shift=0.0, depth_shift=0.0, **kwargs)
+    assert _synthetic_digest(off) == reference
+
+
+def _stain_concentrations(rgb: np.ndarray) -> np.ndarray:
+    """Mean H, E, DAB concentrations of an RGB image (Ruifrok-Johnston unmixing of optical densities)."""
+    from sigmma_sc.datasets._synthetic import _DAB_OD, _E_OD, _H_OD
+
+    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 0.5) / 255.0)
+    return (od @ np.linalg.inv(np.stack([_H_OD, _E_OD, _DAB_OD]).astype(np.float64))).mean(axis=0)
+
+
+def test_synthetic_section_effects_are_known_and_per_section():
+    from sigmma_sc.datasets._synthetic import section_shifts
+
+    kwargs = dict(n_genes=30, n_sections=3, seed=5)
+    plain = sg.datasets.synthetic(300, **kwargs)
+    shifted = sg.datasets.synthetic(300, stain_shift=0.3, depth_shift=0.6, **kwargs)
+    truth = section_shifts(3, seed=5, stain_shift=0.3, depth_shift=0.6)
+    assert list(truth.index) == ["S0", "S1", "S2"]
+    assert truth["depth_factor"].between(0.4, 1).all() and truth["depth_factor"].nunique() == 3
+    assert truth[["h_scale", "e_scale"]].stack().between(0.7, 1.3).all() and (truth["dab_bias"] >= 0).all()
+    neutral = section_shifts(3, seed=5)
+    assert (neutral[["h_scale", "e_scale", "depth_factor"]] == 1).all().all()
+    assert (neutral[["h_bias", "e_bias", "dab_bias"]] == 0).all().all()
+    assert not section_shifts(3, seed=6, stain_shift=0.3).equals(section_shifts(3, seed=5, stain_shift=0.3))
+
+    # The truth stays known and is the same tissue: cells, types, niches, sections.
+    a, b = plain[Keys.TABLE], shifted[Keys.TABLE]
+    for col in (Keys.SECTION, Keys.CELL_TYPE, Keys.NICHE):
+        assert col in b.obs
+        assert (a.obs[col].astype(str) == b.obs[col].astype(str)).all()
+    np.testing.assert_array_equal(a.obsm[Keys.SPATIAL], b.obsm[Keys.SPATIAL])
+
+    section = b.obs[Keys.SECTION].astype(str).to_numpy()
+    library = {}
+    for s in truth.index:
+        rows = section == s
+        before, after = a.X[rows], b.X[rows]
+        # Binomial thinning: never more molecules than before, about depth_factor of them, none left empty.
+        assert (after > before).nnz == 0
+        assert after.sum() / before.sum() == pytest.approx(truth.loc[s, "depth_factor"], abs=0.03)
+        assert np.asarray(after.sum(axis=1)).min() >= 1
+        assert (b.layers[Keys.COUNTS_LAYER][rows] != after).nnz == 0
+        library[s] = after.sum() / rows.sum()
+        # Stain: the glass margin untouched, the tissue shifted in HED space by the section's own amount.
+        img_a = np.moveaxis(plain.images[f"{s}_he"]["scale1"]["image"].values, 0, -1)
+        img_b = np.moveaxis(shifted.images[f"{s}_he"]["scale1"]["image"].values, 0, -1)
+        np.testing.assert_array_equal(img_b[:3, :3], img_a[:3, :3])
+        h, w = img_a.shape[:2]
+        inner = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))  # tissue only: the glass margin is 30 um
+        conc_a, conc_b = _stain_concentrations(img_a[inner]), _stain_concentrations(img_b[inner])
+        # Eosin covers all tissue (no clipping at zero): c -> e_scale * c + e_bias; DAB gains the cast.
+        expected_e = truth.loc[s, "e_scale"] * conc_a[1] + truth.loc[s, "e_bias"]
+        assert conc_b[1] == pytest.approx(expected_e, abs=0.003)
+        assert conc_b[2] - conc_a[2] == pytest.approx(truth.loc[s, "dab_bias"], abs=0.003)
+        assert np.abs(img_b[inner].astype(float).mean((0, 1)) - img_a[inner].astype(float).mean((0, 1))).max() > 1
+    # Sections now differ in depth as drawn (the unshifted sections share one depth).
+    order = sorted(library, key=library.get)
+    assert order == list(truth["depth_factor"].sort_values().index)
+    assert max(library.values()) / min(library.values()) > 1.2
+    # Same arguments, same object.
+    again = sg.datasets.synthetic(300, stain_shift=0.3, depth_shift=0.6, **kwargs)
+    assert _synthetic_digest(again) == _synthetic_digest(shifted)
 
 
 # ----------------------------------------------------------------------------- the builder on edge cases

@@ -15,6 +15,11 @@ Generative model (all sizes in microns):
   memory only for the cells' parameters.
 - **Expression**: negative binomial counts (``theta = 5``) of ``softmax(base + type program + niche
   program)`` times a log-normal library size; each type and each niche up-regulates its own genes.
+- **Section effects** (off by default, a known truth for integration and robustness benchmarks):
+  a per-section stain shift in HED space (each stain's concentration scaled and offset, a DAB cast
+  added) and a per-section sequencing depth (counts binomially thinned). Their draws use their own
+  random streams, so the tissue, the cells and (with the effects off) every count and pixel are those
+  of the same seed without them; :func:`section_shifts` gives the values.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # Stain optical-density vectors (R, G, B) of hematoxylin and eosin (Ruifrok & Johnston).
 _H_OD = np.array([0.65, 0.70, 0.29], dtype=np.float32)
 _E_OD = np.array([0.07, 0.99, 0.11], dtype=np.float32)
+_DAB_OD = np.array([0.27, 0.57, 0.78], dtype=np.float32)  # the third HED stain: a brown cast
 _GLASS_OD = 0.04
 _GRID_UM = 10.0  # candidate cell spacing: cells are about 10 µm apart at full packing
 _JITTER = 0.3  # fraction of the grid step a candidate moves
@@ -48,6 +54,12 @@ _THETA = 5.0  # negative binomial inverse dispersion
 _MEAN_LIBRARY = 120.0
 _CHUNK_CELLS = 20_000
 _STAMP_BUDGET = 1_000_000  # stamp pixels per batch (~40 MB of temporaries)
+# Section effects: additive stain offsets (optical density) per unit of stain_shift, and the columns
+# of section_shifts. Stream tags of their random draws ([seed, tag, section]; layout and counts use 1).
+_STAIN_BIAS_OD = 0.25
+_SHIFT_COLUMNS = ("h_scale", "e_scale", "h_bias", "e_bias", "dab_bias", "depth_factor")
+_STAIN_STREAM = 2
+_DEPTH_STREAM = 3
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,8 @@ class _Scene:
     niche: np.ndarray  # (n,)
     angle: np.ndarray  # (n,) nucleus orientation
     size: np.ndarray  # (n,) per-cell size factor around the type's nucleus size
+    # (h_scale, e_scale, h_bias, e_bias, dab_bias) of the section's stain shift; None: no shift.
+    stain: np.ndarray | None = None
     tree: cKDTree = field(init=False, repr=False)  # built once: tiles are drawn from several threads
     seed_tree: cKDTree = field(init=False, repr=False)
 
@@ -323,11 +337,22 @@ def _draw_tile(
     hema *= np.float32(0.8) + np.float32(0.4) * rng.random(hema.shape, dtype=np.float32)
     eosin += np.float32(0.02) * rng.standard_normal(eosin.shape, dtype=np.float32)
     np.maximum(eosin, 0, out=eosin)  # optical densities are non-negative (keeps exp(-od) <= 1)
+    dab = None
+    if scene.stain is not None:
+        # The section's stain shift in HED space: each stain's concentration scaled and offset, a DAB cast.
+        h_scale, e_scale, h_bias, e_bias, dab_bias = (np.float32(v) for v in scene.stain)
+        for od, scale, bias in ((hema, h_scale, h_bias), (eosin, e_scale, e_bias)):
+            od *= scale
+            od += bias
+            np.maximum(od, 0, out=od)
+        dab = max(dab_bias, np.float32(0))
     # Beer-Lambert, one channel at a time (no (h, w, 3) float temporaries).
     out = np.empty((h, w, 3), dtype=np.uint8)
     for c in range(3):
         channel = hema * _H_OD[c]
         channel += eosin * _E_OD[c]
+        if dab is not None:
+            channel += dab * _DAB_OD[c]
         np.negative(channel, out=channel)
         np.exp(channel, out=channel)
         channel *= np.float32(255.0)
@@ -338,6 +363,67 @@ def _draw_tile(
     if not (rows_in.all() and cols_in.all()):
         out[~(rows_in[:, None] & cols_in[None, :])] = np.uint8(255.0 * np.exp(-_GLASS_OD))
     return out
+
+
+def _thin(counts: sparse.csr_matrix, factor: float, rng: np.random.Generator) -> sparse.csr_matrix:
+    """Keep each molecule with probability ``factor`` (binomial thinning); every cell keeps at least one."""
+    out = counts.copy()
+    out.data = rng.binomial(counts.data, factor).astype(counts.dtype)
+    stored = np.flatnonzero(np.diff(out.indptr) > 0)  # rows with counts before thinning
+    totals = np.asarray(out.sum(axis=1)).ravel()
+    # A cell without counts is refused downstream: give it back one molecule of its most expressed gene.
+    for row in stored[totals[stored] == 0]:
+        lo, hi = counts.indptr[row], counts.indptr[row + 1]
+        out.data[lo + int(np.argmax(counts.data[lo:hi]))] = 1
+    out.eliminate_zeros()
+    return out
+
+
+def section_shifts(
+    n_sections: int = 1, *, seed: int = 0, stain_shift: float = 0.0, depth_shift: float = 0.0
+) -> pd.DataFrame:
+    """Per-section stain and depth shifts of :func:`synthetic` (the truth an integration method should undo).
+
+    Each section ``S{i}`` draws, from its own random stream of ``seed``: stain scales
+    ``U(1 - stain_shift, 1 + stain_shift)`` of the hematoxylin and eosin concentrations, offsets
+    ``U(-1, 1) * 0.25 * stain_shift`` (optical density) of both, a DAB cast ``U(0, 1) * 0.25 *
+    stain_shift``, and a depth factor ``U(1 - depth_shift, 1)``: the share of its molecules kept.
+
+    Parameters
+    ----------
+    n_sections, seed, stain_shift, depth_shift
+        As in :func:`synthetic`.
+
+    Returns
+    -------
+    DataFrame indexed by section: ``h_scale``, ``e_scale``, ``h_bias``, ``e_bias``, ``dab_bias``,
+    ``depth_factor`` (1, 1, 0, 0, 0, 1 for effects that are off).
+
+    Examples
+    --------
+    >>> bool(section_shifts(2, seed=0, depth_shift=0.5)["depth_factor"].between(0.5, 1).all())
+    True
+    """
+    if not 0.0 <= stain_shift < 1.0:
+        raise ValueError(f"stain_shift must be in [0, 1) (a stain scale stays positive), got {stain_shift!r}.")
+    if not 0.0 <= depth_shift < 1.0:
+        raise ValueError(f"depth_shift must be in [0, 1) (a section keeps some counts), got {depth_shift!r}.")
+    rows = []
+    for s in range(n_sections):
+        u = np.random.default_rng([seed, _STAIN_STREAM, s]).uniform(-1.0, 1.0, 5)
+        v = np.random.default_rng([seed, _DEPTH_STREAM, s]).uniform(0.0, 1.0)
+        bias = _STAIN_BIAS_OD * stain_shift
+        rows.append(
+            (
+                1.0 + stain_shift * u[0],
+                1.0 + stain_shift * u[1],
+                bias * u[2],
+                bias * u[3],
+                bias * abs(u[4]),
+                1.0 - depth_shift * v,
+            )
+        )
+    return pd.DataFrame(rows, index=pd.Index([f"S{s}" for s in range(n_sections)]), columns=list(_SHIFT_COLUMNS))
 
 
 def _lazy_level(scene: _Scene, shape: tuple[int, int], full: tuple[int, int], mpp: float, level: int) -> Any:
@@ -370,6 +456,8 @@ def synthetic(
     n_types: int = 6,
     n_niches: int = 4,
     mpp: float = 0.5,
+    stain_shift: float = 0.0,
+    depth_shift: float = 0.0,
 ) -> SpatialData:
     """Generate a tissue with known niches and cell types, visible in both the H&E and the counts.
 
@@ -382,6 +470,12 @@ def synthetic(
     memory holds only the cells' parameters and the counts: one million cells take about 100 s and
     2.3 GB to generate on a busy 2-core machine (the counts, in ``X`` and ``layers["counts"]``);
     the coarsest level of their 650 Mpx image then draws in seconds.
+
+    Section effects, off by default, make a ground truth for integration and robustness across
+    sections: ``stain_shift`` gives every section its own H&E colour (a shift in HED space) and
+    ``depth_shift`` its own sequencing depth, while niches and cell types stay known per cell.
+    The tissue and the cells do not depend on them, and with both at 0 the object is exactly the one
+    of earlier versions for the same seed.
 
     Parameters
     ----------
@@ -399,11 +493,22 @@ def synthetic(
         Number of niches (``niche0``, ...).
     mpp
         Microns per pixel of the full-resolution image.
+    stain_shift
+        Strength of a per-section stain shift in HED space, in ``[0, 1)``: each section scales its
+        hematoxylin and eosin concentrations by ``U(1 - stain_shift, 1 + stain_shift)``, offsets them
+        by up to ``0.25 * stain_shift`` optical density (densities stay non-negative) and adds a DAB
+        (brown) cast of up to that much; the glass stays as it is. 0.05 is a mild scanner / batch difference, 0.2 a strong one
+        (as in HED colour augmentation, Tellez et al. 2018).
+    depth_shift
+        Strength of a per-section sequencing-depth shift, in ``[0, 1)``: each section keeps a share
+        ``U(1 - depth_shift, 1)`` of its molecules (binomial thinning of the counts; a cell left
+        without counts keeps one molecule of its top gene).
 
     Returns
     -------
     Per section ``S``: image ``"{S}_he"``, circles ``"{S}_cells"`` (10 µm diameter); table ``"table"``
-    with raw counts, ``obs["cell_type"]``, ``obs["niche"]`` and technology ``"synthetic"``.
+    with raw counts, ``obs["cell_type"]``, ``obs["niche"]``, ``obs["section"]`` and technology
+    ``"synthetic"``. The section effects drawn are :func:`section_shifts` of the same arguments.
 
     Examples
     --------
@@ -411,6 +516,7 @@ def synthetic(
     >>> sdata = sg.datasets.synthetic(2000, n_genes=100, seed=1)
     >>> sdata["table"].obs["cell_type"].nunique()
     6
+    >>> batches = sg.datasets.synthetic(2000, n_sections=3, stain_shift=0.2, depth_shift=0.5, seed=1)
     """
     if n_cells < n_sections or n_sections < 1:
         raise ValueError(f"need n_sections >= 1 and at least one cell per section, got {n_cells=}, {n_sections=}.")
@@ -418,6 +524,7 @@ def synthetic(
         raise ValueError(f"n_genes, n_types and n_niches must be positive, got {n_genes}, {n_types}, {n_niches}.")
     if mpp <= 0:
         raise ValueError(f"mpp must be positive, got {mpp}.")
+    shifts = section_shifts(n_sections, seed=seed, stain_shift=stain_shift, depth_shift=depth_shift)
     programs = _programs(np.random.default_rng([seed, 0]), n_types, n_niches, n_genes)
     genes = [f"gene{g}" for g in range(n_genes)]
     type_names = [f"type{t}" for t in range(n_types)]
@@ -430,6 +537,11 @@ def synthetic(
         rng = np.random.default_rng([seed, 1, s])
         scene = _layout(rng, programs, int(n), (seed, s))
         counts = _counts(rng, scene)
+        if stain_shift > 0:
+            scene.stain = shifts.iloc[s][list(_SHIFT_COLUMNS[:5])].to_numpy(dtype=np.float64)
+        if depth_shift > 0:
+            thin_rng = np.random.default_rng([seed, _DEPTH_STREAM, s, 1])
+            counts = _thin(counts, float(shifts.iloc[s]["depth_factor"]), thin_rng)
         full = (int(np.ceil(scene.height_um / mpp)), int(np.ceil(scene.width_um / mpp)))
         shapes = level_shapes(*full, len(pyramid_factors(*full)) + 1)
         levels = [_lazy_level(scene, shp, full, mpp, lvl) for lvl, shp in enumerate(shapes)]

@@ -8,6 +8,8 @@ from ._constants import Defaults
 from ._logging import logger
 
 _LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
+# Names as scanpy accepts them (``sc.settings.verbosity = "info"``).
+_NAMES = {"error": 0, "warning": 1, "info": 2, "debug": 3}
 
 
 class Settings:
@@ -16,7 +18,9 @@ class Settings:
     Attributes
     ----------
     verbosity
-        0 errors, 1 warnings, 2 info (default), 3 debug.
+        0 errors, 1 warnings, 2 info (default), 3 debug; or the names ``"error"``, ``"warning"``,
+        ``"info"``, ``"debug"`` (as scanpy's). Sets the level of the ``sigmma_sc`` logger, whose
+        records propagate to the root logger (see :mod:`sigmma_sc._logging`).
     seed
         Default random seed used when a function's ``seed`` is ``None``.
     progress_bar
@@ -43,11 +47,12 @@ class Settings:
         return self._verbosity
 
     @verbosity.setter
-    def verbosity(self, value: int) -> None:
-        if value not in _LEVELS:
-            raise ValueError(f"verbosity must be one of {sorted(_LEVELS)}, got {value!r}.")
-        self._verbosity = int(value)
-        logger.setLevel(_LEVELS[value])
+    def verbosity(self, value: int | str) -> None:
+        level = _NAMES.get(value.lower()) if isinstance(value, str) else value
+        if isinstance(level, bool) or level not in _LEVELS:
+            raise ValueError(f"verbosity must be one of {sorted(_LEVELS)} or {sorted(_NAMES)}, got {value!r}.")
+        self._verbosity = int(level)
+        logger.setLevel(_LEVELS[self._verbosity])
 
     def __repr__(self) -> str:
         return (

@@ -1,11 +1,19 @@
 """Neighbourhood graphs per section (squidpy builders), never joining two sections.
 
-Coordinates are microns (``SlideData.xy_um``); the graph of each section is built on its own and
-the blocks are put back in table order, so no edge ever crosses a section.
+Coordinates are microns (``SlideData.xy_um``); squidpy builds the graph of each section on its own
+(``library_key``) and puts the blocks back in table order, so no edge ever crosses a section.
+
+Graphs live where squidpy keeps them: ``obsp[f"{key}_connectivities"]``,
+``obsp[f"{key}_distances"]`` and ``uns[f"{key}_neighbors"]``. The package marks the graphs it
+writes (``uns[f"{key}_neighbors"]["written_by"] == "sigmma_sc"``) and never overwrites one it did
+not write: a graph the user made with :func:`squidpy.gr.spatial_neighbors` under the default
+``"spatial"`` key stays as it is, and the package's own goes to ``"sigmma_spatial"``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +27,16 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 METHODS = ("grid", "delaunay", "knn", "radius")
+
+#: squidpy's default graph key (``key_added`` of :func:`squidpy.gr.spatial_neighbors`, ``"spatial"``).
+SQUIDPY_GRAPH_KEY = Keys.SPATIAL
+#: The package's graph key when ``"spatial"`` holds a graph it did not write.
+OWN_GRAPH_KEY = "sigmma_spatial"
+#: Field of ``uns[f"{key}_neighbors"]`` marking a graph written by the package, and its value.
+WRITTEN_BY = "written_by"
+PACKAGE = "sigmma_sc"
+# Edge count recorded with a written graph: a matrix replaced by hand no longer matches it.
+_NNZ = "nnz"
 
 # Units that tile a lattice: legacy ST is square (4 neighbours), Visium hexagonal (6),
 # Visium HD bins are square pixels (8: edge + corner neighbours).
@@ -145,6 +163,51 @@ def _build_one(builder, coords: np.ndarray, method: str, radius_um: float | None
         return _fallback_graph(coords, radius_um)
 
 
+def _per_section(builder, xy_um: np.ndarray, section: np.ndarray, method: str, radius_um: float | None):
+    """One graph per section with squidpy's ``library_key``, tiny / collinear sections chained.
+
+    squidpy builds each library with ``builder.build`` and assembles the blocks in table order
+    (:meth:`~squidpy.gr.neighbors.GraphBuilderCSR.combine`); the wrapper only adds the fallback
+    for sections where Delaunay / kNN are undefined, so the graphs equal the former per-section loop.
+    """
+    import anndata as ad
+    import pandas as pd
+    from squidpy.gr import spatial_neighbors_from_builder
+    from squidpy.gr.neighbors import GraphBuilderCSR
+
+    class _SectionSafe(GraphBuilderCSR):
+        def __init__(self) -> None:
+            super().__init__(transform=builder.transform)
+
+        def build(self, coords: np.ndarray):
+            return _build_one(builder, coords, method, radius_um)
+
+        def build_graph(self, coords: np.ndarray):  # pragma: no cover - build() is overridden
+            return builder.build_graph(coords)
+
+        def uns_params(self) -> dict[str, Any]:
+            return builder.uns_params()
+
+    units = ad.AnnData(
+        obs=pd.DataFrame({"section": pd.Categorical(section)}, index=np.arange(len(section)).astype(str)),
+        obsm={Keys.SPATIAL: np.ascontiguousarray(xy_um, dtype=np.float64)},
+    )
+    # squidpy announces every build on spatialdata's logger at INFO; the package logs its own line.
+    sd_logger = logging.getLogger("spatialdata._logging")
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO
+
+    sd_logger.addFilter(quiet)
+    try:
+        res = spatial_neighbors_from_builder(
+            units, _SectionSafe(), spatial_key=Keys.SPATIAL, library_key="section", copy=True
+        )
+    finally:
+        sd_logger.removeFilter(quiet)
+    return res.connectivities, res.distances
+
+
 def section_graphs(
     xy_um: np.ndarray,
     section: np.ndarray,
@@ -188,16 +251,12 @@ def section_graphs(
     if method == "grid" and n_neighs is None:
         n_neighs = infer_lattice_neighbours(xy_um, section)
     builder = make_builder(method, n_neighs=n_neighs, radius_um=radius_um, n_rings=n_rings)
-    order = np.argsort(section, kind="stable")
-    bounds = np.flatnonzero(np.diff(section[order])) + 1
-    mats = [_build_one(builder, xy_um[idx], method, radius_um) for idx in np.split(order, bounds)]
     n = len(xy_um)
-    adj = sp.block_diag([m[0] for m in mats], format="csr", dtype=np.float32) if n else sp.csr_matrix((0, 0))
-    dst = sp.block_diag([m[1] for m in mats], format="csr", dtype=np.float64) if n else sp.csr_matrix((0, 0))
-    if n and np.any(np.diff(order) < 0):
-        inv = np.empty_like(order)
-        inv[order] = np.arange(n)
-        adj, dst = adj[inv][:, inv], dst[inv][:, inv]
+    if n:
+        adj, dst = _per_section(builder, xy_um, section, method, radius_um)
+        adj, dst = sp.csr_matrix(adj, dtype=np.float32), sp.csr_matrix(dst, dtype=np.float64)
+    else:
+        adj, dst = sp.csr_matrix((0, 0), dtype=np.float32), sp.csr_matrix((0, 0), dtype=np.float64)
     # Edges both directions: a kNN-style lattice builder is not symmetric on its own.
     adj = adj.maximum(adj.T).tocsr()
     dst = dst.maximum(dst.T).tocsr()
@@ -296,18 +355,169 @@ def _resolve_params(slide, method, n_neighs, radius_um) -> dict[str, Any]:
 def compute_unit_graph(
     slide, *, method: str | None = None, n_neighs: int | None = None, radius_um: float | None = None, n_rings: int = 1
 ) -> tuple[sp.csr_matrix, sp.csr_matrix, dict[str, Any]]:
-    """Graph of the table units of a validated :class:`~sigmma_sc.io.SlideData`, nothing written."""
+    """Graph of the table units of a validated :class:`~sigmma_sc.io.SlideData`, nothing written.
+
+    Returns ``(connectivities, distances, {"params": squidpy builder params})``.
+    """
     params = _resolve_params(slide, method, n_neighs, radius_um)
     adj, dst, uns_params = section_graphs(slide.xy_um, slide.unit_section, n_rings=n_rings, **params)
-    uns = {"connectivities_key": Keys.CONNECTIVITIES, "distances_key": Keys.DISTANCES, "params": uns_params}
-    return adj, dst, uns
+    return adj, dst, {"params": uns_params}
 
 
-def write_unit_graph(table, adj: sp.csr_matrix, dst: sp.csr_matrix, uns: dict[str, Any]) -> None:
-    """Store a unit graph where squidpy stores it (``obsp`` + ``uns["spatial_neighbors"]``)."""
-    table.obsp[Keys.CONNECTIVITIES] = adj
-    table.obsp[Keys.DISTANCES] = dst
-    table.uns[Keys.NEIGHBORS] = uns
+def graph_keys(key: str) -> tuple[str, str, str]:
+    """Return the ``(connectivities, distances, uns)`` keys of a graph key, as squidpy names them.
+
+    ``key`` is squidpy's ``key_added`` / ``connectivity_key``: ``"spatial"`` and
+    ``"spatial_connectivities"`` both name ``obsp["spatial_connectivities"]``.
+
+    Examples
+    --------
+    >>> graph_keys("spatial")
+    ('spatial_connectivities', 'spatial_distances', 'spatial_neighbors')
+    >>> graph_keys("sigmma_spatial_connectivities")[0]
+    'sigmma_spatial_connectivities'
+    """
+    base = str(key).removesuffix("_connectivities").removesuffix("_distances")
+    return f"{base}_connectivities", f"{base}_distances", f"{base}_neighbors"
+
+
+def graph_owner(table, key: str) -> str | None:
+    """Who wrote the graph under ``key``: ``"sigmma_sc"``, ``"other"`` (squidpy, the user) or ``None`` (absent).
+
+    A graph is the package's when its ``uns[f"{key}_neighbors"]`` carries the package's mark and the
+    edge count recorded with it; anything else in those ``obsp`` / ``uns`` slots belongs to someone else.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np, scipy.sparse as sp
+    >>> t = ad.AnnData(np.zeros((3, 1)))
+    >>> graph_owner(t, "spatial") is None
+    True
+    >>> t.obsp["spatial_connectivities"] = sp.csr_matrix(np.eye(3))
+    >>> graph_owner(t, "spatial")
+    'other'
+    """
+    conn, dist, neigh = graph_keys(key)
+    if conn not in table.obsp and dist not in table.obsp and neigh not in table.uns:
+        return None
+    rec = table.uns.get(neigh)
+    if (
+        isinstance(rec, Mapping)
+        and str(rec.get(WRITTEN_BY, "")) == PACKAGE
+        and conn in table.obsp
+        and int(np.asarray(rec.get(_NNZ, -1))) == table.obsp[conn].nnz
+    ):
+        return PACKAGE
+    return "other"
+
+
+def unit_graph_key(table, key_added: str | None = None) -> str:
+    """Where the package writes its unit graph, never over a graph it did not write.
+
+    ``key_added=None``: squidpy's ``"spatial"`` when it is free or holds the package's graph, else
+    ``"sigmma_spatial"`` (the user's graph stays, and a log line says so). A given ``key_added``
+    that holds someone else's graph is refused.
+
+    Raises
+    ------
+    ValueError
+        The key holds a graph the package did not write.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np
+    >>> unit_graph_key(ad.AnnData(np.zeros((3, 1))))
+    'spatial'
+    """
+    if key_added is not None:
+        if graph_owner(table, key_added) == "other":
+            conn = graph_keys(key_added)[0]
+            raise ValueError(
+                f"obsp[{conn!r}] holds a graph sigmma-sc did not write; it is left alone. Pass another "
+                f"key_added= (e.g. key_added={OWN_GRAPH_KEY!r}) or use that graph with connectivity_key={key_added!r}."
+            )
+        return graph_keys(key_added)[0].removesuffix("_connectivities")
+    if graph_owner(table, SQUIDPY_GRAPH_KEY) != "other":
+        return SQUIDPY_GRAPH_KEY
+    if graph_owner(table, OWN_GRAPH_KEY) == "other":
+        raise ValueError(
+            f"obsp[{graph_keys(SQUIDPY_GRAPH_KEY)[0]!r}] and obsp[{graph_keys(OWN_GRAPH_KEY)[0]!r}] both hold graphs "
+            "sigmma-sc did not write; pass key_added= to name where the package's graph goes, or "
+            f"connectivity_key= to use one of them."
+        )
+    logger.info(
+        f"obsp[{graph_keys(SQUIDPY_GRAPH_KEY)[0]!r}] holds a graph sigmma-sc did not write (e.g. squidpy's): it is "
+        f"kept, and the package's graph goes to obsp[{graph_keys(OWN_GRAPH_KEY)[0]!r}] (use yours with "
+        f"connectivity_key={SQUIDPY_GRAPH_KEY!r})"
+    )
+    return OWN_GRAPH_KEY
+
+
+def read_unit_graph(table, connectivity_key: str, section: np.ndarray) -> sp.csr_matrix:
+    """Read an existing unit graph (e.g. squidpy's) as symmetric 0/1 connectivities inside sections.
+
+    The table is not modified. Edges are made two-way (a kNN graph is not symmetric) and edges
+    between two sections are dropped, with a warning.
+
+    Parameters
+    ----------
+    table
+        The units' table.
+    connectivity_key
+        squidpy's key: ``"spatial"`` or ``"spatial_connectivities"``.
+    section
+        ``(n_units,)`` section codes.
+
+    Raises
+    ------
+    KeyError
+        No such ``obsp`` entry.
+    """
+    conn = graph_keys(connectivity_key)[0]
+    if conn not in table.obsp:
+        raise KeyError(
+            f"connectivity_key={connectivity_key!r}: obsp[{conn!r}] not found (obsp holds {sorted(table.obsp)}). "
+            "Build it with squidpy.gr.spatial_neighbors(adata) or leave connectivity_key=None."
+        )
+    adj = sp.csr_matrix(table.obsp[conn], dtype=np.float32, copy=True)
+    if adj.shape != (table.n_obs, table.n_obs):
+        raise ValueError(f"obsp[{conn!r}] is {adj.shape}; the table has {table.n_obs} units.")
+    adj.data[:] = 1.0
+    adj = adj.maximum(adj.T).tocsr()
+    adj.setdiag(0)
+    coo = adj.tocoo()
+    across = np.asarray(section)[coo.row] != np.asarray(section)[coo.col]
+    if across.any():
+        logger.warning(
+            f"obsp[{conn!r}]: {int(across.sum())} edges join two sections and are left out of the hierarchy "
+            "(build per-section graphs with squidpy's library_key=)"
+        )
+        coo.data[across] = 0
+    adj = coo.tocsr()
+    adj.eliminate_zeros()
+    adj.sort_indices()
+    return adj
+
+
+def write_unit_graph(
+    table, adj: sp.csr_matrix, dst: sp.csr_matrix, uns: dict[str, Any], *, key: str = SQUIDPY_GRAPH_KEY
+) -> None:
+    """Store a unit graph where squidpy stores it under ``key``, marked as the package's.
+
+    ``obsp[f"{key}_connectivities"]``, ``obsp[f"{key}_distances"]`` and
+    ``uns[f"{key}_neighbors"]`` (squidpy's fields plus ``written_by`` and the edge count). Callers
+    pick ``key`` with :func:`unit_graph_key`, which never returns someone else's graph.
+    """
+    conn, dist, neigh = graph_keys(key)
+    table.obsp[conn] = adj
+    table.obsp[dist] = dst
+    table.uns[neigh] = {
+        "connectivities_key": conn,
+        "distances_key": dist,
+        **{k: v for k, v in uns.items() if k not in ("connectivities_key", "distances_key")},
+        WRITTEN_BY: PACKAGE,
+        _NNZ: int(adj.nnz),
+    }
 
 
 def spatial_graphs(
@@ -318,6 +528,7 @@ def spatial_graphs(
     n_neighs: int | None = None,
     radius_um: float | None = None,
     n_rings: int = 1,
+    key_added: str | None = None,
     copy: bool = False,
 ) -> tuple[sp.csr_matrix, sp.csr_matrix] | None:
     """Neighbourhood graph of the table's units, one per section, in microns.
@@ -327,7 +538,10 @@ def spatial_graphs(
     sections. Defaults per technology: a lattice for spots (legacy ST: square, 4 neighbours;
     Visium: hexagonal, 6; other spot data: inferred), a lattice of 8 for Visium HD bins, and a
     Delaunay triangulation cut at :attr:`~sigmma_sc.Defaults.CELL_GRAPH_RADIUS_UM` for cells.
-    Edges are stored in both directions.
+    Edges are stored in both directions. Sections are squidpy ``library_key`` libraries.
+
+    A graph the package did not write (e.g. from :func:`squidpy.gr.spatial_neighbors`) is never
+    overwritten: with ``key_added=None`` the package's graph then goes to ``"sigmma_spatial"``.
 
     Parameters
     ----------
@@ -343,14 +557,20 @@ def spatial_graphs(
         Edge length cut in microns (delaunay) or the radius (radius).
     n_rings
         Grid rings (grid only).
+    key_added
+        squidpy's ``key_added``: the graph goes to ``obsp[f"{key_added}_connectivities"]`` /
+        ``obsp[f"{key_added}_distances"]`` / ``uns[f"{key_added}_neighbors"]``. ``None``:
+        ``"spatial"``, or ``"sigmma_spatial"`` when ``"spatial"`` holds a graph the package did not
+        write. A key holding someone else's graph is refused.
     copy
-        Return ``(connectivities, distances)`` instead of writing them.
+        Return ``(connectivities, distances)`` instead of writing them (as squidpy's ``copy=True``).
 
     Returns
     -------
     ``None``; writes ``obsp["spatial_connectivities"]``, ``obsp["spatial_distances"]`` and
-    ``uns["spatial_neighbors"]`` to the table, as :func:`squidpy.gr.spatial_neighbors` does.
-    With ``copy=True`` the two matrices, and nothing is written.
+    ``uns["spatial_neighbors"]`` (or the ``key_added`` ones) to the table, as
+    :func:`squidpy.gr.spatial_neighbors` does. With ``copy=True`` the two matrices, and nothing is
+    written.
 
     Examples
     --------
@@ -360,11 +580,14 @@ def spatial_graphs(
     >>> sdata["table"].obsp["spatial_connectivities"].sum(1).mean()  # about 4 on the ST lattice
     """
     slide = validate(sdata, table_key=table_key, require_image=False)
+    key = None if copy else unit_graph_key(slide.table, key_added)
     adj, dst, uns = compute_unit_graph(slide, method=method, n_neighs=n_neighs, radius_um=radius_um, n_rings=n_rings)
+    where = "" if key is None else f" -> obsp[{graph_keys(key)[0]!r}]"
     logger.info(
-        f"spatial graph ({uns['params']}): {adj.shape[0]} units, mean degree {adj.nnz / max(adj.shape[0], 1):.2f}"
+        f"spatial graph ({uns['params']}): {adj.shape[0]} units, mean degree "
+        f"{adj.nnz / max(adj.shape[0], 1):.2f}{where}"
     )
     if copy:
         return adj, dst
-    write_unit_graph(slide.table, adj, dst, uns)
+    write_unit_graph(slide.table, adj, dst, uns, key=key)
     return None

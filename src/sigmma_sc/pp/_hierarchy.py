@@ -16,10 +16,18 @@ import numpy as np
 import scipy.sparse as sp
 
 from sigmma_sc._constants import Defaults, Keys, Levels
-from sigmma_sc._logging import logger
+from sigmma_sc._logging import logger, timed
 from sigmma_sc.io import SlideData, get_table, validate
 
-from ._graphs import compute_unit_graph, graph_edges, grouped_delaunay_edges, write_unit_graph
+from ._graphs import (
+    compute_unit_graph,
+    graph_edges,
+    graph_keys,
+    grouped_delaunay_edges,
+    read_unit_graph,
+    unit_graph_key,
+    write_unit_graph,
+)
 from ._nuclei import load_nuclei, nuclei_key, segment_nuclei
 
 if TYPE_CHECKING:
@@ -27,6 +35,8 @@ if TYPE_CHECKING:
 
 # Format version of the uns layout, bumped when it changes.
 _UNS_VERSION = 1
+# Field of the stored hierarchy naming the obsp connectivities of the unit graph it was built on.
+_UNIT_GRAPH = "unit_graph"
 
 
 @dataclass(eq=False)
@@ -82,6 +92,13 @@ class Level:
         """Number of nodes."""
         return len(self.centers_um)
 
+    def _summary(self) -> str:
+        members = "image only" if self.members is None else f"{self.members.nnz:,} memberships"
+        return f"{self.n_nodes:,} nodes, {self.edges.shape[1]:,} edges, fov {self.fov_um:g} µm, {members}"
+
+    def __repr__(self) -> str:
+        return f"Level({self.name!r}: {self._summary()})"
+
 
 @dataclass(eq=False)
 class Hierarchy:
@@ -121,6 +138,15 @@ class Hierarchy:
         if self.unit_level not in self.levels:
             raise ValueError(f"unit_level {self.unit_level!r} is not one of the levels {self._names}.")
         self.check()
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.sections[:5]) + (f", ... ({len(self.sections)})" if len(self.sections) > 5 else "")
+        lines = [f"Hierarchy: {self.n_units:,} units ({self.unit_level} level), sections {shown}"]
+        lines += [
+            f"    {name}: {lv._summary()}" + (" <- units" if name == self.unit_level else "")
+            for name, lv in self.levels.items()
+        ]
+        return "\n".join(lines)
 
     # -- consistency ------------------------------------------------------------------------
     def check(self) -> None:
@@ -639,6 +665,8 @@ def build_hierarchy(
     n_neighs: int | None = None,
     radius_um: float | None = None,
     nuclei_kwargs: dict[str, Any] | None = None,
+    connectivity_key: str | None = None,
+    key_added: str | None = None,
 ) -> Hierarchy:
     """Build the micro / meso / macro hierarchy of a slide and store it in the table.
 
@@ -675,12 +703,26 @@ def build_hierarchy(
         Unit graph options, see :func:`spatial_graphs` (``method``, ``n_neighs``, ``radius_um``).
     nuclei_kwargs
         Options for :func:`segment_nuclei` when it runs.
+    connectivity_key
+        Use this existing unit graph instead of building one, named as squidpy names it
+        (``"spatial"`` for ``obsp["spatial_connectivities"]``, e.g. from
+        :func:`squidpy.gr.spatial_neighbors`). It is read, never modified: its edges are made two-way
+        and edges between sections are left out. Excludes ``graph_method`` / ``n_neighs`` /
+        ``radius_um``.
+    key_added
+        Where the package's own unit graph goes (squidpy's ``key_added``), see
+        :func:`spatial_graphs`: ``None`` writes ``"spatial"``, or ``"sigmma_spatial"`` when
+        ``obsp["spatial_connectivities"]`` holds a graph the package did not write (that graph is
+        kept as it is).
 
     Returns
     -------
     The :class:`Hierarchy`. Also written to the table: ``uns["sigmma"]["hierarchy"]``
-    (:meth:`Hierarchy.to_uns`) and the unit graph in ``obsp["spatial_connectivities"]`` /
-    ``obsp["spatial_distances"]`` (+ ``uns["spatial_neighbors"]``); nuclei elements when segmented.
+    (:meth:`Hierarchy.to_uns`, with the ``obsp`` key of the unit graph it used under
+    ``"unit_graph"``) and, unless ``connectivity_key`` is given, the package's unit graph in
+    ``obsp["spatial_connectivities"]`` / ``obsp["spatial_distances"]`` (+ ``uns["spatial_neighbors"]``)
+    or the ``key_added`` ones; nuclei elements when segmented. Nothing the package did not write is
+    overwritten.
 
     Examples
     --------
@@ -693,15 +735,59 @@ def build_hierarchy(
     for name, val in (("niche_size_um", niche_size_um), ("region_radius_um", region_radius_um)):
         if not np.isfinite(val) or val <= 0:
             raise ValueError(f"{name} must be a positive number of microns, got {val!r}.")
+    if connectivity_key is not None and (graph_method, n_neighs, radius_um) != (None, None, None):
+        raise ValueError(
+            f"connectivity_key={connectivity_key!r} uses an existing graph; graph_method / n_neighs / radius_um "
+            "build a new one. Pass one or the other."
+        )
+    with timed("hierarchy"):
+        return _build_hierarchy(
+            sdata,
+            table_key=table_key,
+            fov_um={Levels.MICRO: micro_fov_um, Levels.MESO: meso_fov_um, Levels.MACRO: macro_fov_um},
+            niche_size_um=niche_size_um,
+            region_radius_um=region_radius_um,
+            nuclei=nuclei,
+            graph_kwargs={"method": graph_method, "n_neighs": n_neighs, "radius_um": radius_um},
+            nuclei_kwargs=nuclei_kwargs,
+            connectivity_key=connectivity_key,
+            key_added=key_added,
+        )
+
+
+def _build_hierarchy(
+    sdata: SpatialData,
+    *,
+    table_key: str,
+    fov_um: dict[str, float | None],
+    niche_size_um: float,
+    region_radius_um: float,
+    nuclei: bool,
+    graph_kwargs: dict[str, Any],
+    nuclei_kwargs: dict[str, Any] | None,
+    connectivity_key: str | None,
+    key_added: str | None,
+) -> Hierarchy:
     t0 = time.perf_counter()
     slide = validate(sdata, table_key=table_key, require_image=False)
     fovs = default_fovs(slide.unit_kind, slide.unit_diameter_um, niche_size_um, region_radius_um)
-    for level, val in ((Levels.MICRO, micro_fov_um), (Levels.MESO, meso_fov_um), (Levels.MACRO, macro_fov_um)):
+    for level, val in fov_um.items():
         if val is not None:
             if not np.isfinite(val) or val <= 0:
                 raise ValueError(f"{level}_fov_um must be a positive number of microns, got {val!r}.")
             fovs[level] = float(val)
-    adj, dst, graph_uns = compute_unit_graph(slide, method=graph_method, n_neighs=n_neighs, radius_um=radius_um)
+    new_graph = None
+    if connectivity_key is not None:
+        adj = read_unit_graph(slide.table, connectivity_key, slide.unit_section)
+        graph_key = graph_keys(connectivity_key)[0]
+        origin = f"obsp[{graph_key!r}] (connectivity_key={connectivity_key!r}, kept as it is)"
+    else:
+        key = unit_graph_key(slide.table, key_added)
+        adj, dst, graph_uns = compute_unit_graph(slide, **graph_kwargs)
+        new_graph = (adj, dst, graph_uns, key)
+        graph_key = graph_keys(key)[0]
+        origin = f"the package's {graph_uns['params']}, written to obsp[{graph_key!r}]"
+    logger.info(f"unit graph: {origin}; mean degree {adj.nnz / max(adj.shape[0], 1):.2f}")
     unit_edges = graph_edges(adj)
     if slide.unit_kind == "spot":
         nuc = None
@@ -714,7 +800,8 @@ def build_hierarchy(
                     "the images or pass nuclei=False for a hierarchy without the micro level."
                 )
             if missing:
-                segment_nuclei(sdata, table_key=table_key, section=missing, **(nuclei_kwargs or {}))
+                with timed("nuclei segmentation"):
+                    segment_nuclei(sdata, table_key=table_key, section=missing, **(nuclei_kwargs or {}))
             nuc = load_nuclei(slide)
         h = spot_hierarchy(
             slide.xy_um,
@@ -737,8 +824,11 @@ def build_hierarchy(
             region_radius_um=region_radius_um,
         )
     stored = h.to_uns()
+    stored[_UNIT_GRAPH] = graph_key
     # Everything is computed; now the writes.
-    write_unit_graph(slide.table, adj, dst, graph_uns)
+    if new_graph is not None:
+        adj, dst, graph_uns, key = new_graph
+        write_unit_graph(slide.table, adj, dst, graph_uns, key=key)
     uns = slide.table.uns.setdefault(Keys.UNS, {})
     uns[Keys.HIERARCHY] = stored
     logger.info(
@@ -797,7 +887,7 @@ def ensure_hierarchy(
     build: bool = True,
     **build_kwargs: Any,
 ) -> tuple[SlideData, Hierarchy]:
-    """The validated slide and its hierarchy: the stored one, else built by :func:`build_hierarchy`.
+    """Return the validated slide and its hierarchy: the stored one, else built by :func:`build_hierarchy`.
 
     The one "get or build" rule of the package: image features, patches and the model all call it.
     A missing hierarchy, or one stored for another version of the table (other units), is rebuilt.

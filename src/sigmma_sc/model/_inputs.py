@@ -335,37 +335,98 @@ def expression_matrix(slide: SlideData) -> sp.csr_matrix:
     return slide.counts()
 
 
+#: Field of the table's ``uns["sigmma"]`` through which :func:`sigmma_sc.tl.fit` hands its ``genes=``
+#: to :func:`model_genes` (in its private working copy of the table only, never the user's).
+GENES_REQUESTED = "genes_requested"
+
+
+def _requested_genes(genes: Any, var_names: pd.Index, var: pd.DataFrame | None) -> list[str]:
+    # A user's gene choice: a list of var names, or the name of a boolean var column.
+    if isinstance(genes, str):
+        if var is None:
+            raise ValueError(f"genes={genes!r} names a var column; pass the table's var (not only its names).")
+        if genes not in var.columns:
+            hint = f" ({genes!r} is a gene: pass genes=[{genes!r}] for a list)" if genes in var_names else ""
+            raise KeyError(
+                f"genes={genes!r}: the table's var has no such column{hint}; boolean columns: "
+                f"{[c for c in var.columns if pd.api.types.is_bool_dtype(var[c])]}. Run e.g. "
+                "scanpy.pp.highly_variable_genes(adata) first, or pass a list of gene names."
+            )
+        col = var[genes]
+        if not pd.api.types.is_bool_dtype(col) or col.isna().any():
+            raise TypeError(
+                f"genes={genes!r}: var[{genes!r}] is {col.dtype}, not a boolean column (True for the genes to "
+                "model); pass a boolean column or a list of gene names."
+            )
+        chosen = [str(g) for g in var_names[col.to_numpy(dtype=bool)]]
+        if not chosen:
+            raise ValueError(f"genes={genes!r}: var[{genes!r}] is False for every gene; no gene to model.")
+        return chosen
+    if isinstance(genes, pd.Series | pd.Index | np.ndarray) or isinstance(genes, Sequence):
+        chosen = list(dict.fromkeys(str(g) for g in genes))
+        if not chosen:
+            raise ValueError(
+                "genes=[] names no gene; pass gene names or a boolean var column such as 'highly_variable'."
+            )
+        unknown = [g for g in chosen if g not in var_names]
+        if unknown:
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise KeyError(
+                f"genes=: {len(unknown)} of the {len(chosen)} genes are not in the table's var_names: "
+                f"{unknown[:10]}{more}."
+            )
+        return chosen
+    raise TypeError(
+        f"genes must be None, a list of gene names or the name of a boolean var column; got {type(genes).__name__}."
+    )
+
+
 def select_genes(
-    counts: sp.spmatrix | np.ndarray,
-    var_names: pd.Index | list[str],
+    counts: sp.spmatrix | np.ndarray | None,
+    var_names: pd.Index | list[str] | pd.DataFrame,
     *,
-    n_genes: int,
+    n_genes: int = Defaults.N_GENES,
     log_normalized: bool = False,
     min_detected: float = Defaults.MIN_DETECTED,
+    genes: Sequence[str] | str | None = None,
 ) -> list[str]:
-    """Pick the most variable genes of the training units.
+    """Pick the genes a model is trained on: the most variable of the training units, or the user's choice.
 
-    Genes detected (non-zero) in at least ``min_detected`` of the units are ranked by the variance of
-    their log1p-normalised expression; the top ``n_genes`` are kept, in decreasing variance. Unlike
-    scanpy's ``seurat`` flavour, this does not favour low-count noise genes on legacy ST data.
+    By default, genes detected (non-zero) in at least ``min_detected`` of the units are ranked by
+    the variance of their log1p-normalised expression; the top ``n_genes`` are kept, in decreasing
+    variance. Unlike scanpy's ``seurat`` flavour, this does not favour low-count noise genes on
+    legacy ST data. With ``genes`` the user's choice is returned instead (validated).
 
     Parameters
     ----------
     counts
         ``(n_units, n_vars)`` raw counts of the training units, or log1p-normalised values when
-        ``log_normalized``.
+        ``log_normalized``. May be ``None`` when ``genes`` is given.
     var_names
-        Gene names, one per column.
+        Gene names, one per column, or the table's ``var`` (its index are the names), which a
+        column name in ``genes`` needs.
     n_genes
         How many genes to keep; capped at the number of detected genes.
     log_normalized
         ``counts`` already holds log1p-normalised values (never log-transform twice).
     min_detected
         Minimum fraction of units in which a gene must be non-zero.
+    genes
+        The user's choice, which replaces the rule (``n_genes`` and ``min_detected`` do not apply):
+        a list of gene names (kept in that order, duplicates dropped), or the name of a boolean
+        ``var`` column such as ``"highly_variable"`` (:func:`scanpy.pp.highly_variable_genes`),
+        whose ``True`` genes are kept in table order.
 
     Returns
     -------
-    Selected gene names, most variable first.
+    Selected gene names, most variable first (or in the order given).
+
+    Raises
+    ------
+    KeyError
+        ``genes`` names genes not in ``var_names``, or a column ``var`` lacks.
+    TypeError
+        The named column is not boolean.
 
     Examples
     --------
@@ -374,10 +435,19 @@ def select_genes(
     >>> x = rng.poisson([5.0, 0.5, 20.0], size=(100, 3))
     >>> select_genes(x, ["a", "b", "c"], n_genes=2)
     ['b', 'a']
+    >>> import pandas as pd
+    >>> var = pd.DataFrame({"highly_variable": [True, False, True]}, index=["a", "b", "c"])
+    >>> select_genes(x, var, genes="highly_variable")
+    ['a', 'c']
     """
-    var_names = pd.Index(var_names)
-    if counts.shape[1] != len(var_names):
+    var_df = var_names if isinstance(var_names, pd.DataFrame) else None
+    var_names = pd.Index(var_df.index if var_df is not None else var_names).astype(str)
+    if counts is not None and counts.shape[1] != len(var_names):
         raise ValueError(f"counts has {counts.shape[1]} columns but {len(var_names)} gene names were given.")
+    if genes is not None:
+        return _requested_genes(genes, var_names, var_df)
+    if counts is None:
+        raise ValueError("select_genes needs the counts of the training units unless genes= is given.")
     if n_genes < 1:
         raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
     x = sp.csr_matrix(counts, dtype=np.float32) if not sp.issparse(counts) else sp.csr_matrix(counts)
@@ -400,8 +470,34 @@ def select_genes(
     return [str(g) for g in var_names[keep[order[:n_genes]]]]
 
 
-def model_genes(slide: SlideData, matrix: sp.csr_matrix, *, n_genes: int, min_detected: float) -> list[str]:
-    """The genes a model is trained on (:func:`select_genes`), with a warning when too few pass the rule."""
+def model_genes(
+    slide: SlideData,
+    matrix: sp.csr_matrix,
+    *,
+    n_genes: int,
+    min_detected: float,
+    genes: Sequence[str] | str | None = None,
+) -> list[str]:
+    """Choose the genes a model is trained on (:func:`select_genes`), warning when too few pass the rule.
+
+    ``genes`` (a list, or a boolean ``var`` column) replaces the rule; ``None`` takes the choice
+    :func:`sigmma_sc.tl.fit` left in the table's ``uns["sigmma"]["genes_requested"]``, if any.
+    """
+    if genes is None:
+        genes = slide.table.uns.get(Keys.UNS, {}).get(GENES_REQUESTED)
+        if genes is not None and not isinstance(genes, str):
+            genes = [str(g) for g in np.asarray(genes, dtype=object).ravel()]
+    if genes is not None:
+        chosen = select_genes(matrix, slide.table.var, genes=genes)
+        idx = slide.table.var_names.get_indexer(chosen)
+        silent = [g for g, n in zip(chosen, np.asarray((matrix[:, idx] != 0).sum(axis=0)).ravel()) if n == 0]
+        if silent:
+            logger.warning(
+                f"{len(silent)} of the {len(chosen)} chosen genes are zero in every training unit: {silent[:10]}"
+            )
+        source = f"var[{genes!r}]" if isinstance(genes, str) else "the genes given"
+        logger.info(f"modelling {len(chosen)} genes from {source}")
+        return chosen
     genes = select_genes(
         matrix, slide.table.var_names, n_genes=n_genes, log_normalized=slide.log_normalized, min_detected=min_detected
     )

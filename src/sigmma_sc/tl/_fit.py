@@ -7,24 +7,36 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sigmma_sc import pp
 from sigmma_sc._constants import Defaults, Keys, Levels
-from sigmma_sc._logging import logger
+from sigmma_sc._logging import logger, timed
 from sigmma_sc._settings import settings
-from sigmma_sc.model import Sigmma, TrainConfig
+from sigmma_sc.io import get_table
+from sigmma_sc.model import Sigmma, TrainConfig, select_genes
 
 if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
     from spatialdata import SpatialData
+
+#: Field of a fit's uns entry listing the obsm keys that fit wrote (its claim on them).
+OBSM_KEYS = "obsm_keys"
+#: Field of the table's ``uns["sigmma"]`` that hands ``genes=`` to ``model._inputs.model_genes``
+#: (set in the private working copy only; ``Sigmma.train`` has no ``genes=`` keyword).
+GENES_REQUESTED = "genes_requested"
 
 
 def fit(
     sdata: SpatialData,
     *,
     table_key: str = Keys.TABLE,
+    key_added: str = Keys.X_SIGMMA,
+    copy: bool = False,
     levels: Sequence[str] = Levels.ALL,
     graph: bool = True,
     encoder: Any = Defaults.ENCODER,
     n_genes: int = Defaults.N_GENES,
     min_detected: float = Defaults.MIN_DETECTED,
+    genes: Sequence[str] | str | None = None,
     embed_dim: int = Defaults.EMBED_DIM,
     hidden_dim: int = Defaults.HIDDEN_DIM,
     max_epochs: int = Defaults.MAX_EPOCHS,
@@ -51,13 +63,16 @@ def fit(
     feature_norm: str = Defaults.FEATURE_NORM,
     hierarchy_kwargs: dict[str, Any] | None = None,
     checkpoint_dir: str | None = None,
-    resume: bool | str | None = None,
-) -> Sigmma:
+) -> Sigmma | tuple[Sigmma, SpatialData]:
     """Train SIGMMA (multi-scale graph contrastive alignment of H&E and expression) on a slide.
 
     Runs what is missing of :func:`sigmma_sc.pp.build_hierarchy` and
     :func:`sigmma_sc.pp.image_features` (cached in the table), selects the genes, trains the
     image and expression encoders with PyTorch Lightning, then writes the embeddings of every unit.
+
+    Everything is computed on a private working copy first and written into the table at the
+    end, all at once: after an error (or ``KeyboardInterrupt``) ``sdata`` is exactly as before.
+    Keys the package did not write are never overwritten.
 
     Training: mini-batches of ``batch_size`` meso subgraphs (spots or niches) with their cells,
     their GNN context and their regions; AdamW; a random ``val_fraction`` of the subgraphs is held
@@ -73,6 +88,17 @@ def fit(
         :func:`sigmma_sc.io.validate`; ``from_anndata`` for a plain AnnData + image).
     table_key
         Table of the units.
+    key_added
+        ``obsm`` key of the joint embedding; it prefixes the others (``{key_added}_img``,
+        ``{key_added}_expr``, ``{key_added}_{level}_{img|expr}``) and names the uns entry of the
+        fit (``uns["sigmma"]`` for the default ``"X_sigmma"``, else ``uns[key_added]``, as
+        :func:`scanpy.tl.pca` does). A second model sits beside the first under its own key, e.g.
+        ``key_added="X_clip"``. Refused when one of these keys exists and was not written by
+        sigmma-sc.
+    copy
+        As in scanpy: leave ``sdata`` untouched and return ``(model, sdata_copy)``, where
+        ``sdata_copy`` holds the results. Its tables and shapes are copies; images, labels and
+        points (read only, never modified by sigmma-sc) are shared with ``sdata``.
     levels
         Hierarchy levels to align, a subset of ``("micro", "meso", "macro")`` containing
         ``"meso"``. ``levels=("meso",), graph=False`` is the single-scale CLIP baseline.
@@ -88,6 +114,11 @@ def fit(
         and cells; sparse units such as Visium HD 8 µm bins leave few genes at 10% (17 on the
         kidney), and ``0.01`` gives the expression encoders hundreds (453), which raised the
         kidney's prediction r from 0.13 to 0.16 (``benchmarks/README.md``).
+    genes
+        The genes to model instead of the rule above: a list of gene names, or the name of a
+        boolean ``var`` column such as ``"highly_variable"`` (from
+        :func:`scanpy.pp.highly_variable_genes`). ``n_genes`` and ``min_detected`` then do not
+        apply. Unknown genes, a missing column or a non-boolean one raise before any work.
     embed_dim, hidden_dim
         Embedding size of every level, and width of the per-level MLPs.
     max_epochs, batch_size, lr, weight_decay, patience, val_fraction
@@ -130,21 +161,20 @@ def fit(
         30 nodes at a level use the training statistics. ``"global"``: the training statistics
         everywhere (for queries that are small parts of a tissue).
     hierarchy_kwargs
-        Passed to :func:`sigmma_sc.pp.build_hierarchy` when the table has no hierarchy.
+        Passed to :func:`sigmma_sc.pp.build_hierarchy` when the table has no hierarchy, e.g.
+        ``{"connectivity_key": "spatial"}`` to build it on a squidpy graph already in the table.
     checkpoint_dir
         Keep Lightning checkpoints here (default: a temporary folder, removed after training).
-    resume
-        Continue an interrupted run (Ctrl+C, a crash, a time limit): ``True`` from the newest
-        ``last.ckpt`` of ``checkpoint_dir``, or the path of a checkpoint. Pass the other arguments
-        of the interrupted run; on CPU the result equals an uninterrupted run's.
 
     Returns
     -------
-    The trained :class:`~sigmma_sc.Sigmma`. The table gets ``obsm["X_sigmma"]`` (joint),
-    ``obsm["X_sigmma_img"]``, ``obsm["X_sigmma_expr"]``, per-level
-    ``obsm["X_sigmma_{level}_{img|expr}"]`` and ``uns["sigmma"]["params" | "genes" | "history" |
-    "versions"]``; the hierarchy and feature caches stay in ``uns["sigmma"]``. Every other key of
-    the table is kept.
+    The trained :class:`~sigmma_sc.Sigmma` (with ``copy=True``: ``(model, sdata_copy)``). The
+    table gets ``obsm["X_sigmma"]`` (joint), ``obsm["X_sigmma_img"]``, ``obsm["X_sigmma_expr"]``,
+    per-level ``obsm["X_sigmma_{level}_{img|expr}"]`` (or the ``key_added`` ones) and
+    ``uns["sigmma"]["params" | "genes" | "history" | "versions" | "obsm_keys"]`` (or
+    ``uns[key_added]``); the hierarchy and feature caches stay in ``uns["sigmma"]``, the unit graph
+    in ``obsp`` (see :func:`sigmma_sc.pp.build_hierarchy`), nuclei in ``"{section}_nuclei"``
+    shapes. Every other key of the table is kept.
 
     Examples
     --------
@@ -154,8 +184,14 @@ def fit(
     >>> model = sg.tl.fit(sdata, max_epochs=20)
     >>> adata = sdata["table"]
     >>> sc.pp.neighbors(adata, use_rep="X_sigmma")
-    >>> clip = sg.tl.fit(sdata, levels=("meso",), graph=False)  # single-scale baseline
+    >>> clip = sg.tl.fit(sdata, levels=("meso",), graph=False, key_added="X_clip")  # beside X_sigmma
+    >>> hvg = sg.tl.fit(sdata, genes="highly_variable")  # after sc.pp.highly_variable_genes
+    >>> model, fitted = sg.tl.fit(sdata, copy=True)  # sdata untouched
     """
+    table = get_table(sdata, table_key)
+    keys = _output_keys(key_added, levels)
+    _refuse_foreign_keys(table, keys)
+    chosen = None if genes is None else select_genes(None, table.var, genes=genes)
     config = TrainConfig(
         levels=tuple(levels),
         graph=bool(graph),
@@ -180,32 +216,167 @@ def fit(
         devices=devices,
         precision=precision,
         checkpoint_dir=checkpoint_dir,
-        resume=resume,
     )
-    model, emb = Sigmma.train(
-        sdata,
-        table_key=table_key,
-        config=config,
-        encoder=encoder,
-        n_genes=int(n_genes),
-        min_detected=float(min_detected),
-        feature_method=feature_method,
-        stain_normalize=stain_normalize,
-        hierarchy_kwargs=hierarchy_kwargs,
-        context_weight=context_weight,
-        feature_norm=feature_norm,
-    )
-    # Everything is computed; now the writes.
-    table = sdata.tables[table_key]
-    obsm = {Keys.X_SIGMMA: emb["joint"], Keys.X_SIGMMA_IMG: emb["img"], Keys.X_SIGMMA_EXPR: emb["expr"]}
+    work = _working_copy(sdata, table_key)
+    requests = work.tables[table_key].uns.setdefault(Keys.UNS, {})
+    requests.pop(GENES_REQUESTED, None)
+    if chosen is not None:
+        requests[GENES_REQUESTED] = chosen
+    _, hier = pp.ensure_hierarchy(work, table_key=table_key, require_image=False, **(hierarchy_kwargs or {}))
+    with timed("image features"):
+        pp.image_features(
+            work,
+            table_key=table_key,
+            encoder=encoder,
+            method=feature_method,
+            levels=[lv for lv in config.levels if lv in hier.levels],
+            stain_normalize=stain_normalize,
+        )
+    with timed("training and embedding"):
+        model, emb = Sigmma.train(
+            work,
+            table_key=table_key,
+            config=config,
+            encoder=encoder,
+            n_genes=int(n_genes),
+            min_detected=float(min_detected),
+            feature_method=feature_method,
+            stain_normalize=stain_normalize,
+            hierarchy_kwargs=hierarchy_kwargs,
+            context_weight=context_weight,
+            feature_norm=feature_norm,
+        )
+    obsm = {keys["joint"]: emb["joint"], keys["img"]: emb["img"], keys["expr"]: emb["expr"]}
     for lv in model.levels:
         for mod in ("img", "expr"):
-            obsm[Keys.level_embedding(lv, mod)] = emb.get(f"{lv}_{mod}")
-    for k, v in obsm.items():
-        if v is not None:
-            table.obsm[k] = np.asarray(v, dtype=np.float32)
-    table.uns.setdefault(Keys.UNS, {}).update(model.to_uns())
+            obsm[keys[f"{lv}_{mod}"]] = emb.get(f"{lv}_{mod}")
+    obsm = {k: np.asarray(v, dtype=np.float32) for k, v in obsm.items() if v is not None}
+    # Everything is computed; now the writes, into sdata or its copy.
+    target = _copy_sdata(sdata) if copy else sdata
+    _move_results(work, target, table_key, before=sdata)
+    _write_fit(get_table(target, table_key), keys["uns"], obsm, model.to_uns())
     logger.info(
-        f"wrote obsm[{Keys.X_SIGMMA!r}] ({emb['joint'].shape[1]}-d) and per-level embeddings to table {table_key!r}"
+        f"wrote obsm[{keys['joint']!r}] ({emb['joint'].shape[1]}-d) and per-level embeddings to table {table_key!r}"
+        + (" of the copy" if copy else "")
     )
-    return model
+    return (model, target) if copy else model
+
+
+# ---------------------------------------------------------------------------------------------
+# keys, the working copy and the final writes
+# ---------------------------------------------------------------------------------------------
+def _output_keys(key_added: str, levels: Sequence[str]) -> dict[str, str]:
+    # obsm keys of one fit, and its uns entry ("sigmma" for the default key, as scanpy's "pca").
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    keys = {"joint": key_added, "img": f"{key_added}_img", "expr": f"{key_added}_expr"}
+    for lv in levels:
+        for mod in ("img", "expr"):
+            keys[f"{lv}_{mod}"] = f"{key_added}_{lv}_{mod}"
+    keys["uns"] = Keys.UNS if key_added == Keys.X_SIGMMA else key_added
+    return keys
+
+
+def _claimed(table: AnnData, uns_key: str) -> set[str]:
+    # obsm keys a fit recorded under uns[uns_key]; fits from before the record claimed the X_sigmma keys.
+    entry = table.uns.get(uns_key)
+    if not isinstance(entry, dict):
+        return set()
+    if OBSM_KEYS in entry:
+        return {str(k) for k in np.asarray(entry[OBSM_KEYS], dtype=object).ravel()}
+    if uns_key == Keys.UNS and Keys.PARAMS in entry:
+        return {k for k in table.obsm if k == Keys.X_SIGMMA or k.startswith(f"{Keys.X_SIGMMA}_")}
+    return set()
+
+
+def _refuse_foreign_keys(table: AnnData, keys: dict[str, str]) -> None:
+    uns_key = keys["uns"]
+    if uns_key != Keys.UNS and uns_key in table.uns and not _claimed(table, uns_key):
+        raise ValueError(
+            f"uns[{uns_key!r}] exists and was not written by sigmma-sc; it is left alone. Pass another key_added= "
+            f"(the fit's uns entry is named after it)."
+        )
+    owned = _claimed(table, uns_key)
+    foreign = [k for name, k in keys.items() if name != "uns" and k in table.obsm and k not in owned]
+    if foreign:
+        raise ValueError(
+            f"obsm[{foreign[0]!r}] exists and was not written by sigmma-sc; it is left alone. Pass another "
+            f"key_added= (e.g. key_added={keys['joint'] + '_2'!r}) to write the embeddings beside it."
+        )
+
+
+def _working_copy(sdata: SpatialData, table_key: str) -> SpatialData:
+    # The user's elements, shared; the table a shallow copy whose obs / var / obsm / obsp / layers /
+    # uns containers (and uns["sigmma"]'s dict structure) are its own, so preprocessing writes stay here.
+    import anndata as ad
+    from spatialdata import SpatialData
+
+    def dicts(value: Any) -> Any:
+        return {k: dicts(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    table = get_table(sdata, table_key)
+    uns = dict(table.uns)
+    if isinstance(uns.get(Keys.UNS), dict):
+        uns[Keys.UNS] = dicts(uns[Keys.UNS])
+    work = ad.AnnData(
+        X=table.X,
+        obs=table.obs.copy(),
+        var=table.var.copy(),
+        uns=uns,
+        obsm=dict(table.obsm),
+        obsp=dict(table.obsp),
+        layers=dict(table.layers),
+    )
+    tables = dict(sdata.tables)
+    tables[table_key] = work
+    return SpatialData(
+        images=dict(sdata.images),
+        labels=dict(sdata.labels),
+        points=dict(sdata.points),
+        shapes=dict(sdata.shapes),
+        tables=tables,
+    )
+
+
+def _copy_sdata(sdata: SpatialData) -> SpatialData:
+    # copy=True: tables, shapes and attrs copied; images, labels, points (lazy, never modified) shared.
+    import copy
+
+    from spatialdata import SpatialData
+
+    return SpatialData(
+        images=dict(sdata.images),
+        labels=dict(sdata.labels),
+        points=dict(sdata.points),
+        shapes={k: v.copy() for k, v in sdata.shapes.items()},
+        tables={k: v.copy() for k, v in sdata.tables.items()},
+        attrs=copy.deepcopy(dict(sdata.attrs)),
+    )
+
+
+def _move_results(work: SpatialData, target: SpatialData, table_key: str, *, before: SpatialData) -> None:
+    # What preprocessing added to the working copy (nuclei shapes, the unit graph, the hierarchy and
+    # feature caches) goes into the target: entries that are new, or replaced, relative to `before`.
+    for name, element in work.shapes.items():
+        if before.shapes.get(name) is not element:
+            target.shapes[name] = element
+    src, old, dst = get_table(work, table_key), get_table(before, table_key), get_table(target, table_key)
+    for key, value in src.obsp.items():
+        if old.obsp.get(key) is not value:
+            dst.obsp[key] = value
+    for key, value in src.uns.items():
+        if key != Keys.UNS and old.uns.get(key) is not value:
+            dst.uns[key] = value
+    cache = {k: v for k, v in src.uns.get(Keys.UNS, {}).items() if k != GENES_REQUESTED}
+    if cache:
+        dst.uns.setdefault(Keys.UNS, {}).update(cache)
+
+
+def _write_fit(table: AnnData, uns_key: str, obsm: dict[str, np.ndarray], record: dict[str, Any]) -> None:
+    # The embeddings and the fit's uns entry, with its claim on the obsm keys (kept across refits).
+    claimed = _claimed(table, uns_key) | set(obsm)
+    for key, value in obsm.items():
+        table.obsm[key] = value
+    entry = table.uns.setdefault(uns_key, {})
+    entry.update(record)
+    entry[OBSM_KEYS] = np.asarray(sorted(claimed), dtype=object)

@@ -63,6 +63,7 @@ def fit(
     feature_norm: str = Defaults.FEATURE_NORM,
     hierarchy_kwargs: dict[str, Any] | None = None,
     checkpoint_dir: str | None = None,
+    resume: bool | str | None = None,
 ) -> Sigmma | tuple[Sigmma, SpatialData]:
     """Train SIGMMA (multi-scale graph contrastive alignment of H&E and expression) on a slide.
 
@@ -165,6 +166,10 @@ def fit(
         ``{"connectivity_key": "spatial"}`` to build it on a squidpy graph already in the table.
     checkpoint_dir
         Keep Lightning checkpoints here (default: a temporary folder, removed after training).
+    resume
+        Continue an interrupted run (Ctrl+C, a crash, a time limit): ``True`` from the newest
+        ``last.ckpt`` of ``checkpoint_dir``, or the path of a checkpoint. Pass the other arguments
+        of the interrupted run; on CPU the result equals an uninterrupted run's.
 
     Returns
     -------
@@ -216,6 +221,7 @@ def fit(
         devices=devices,
         precision=precision,
         checkpoint_dir=checkpoint_dir,
+        resume=resume,
     )
     work = _working_copy(sdata, table_key)
     requests = work.tables[table_key].uns.setdefault(Keys.UNS, {})

@@ -3,7 +3,7 @@
 from ._her2st import her2st, her2st_sections
 from ._paths import DATA_DIR_ENV, local_dataset_dir, resolve_dataset_dir
 from ._single import visium_hd_kidney, visium_mouse_brain, xenium_lung
-from ._synthetic import synthetic
+from ._synthetic import section_shifts, synthetic
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -11,6 +11,7 @@ __all__ = [
     "her2st_sections",
     "local_dataset_dir",
     "resolve_dataset_dir",
+    "section_shifts",
     "synthetic",
     "visium_hd_kidney",
     "visium_mouse_brain",

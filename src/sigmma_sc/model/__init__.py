@@ -4,7 +4,7 @@ Only the light pieces are imported here (numpy / scipy / pandas); torch and ligh
 the methods that train or embed.
 """
 
-from ._config import TrainConfig
+from ._config import NonFiniteLossError, TrainConfig
 from ._inputs import (
     apply_feature_scaling,
     apply_section_scaling,
@@ -16,6 +16,7 @@ from ._inputs import (
 from ._sigmma import Sigmma, default_context_weight
 
 __all__ = [
+    "NonFiniteLossError",
     "Sigmma",
     "TrainConfig",
     "apply_feature_scaling",

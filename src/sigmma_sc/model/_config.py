@@ -1,4 +1,4 @@
-"""The training configuration: every hyper-parameter of one run, with the package's defaults."""
+"""The training configuration: every hyper-parameter of one run, with the package's defaults, and how a run fails."""
 
 from __future__ import annotations
 
@@ -78,3 +78,22 @@ class TrainConfig:
                 f"resume must be True (the newest last.ckpt of checkpoint_dir), a checkpoint path or None, "
                 f"got {type(self.resume).__name__}."
             )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN / inf loss or gradient and stopped before the weights were updated.
+
+    Attributes
+    ----------
+    epoch, batch
+        Where it happened (epoch counted from 1, batch from 0).
+    checkpoint
+        Path of the last good checkpoint (the latest finished epoch), or ``None`` when no epoch
+        finished.
+    """
+
+    def __init__(self, message: str, *, epoch: int, batch: int, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.batch = batch
+        self.checkpoint = checkpoint

@@ -28,7 +28,7 @@ from sigmma_sc._constants import Levels
 from sigmma_sc._logging import logger
 from sigmma_sc._settings import settings
 
-from ._config import TrainConfig
+from ._config import NonFiniteLossError, TrainConfig
 from ._data import MAX_MICRO_PAIRS, ExpressionSource, LevelInput, SubgraphBatcher, expression_stats
 from ._module import SigmmaModule, SubgraphBatches
 
@@ -170,25 +170,6 @@ def _quiet_lightning():
 # ---------------------------------------------------------------------------------------------
 # reliability: non-finite losses, resumable checkpoints, interrupts
 # ---------------------------------------------------------------------------------------------
-class NonFiniteLossError(FloatingPointError):
-    """Training met a NaN / inf loss or gradient and stopped before the weights were updated.
-
-    Attributes
-    ----------
-    epoch, batch
-        Where it happened (epoch counted from 1, batch from 0).
-    checkpoint
-        Path of the last good checkpoint (the latest finished epoch), or ``None`` when no epoch
-        finished.
-    """
-
-    def __init__(self, message: str, *, epoch: int, batch: int, checkpoint: str | None = None) -> None:
-        super().__init__(message)
-        self.epoch = epoch
-        self.batch = batch
-        self.checkpoint = checkpoint
-
-
 def _non_finite_inputs(batch: dict[str, Any]) -> list[str]:
     """Keys of the floating-point tensors of a batch that hold NaN or inf."""
     bad = []

@@ -319,12 +319,27 @@ def test_xenium_cell_graph_and_niches():
     micro, meso = h.levels["micro"], h.levels["meso"]
     adj = table.obsp[Keys.CONNECTIVITIES]
     assert adj.nnz > 0 and (adj != adj.T).nnz == 0
-    assert table.obsp[Keys.DISTANCES].data.max() <= Defaults.CELL_GRAPH_RADIUS_UM + 1e-6
+    # A subsampled field: 75 um between cells. The cut follows the spacing (3 x the median
+    # nearest-neighbour distance) instead of leaving 74 edges on 200 cells at 50 um.
+    radius = sg.pp._graphs.density_radius(sg.io.validate(sdata).xy_um, np.zeros(table.n_obs, int))
+    assert 200 < radius < 250
+    assert table.obsp[Keys.DISTANCES].data.max() <= radius + 1e-6
+    assert adj.nnz / table.n_obs >= 3.0
     # every cell in exactly one niche; niche counts sum the cells' counts
     assert (np.asarray(meso.members.sum(0)).ravel() == 1).all()
     counts = sg.io.validate(sdata).counts()
     np.testing.assert_allclose((meso.members @ counts).sum(0), counts.sum(0), rtol=1e-5)
     assert (np.abs(micro.centers_um - meso.centers_um[micro.parent]) <= Defaults.NICHE_SIZE_UM / 2 + 1e-6).all()
+
+
+def test_dense_cells_keep_the_fixed_radius_cut():
+    from sigmma_sc.pp._graphs import density_radius
+
+    sdata = sg.datasets.synthetic(2000, n_genes=20, seed=0)
+    slide = sg.io.validate(sdata)
+    assert density_radius(slide.xy_um, slide.unit_section) == Defaults.CELL_GRAPH_RADIUS_UM
+    sg.pp.build_hierarchy(sdata)
+    assert sdata["table"].obsp[Keys.DISTANCES].data.max() <= Defaults.CELL_GRAPH_RADIUS_UM + 1e-6
 
 
 def test_kidney_crop_hierarchy():

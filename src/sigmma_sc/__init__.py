@@ -7,12 +7,17 @@ imported inside the functions that need them, so ``import sigmma_sc`` costs well
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ._logging import logger
 from ._settings import settings
 
 __version__ = "0.1.0"
+
+# squidpy's docstrings make docrep print SyntaxWarnings at import ("'n_jobs' is not a valid key!"):
+# noise for users, filtered once here rather than in every notebook.
+warnings.filterwarnings("ignore", message=r".* is not a valid key!", category=SyntaxWarning, module=r"docrep")
 
 _SUBMODULES = ("datasets", "io", "pp", "tl", "pl", "model")
 

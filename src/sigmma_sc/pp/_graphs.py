@@ -339,8 +339,38 @@ def grouped_delaunay_edges(xy: np.ndarray, group: np.ndarray) -> np.ndarray:
     return edges[:, np.lexsort((edges[1], edges[0]))]
 
 
+def density_radius(xy_um: np.ndarray, section: np.ndarray) -> float:
+    """Radius cut of a cell graph that fits the cells' spacing.
+
+    ``Defaults.CELL_GRAPH_RADIUS_UM``, or ``Defaults.CELL_GRAPH_NN_FACTOR`` times the median
+    nearest-neighbour distance (within sections) when cells are sparser, so a subsampled or sparse
+    panel does not get a near-empty graph.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> grid = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), -1).reshape(-1, 2)
+    >>> density_radius(grid * 10.0, np.zeros(100, int)), density_radius(grid * 40.0, np.zeros(100, int))
+    (50.0, 120.0)
+    """
+    from scipy.spatial import cKDTree
+
+    section = np.asarray(section)
+    dists = []
+    for code in np.unique(section):
+        pts = np.asarray(xy_um, dtype=np.float64)[section == code]
+        if len(pts) > 1:
+            dists.append(cKDTree(pts).query(pts, k=2)[0][:, 1])
+    if not dists:
+        return float(Defaults.CELL_GRAPH_RADIUS_UM)
+    spacing = float(np.median(np.concatenate(dists)))
+    return float(max(Defaults.CELL_GRAPH_RADIUS_UM, Defaults.CELL_GRAPH_NN_FACTOR * spacing))
+
+
 def _resolve_params(slide, method, n_neighs, radius_um) -> dict[str, Any]:
     params = default_graph_params(slide.technology, slide.unit_kind)
+    if method is None and radius_um is None and params["method"] == "delaunay":
+        params["radius_um"] = density_radius(slide.xy_um, slide.unit_section)
     if method is not None:
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {METHODS}.")
@@ -575,9 +605,12 @@ def spatial_graphs(
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
+    >>> sdata = sg.datasets.visium_mouse_brain()  # 49 spots of the hexagonal Visium grid
     >>> sg.pp.spatial_graphs(sdata)
-    >>> sdata["table"].obsp["spatial_connectivities"].sum(1).mean()  # about 4 on the ST lattice
+    >>> sdata["table"].uns["spatial_neighbors"]["params"]["coord_type"]
+    'grid'
+    >>> round(float(sdata["table"].obsp["spatial_connectivities"].sum(1).mean()), 2)  # 6 inside, fewer at the edge
+    4.73
     """
     slide = validate(sdata, table_key=table_key, require_image=False)
     key = None if copy else unit_graph_key(slide.table, key_added)

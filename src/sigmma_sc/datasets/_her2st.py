@@ -52,8 +52,8 @@ def her2st_sections(folder: str | os.PathLike) -> list[str]:
 
     Examples
     --------
-    >>> from sigmma_sc.datasets import her2st_sections
-    >>> her2st_sections("../shared/data/her2st")  # doctest: +SKIP
+    >>> from sigmma_sc.datasets import her2st_sections, resolve_dataset_dir
+    >>> her2st_sections(resolve_dataset_dir("her2st", required=["counts/*.tsv.gz"]))
     ['C2', 'C3', 'C4', 'C5', 'C6']
     """
     folder = Path(folder)
@@ -147,11 +147,18 @@ def her2st(
 
     Examples
     --------
+    All five sections (tens of seconds and 4 GB):
+
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
-    >>> sdata["table"].obs["section"].value_counts().sort_index().tolist()
+    >>> sdata = sg.datasets.her2st()  # doctest: +SKIP
+    >>> sdata["table"].obs["section"].value_counts().sort_index().tolist()  # doctest: +SKIP
     [187, 180, 184, 181, 178]
+
+    One section:
+
     >>> c2 = sg.datasets.her2st(sections=["C2"])
+    >>> c2["table"].n_obs, sorted(c2.images)
+    (187, ['C2_he'])
     """
     folder = resolve_dataset_dir("her2st", path, required=REQUIRED_FILES["her2st"])
     found = her2st_sections(folder)

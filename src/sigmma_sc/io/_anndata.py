@@ -102,6 +102,10 @@ def from_anndata(
     >>> image = np.full((128, 128, 3), 220, np.uint8)
     >>> sdata = sg.io.from_anndata(adata, image, mpp=0.5, spot_diameter=55.0)
     >>> slide = sg.io.validate(sdata)
+    >>> slide.sections, slide.unit_kind, slide.unit_diameter_um
+    (['section0'], 'spot', 55.0)
+    >>> slide.xy_um[0]  # pixel (10, 20) at 0.5 µm per pixel, pixel centres
+    array([ 5.25, 10.25])
     """
     if (spot_diameter is None) == (cell_diameter is None):
         raise ValueError(

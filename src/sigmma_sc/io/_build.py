@@ -114,8 +114,12 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
     Examples
     --------
+    >>> from sigmma_sc.datasets import resolve_dataset_dir
     >>> from sigmma_sc.io import read_rgb
-    >>> img = read_rgb("he.jpg")  # doctest: +SKIP
+    >>> folder = resolve_dataset_dir("squidpy_tests", required=["test_img.jpg"])
+    >>> img = read_rgb(folder / "test_img.jpg")
+    >>> img.shape, img.dtype
+    ((1717, 950, 3), dtype('uint8'))
     """
     return np.asarray(_open_rgb(path))
 
@@ -137,8 +141,11 @@ def read_rgb_pyramid(path: str | os.PathLike) -> list[np.ndarray]:
 
     Examples
     --------
+    >>> from sigmma_sc.datasets import resolve_dataset_dir
     >>> from sigmma_sc.io import read_rgb_pyramid
-    >>> levels = read_rgb_pyramid("he.jpg")  # doctest: +SKIP
+    >>> folder = resolve_dataset_dir("squidpy_tests", required=["test_img.jpg"])
+    >>> [level.shape for level in read_rgb_pyramid(folder / "test_img.jpg")]
+    [(1717, 950, 3), (858, 475, 3)]
     """
     im = _open_rgb(path)
     w, h = im.size
@@ -400,6 +407,8 @@ def build_sdata(
     ...     unit="cell",
     ... )
     >>> sdata = build_sdata([arrays], technology="custom", unit_kind="cell", unit_diameter_um=10.0)
+    >>> sorted(sdata.images), sorted(sdata.shapes), sdata["table"].shape
+    (['S0_he'], ['S0_cells'], (2, 2))
     """
     import anndata as ad
     from spatialdata import SpatialData

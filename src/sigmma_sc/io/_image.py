@@ -50,8 +50,9 @@ def image_levels(element: Any) -> list[Any]:
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st(sections=["C2"])
-    >>> levels = sg.io.image_levels(sdata.images["C2_he"])
+    >>> sdata = sg.datasets.xenium_lung()
+    >>> [level.shape for level in sg.io.image_levels(sdata.images["NCBI858_he"])]
+    [(3, 1249, 1431), (3, 624, 715)]
     """
     if len(getattr(element, "children", {})) > 0:
         keys = _scale_keys(element)
@@ -218,10 +219,16 @@ class SectionImage:
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> slide = sg.io.validate(sg.datasets.her2st(sections=["C2"]))
-    >>> img = slide.images["C2"]
-    >>> patch = img.read(0, 224, 0, 224)  # (224, 224, 3) uint8
-    >>> rc = img.um_to_px(slide.xy_um[:5])  # (col, row) full-resolution pixels
+    >>> slide = sg.io.validate(sg.datasets.xenium_lung())
+    >>> img = slide.images["NCBI858"]
+    >>> img.shape, img.n_levels, img.um_per_px
+    ((1249, 1431), 2, 2.125)
+    >>> patch = img.read(0, 224, 0, 224)
+    >>> patch.shape, patch.dtype
+    ((224, 224, 3), dtype('uint8'))
+    >>> img.um_to_px(slide.xy_um[:2]).round(1)  # (col, row) full-resolution pixels
+    array([[ 999.9,  536.9],
+           [ 425.6, 1056.2]])
     """
 
     section: str
@@ -339,8 +346,9 @@ class SectionImage:
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> slide = sg.io.validate(sg.datasets.her2st(sections=["C2"]))
-        >>> cr = slide.images["C2"].um_to_px(slide.xy_um)
+        >>> slide = sg.io.validate(sg.datasets.xenium_lung())  # 2.125 µm per pixel
+        >>> slide.images["NCBI858"].um_to_px([[212.5, 425.0]])
+        array([[100., 200.]])
         """
         p = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
         out = p @ self.px_from_um[:2, :2].T + self.px_from_um[:2, 2]
@@ -363,8 +371,9 @@ class SectionImage:
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> slide = sg.io.validate(sg.datasets.her2st(sections=["C2"]))
-        >>> xy = slide.images["C2"].px_to_um([[100.0, 200.0]])
+        >>> slide = sg.io.validate(sg.datasets.xenium_lung())  # 2.125 µm per pixel
+        >>> slide.images["NCBI858"].px_to_um([[100.0, 200.0]])
+        array([[212.5, 425. ]])
         """
         p = np.asarray(colrow, dtype=np.float64).reshape(-1, 2) * self.level_factors[level]
         m = self.um_from_px
@@ -385,8 +394,9 @@ class SectionImage:
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> img = sg.io.validate(sg.datasets.her2st(sections=["C2"])).images["C2"]
-        >>> level = img.best_level(2.0)
+        >>> img = sg.io.validate(sg.datasets.xenium_lung()).images["NCBI858"]  # 2.125 and 4.25 µm/px
+        >>> img.best_level(2.0), img.best_level(5.0)
+        (0, 1)
         """
         best = 0
         for lv in range(self.n_levels):
@@ -416,8 +426,10 @@ class SectionImage:
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> img = sg.io.validate(sg.datasets.her2st(sections=["C2"])).images["C2"]
+        >>> img = sg.io.validate(sg.datasets.xenium_lung()).images["NCBI858"]
         >>> thumb = img.level_array(img.n_levels - 1).compute()
+        >>> thumb.shape
+        (624, 715, 3)
         """
         import dask.array as da
 
@@ -465,8 +477,10 @@ class SectionImage:
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> img = sg.io.validate(sg.datasets.her2st(sections=["C2"])).images["C2"]
+        >>> img = sg.io.validate(sg.datasets.xenium_lung()).images["NCBI858"]
         >>> patch = img.read(-10, 100, -10, 100)  # first 10 rows / columns are white padding
+        >>> patch.shape, int(patch[:10, :10].min())
+        ((110, 110, 3), 255)
         """
         row0, row1, col0, col1 = int(row0), int(row1), int(col0), int(col1)
         if row1 < row0 or col1 < col0:

@@ -103,9 +103,11 @@ class SlideData(Geometry):
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> slide = sg.io.validate(sg.datasets.her2st(), require_counts=True)
+    >>> slide = sg.io.validate(sg.datasets.xenium_lung(), require_counts=True)
     >>> slide.sections, slide.unit_kind, slide.xy_um.shape
-    >>> expr = slide.expression(slide.table.var_names[:50])
+    (['NCBI858'], 'cell', (200, 2))
+    >>> slide.expression(slide.table.var_names[:50]).shape
+    (200, 50)
     """
 
     sdata: SpatialData = field(repr=False)
@@ -135,8 +137,10 @@ class SlideData(Geometry):
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> slide = sg.io.validate(sg.datasets.her2st())
-        >>> idx = slide.section_units("C2")
+        >>> slide = sg.io.validate(sg.datasets.synthetic(300, n_genes=40, n_sections=2, seed=0))
+        >>> idx = slide.section_units("S1")
+        >>> idx[:3], len(idx)
+        (array([150, 151, 152]), 150)
         """
         if section not in self.sections:
             raise KeyError(f"section {section!r} not in {self.sections}.")
@@ -160,8 +164,10 @@ class SlideData(Geometry):
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> slide = sg.io.validate(sg.datasets.her2st())
-        >>> c3 = slide.subset(slide.unit_section == slide.sections.index("C3"))
+        >>> slide = sg.io.validate(sg.datasets.synthetic(300, n_genes=40, n_sections=2, seed=0))
+        >>> s1 = slide.subset(slide.unit_section == slide.sections.index("S1"))
+        >>> s1.n_units, s1.sections
+        (150, ['S0', 'S1'])
         """
         idx = np.asarray(mask)
         if idx.dtype == bool:
@@ -188,8 +194,9 @@ class SlideData(Geometry):
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> slide = sg.io.validate(sg.datasets.her2st(sections=["C2"]))
-        >>> slide.counts().sum()
+        >>> slide = sg.io.validate(sg.datasets.xenium_lung())
+        >>> slide.counts().shape, float(slide.counts().sum())
+        ((200, 314), 45623.0)
         """
         if self._counts is None:
             mat, source = _raw_counts(self.table, self.table_key, log_normalized=self.log_normalized)
@@ -215,8 +222,10 @@ class SlideData(Geometry):
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> slide = sg.io.validate(sg.datasets.her2st(sections=["C2"]))
-        >>> x = slide.expression(["ERBB2", "GRB7"])
+        >>> slide = sg.io.validate(sg.datasets.xenium_lung())
+        >>> x = slide.expression(["EPCAM", "PTPRC"])
+        >>> x.shape, x.dtype
+        ((200, 2), dtype('float32'))
         """
         genes = list(np.atleast_1d(np.asarray(genes, dtype=object)))
         var = pd.Index(self.table.var_names)

@@ -106,12 +106,13 @@ def validate(
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> slide = sg.io.validate(sg.datasets.her2st(), require_counts=True)
-    >>> slide.images["C2"].um_per_px  # 0.688
+    >>> slide = sg.io.validate(sg.datasets.xenium_lung(), require_counts=True)
+    >>> slide.images["NCBI858"].um_per_px, slide.unit_kind, slide.n_units
+    (2.125, 'cell', 200)
 
     A Visium object straight from spatialdata_io:
 
-    >>> import spatialdata_io
+    >>> import spatialdata_io  # doctest: +SKIP
     >>> sdata = spatialdata_io.visium("outs/", fullres_image_file="image.tif")  # doctest: +SKIP
     >>> slide = sg.io.validate(sdata)  # doctest: +SKIP
     """

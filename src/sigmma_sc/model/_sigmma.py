@@ -306,13 +306,28 @@ class Sigmma:
 
     Examples
     --------
+    On the five her2st sections (minutes on a CPU):
+
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
-    >>> model = sg.tl.fit(sdata, max_epochs=10)
-    >>> emb = model.get_embeddings(sdata)
+    >>> sdata = sg.datasets.her2st()  # doctest: +SKIP
+    >>> model = sg.tl.fit(sdata, max_epochs=10)  # doctest: +SKIP
+
+    Here and in the other examples, ``model`` was fitted on ``train``, 200 cells of a synthetic
+    tissue (``train = sg.datasets.synthetic(400, n_genes=40, n_sections=2, seed=0)
+    .filter_by_coordinate_system("S0")``, then ``model = sg.tl.fit(train, max_epochs=1,
+    embed_dim=16, hidden_dim=32, seed=0)``); ``test`` is the other section, ``"S1"``:
+
+    >>> model
+    Sigmma(levels=('micro', 'meso', 'macro'), graph=True, genes=40, embed_dim=16, encoder='efficientnet_lite0', epochs=1)
+    >>> emb = model.get_embeddings(test)
     >>> emb["joint"].shape
-    >>> model.save("model/")
-    >>> model = sg.Sigmma.load("model/")
+    (200, 48)
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     model.save(f"{tmp}/model")
+    ...     loaded = sg.Sigmma.load(f"{tmp}/model")
+    >>> loaded.genes == model.genes
+    True
     """
 
     def __init__(
@@ -407,8 +422,10 @@ class Sigmma:
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)  # doctest: +SKIP
-        >>> model, emb = sg.Sigmma.train(sdata, config=sg.model.TrainConfig(max_epochs=1))  # doctest: +SKIP
+        >>> config = sg.model.TrainConfig(max_epochs=1, embed_dim=16, hidden_dim=32)
+        >>> model, emb = sg.Sigmma.train(train, config=config)  # 200 synthetic cells
+        >>> emb["joint"].shape, len(model.history)  # epoch 0 is the initialisation
+        ((200, 48), 2)
         """
         if feature_norm not in Choices.FEATURE_NORMS:
             raise ValueError(f"feature_norm must be one of {Choices.FEATURE_NORMS}, got {feature_norm!r}.")
@@ -540,7 +557,14 @@ class Sigmma:
         >>> import sigmma_sc as sg
         >>> model = sg.Sigmma.load("model/")  # doctest: +SKIP
         >>> emb = model.get_embeddings(sg.datasets.her2st(sections=["C2"]))  # doctest: +SKIP
-        >>> emb["img"].shape  # doctest: +SKIP
+
+        With ``model`` fitted on 200 synthetic cells and ``test``, 200 other cells (see :class:`Sigmma`):
+
+        >>> emb = model.get_embeddings(test)
+        >>> emb["img"].shape, emb["meso_expr"].shape
+        ((200, 48), (200, 16))
+        >>> model.get_embeddings(test, expression=False)["expr"] is None
+        True
         """
         slide = io.validate(sdata, table_key=table_key)
         use_expr = self._check_genes(slide.table, table_key, expression, max_missing_genes)
@@ -631,7 +655,11 @@ class Sigmma:
 
         Examples
         --------
-        >>> model.save("model/")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     model.save(f"{tmp}/model")
+        ...     sorted(os.listdir(f"{tmp}/model"))
+        ['config.json', 'genes.txt', 'history.csv', 'reference.h5ad', 'stats.npz', 'weights.pt']
         """
         import torch
 
@@ -687,8 +715,13 @@ class Sigmma:
 
         Examples
         --------
+        >>> import tempfile
         >>> import sigmma_sc as sg
-        >>> model = sg.Sigmma.load("model/")  # doctest: +SKIP
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     model.save(f"{tmp}/model")
+        ...     loaded = sg.Sigmma.load(f"{tmp}/model", sdata=test)
+        >>> loaded
+        Sigmma(levels=('micro', 'meso', 'macro'), graph=True, genes=40, embed_dim=16, encoder='efficientnet_lite0', epochs=1)
         """
         import anndata as ad
         import torch

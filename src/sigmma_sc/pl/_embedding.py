@@ -173,6 +173,10 @@ def embedding(
 
     >>> model = sg.tl.fit(sdata)  # doctest: +SKIP
     >>> ax = sg.pl.embedding(sdata, basis=["X_sigmma_meso_img", "X_sigmma_meso_expr"], color="modality")  # doctest: +SKIP
+
+    The same with ``model``, fitted on ``train`` (200 synthetic cells, see :class:`sigmma_sc.Sigmma`):
+
+    >>> ax = sg.pl.embedding(train, basis=["X_sigmma_meso_img", "X_sigmma_meso_expr"], color="modality")
     """
     adata = u.as_table(data, table_key)
     bases = [basis] if isinstance(basis, str) else list(basis)

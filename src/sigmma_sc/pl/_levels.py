@@ -151,6 +151,12 @@ def levels(
     >>> sdata = sg.datasets.her2st(sections=["C2"])  # doctest: +SKIP
     >>> hier = sg.pp.build_hierarchy(sdata)  # doctest: +SKIP
     >>> ax = sg.pl.levels(sdata, region="C2_10")  # doctest: +SKIP
+
+    The same on 49 Visium spots of a mouse brain and their nuclei (seconds):
+
+    >>> sdata = sg.datasets.visium_mouse_brain()
+    >>> hier = sg.pp.build_hierarchy(sdata)
+    >>> ax = sg.pl.levels(sdata, region=0)
     """
     slide = validate(sdata, table_key=table_key)
     hier = get_hierarchy(sdata, table_key=table_key)

@@ -127,6 +127,13 @@ def retrieval(
     >>> sdata = sg.datasets.her2st(sections=["C2", "C3"])  # doctest: +SKIP
     >>> model = sg.tl.fit(sdata)  # doctest: +SKIP
     >>> fig = sg.pl.retrieval(model, sdata, query="C2_10", k=5)  # doctest: +SKIP
+
+    With ``model`` fitted on 200 synthetic cells and ``test``, 200 other cells (see
+    :class:`sigmma_sc.Sigmma`):
+
+    >>> fig = sg.pl.retrieval(model, test, query="S1_0", k=5)
+    >>> fig.axes[0].get_title().splitlines()
+    ['query (H&E)', 'S1_0']
     """
     import matplotlib.pyplot as plt
     from anndata import AnnData

@@ -130,6 +130,10 @@ def history(
 
     >>> model = sg.tl.fit(sdata, max_epochs=20)  # doctest: +SKIP
     >>> fig = sg.pl.history(model)  # doctest: +SKIP
+
+    The same with ``model``, one epoch on 200 synthetic cells (see :class:`sigmma_sc.Sigmma`):
+
+    >>> fig = sg.pl.history(model)
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -411,6 +415,12 @@ def evaluation(
 
     >>> scores = sg.tl.evaluate(model, test_sdata, train_sdata=train_sdata)  # doctest: +SKIP
     >>> fig = sg.pl.evaluation(scores)  # doctest: +SKIP
+
+    The same with ``model``, fitted on ``train`` (200 synthetic cells), scored on ``test`` (200
+    other cells, see :class:`sigmma_sc.Sigmma`) against the ridge probe:
+
+    >>> scores = sg.tl.evaluate(model, test, train_sdata=train, baselines=("ridge",))
+    >>> fig = sg.pl.evaluation(scores)
     """
     import matplotlib.pyplot as plt
 

@@ -422,12 +422,21 @@ def image_features(
 
     Examples
     --------
+    On the five her2st sections (minutes on a CPU):
+
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
+    >>> sdata = sg.datasets.her2st()  # doctest: +SKIP
+    >>> key = sg.pp.image_features(sdata)  # doctest: +SKIP
+
+    On 100 synthetic cells (seconds):
+
+    >>> sdata = sg.datasets.synthetic(100, n_genes=20, seed=0)
     >>> key = sg.pp.image_features(sdata)
+    >>> key.id
+    'efficientnet_lite0__dense__micro32_meso150_macro500__raw'
     >>> feats = sg.pp.get_features(sdata, key=key)
-    >>> feats["meso"].shape
-    (n_spots, 1280)
+    >>> {level: f.shape for level, f in feats.items()}  # cells, niches, regions
+    {'micro': (100, 1280), 'meso': (4, 1280), 'macro': (4, 1280)}
     """
     enc = get_encoder(encoder, obsm_key=obsm_key)
     slide, hier = ensure_hierarchy(sdata, table_key=table_key, require_image=not enc.precomputed)
@@ -521,10 +530,13 @@ def get_features(
 
     Examples
     --------
+    ``train`` holds the features computed for ``model`` (200 synthetic cells, see
+    :class:`sigmma_sc.Sigmma`):
+
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
-    >>> sg.pp.image_features(sdata)
-    >>> feats = sg.pp.get_features(sdata)
+    >>> feats = sg.pp.get_features(train, key=model.feature_key)
+    >>> {level: f.shape for level, f in feats.items()}
+    {'micro': (200, 1280), 'meso': (9, 1280), 'macro': (9, 1280)}
     """
     table = get_table(sdata, table_key)
     root = table.uns.get(Keys.UNS, {})

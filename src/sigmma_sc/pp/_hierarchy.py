@@ -116,11 +116,17 @@ class Hierarchy:
 
     Examples
     --------
+    49 Visium spots and the nuclei segmented under them:
+
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
-    >>> h = sg.pp.build_hierarchy(sdata)
-    >>> h.levels["micro"].parent  # spot of each nucleus
+    >>> h = sg.pp.build_hierarchy(sg.datasets.visium_mouse_brain())
+    >>> h.unit_level, {k: v.n_nodes for k, v in h.levels.items()}
+    ('meso', {'micro': 339, 'meso': 49, 'macro': 49})
+    >>> h.levels["micro"].parent[:5]  # spot of each nucleus
+    array([0, 0, 0, 0, 0])
     >>> region = h.unit_nodes("macro")  # region of each spot
+    >>> region.shape
+    (49,)
     """
 
     sections: list[str]
@@ -155,7 +161,8 @@ class Hierarchy:
         Examples
         --------
         >>> import sigmma_sc as sg
-        >>> sg.pp.get_hierarchy(sdata).check()  # doctest: +SKIP
+        >>> sdata = sg.datasets.synthetic(100, n_genes=10, seed=0)
+        >>> sg.pp.build_hierarchy(sdata).check()  # None: consistent
         """
         n_units = self.n_units
         for i, name in enumerate(self._names):
@@ -224,7 +231,10 @@ class Hierarchy:
 
         Examples
         --------
-        >>> region = h.unit_nodes("macro")  # doctest: +SKIP
+        >>> import sigmma_sc as sg
+        >>> h = sg.pp.build_hierarchy(sg.datasets.synthetic(100, n_genes=10, seed=0))  # 100 cells
+        >>> h.unit_level, h.unit_nodes("macro")[:5]  # region of each cell
+        ('micro', array([0, 0, 2, 2, 2]))
         """
         self._require(level)
         return self._walk(self.unit_level, level)
@@ -234,7 +244,10 @@ class Hierarchy:
 
         Examples
         --------
-        >>> spot_of_nucleus = h.ancestors("micro", "meso")  # doctest: +SKIP
+        >>> import sigmma_sc as sg
+        >>> h = sg.pp.build_hierarchy(sg.datasets.synthetic(100, n_genes=10, seed=0))  # 100 cells, 4 niches
+        >>> h.ancestors("micro", "meso")[:5]  # niche of each cell
+        array([0, 0, 2, 2, 2])
         """
         self._require(level)
         self._require(to)
@@ -258,7 +271,11 @@ class Hierarchy:
 
         Examples
         --------
-        >>> spot_mean = h.children_mean("micro", nucleus_features)  # doctest: +SKIP
+        >>> import numpy as np
+        >>> import sigmma_sc as sg
+        >>> h = sg.pp.build_hierarchy(sg.datasets.synthetic(100, n_genes=10, seed=0))  # 100 cells, 4 niches
+        >>> h.children_mean("micro", np.arange(100.0), to="meso").round(1)  # mean cell index per niche
+        array([24. , 70.2, 23.1, 76.8])
         """
         to = self.unit_level if to is None else to
         values = np.asarray(values)
@@ -284,8 +301,11 @@ class Hierarchy:
 
         Examples
         --------
-        >>> d = h.to_uns()  # doctest: +SKIP
-        >>> Hierarchy.from_uns(d).levels.keys()  # doctest: +SKIP
+        >>> import sigmma_sc as sg
+        >>> h = sg.pp.build_hierarchy(sg.datasets.synthetic(100, n_genes=10, seed=0))
+        >>> d = h.to_uns()
+        >>> Hierarchy.from_uns(d).levels.keys()
+        dict_keys(['micro', 'meso', 'macro'])
         """
         levels: dict[str, Any] = {}
         for name, lv in self.levels.items():
@@ -318,7 +338,12 @@ class Hierarchy:
 
         Examples
         --------
-        >>> h2 = Hierarchy.from_uns(sdata["table"].uns["sigmma"]["hierarchy"])  # doctest: +SKIP
+        >>> import sigmma_sc as sg
+        >>> sdata = sg.datasets.synthetic(100, n_genes=10, seed=0)
+        >>> h = sg.pp.build_hierarchy(sdata)
+        >>> h2 = Hierarchy.from_uns(sdata["table"].uns["sigmma"]["hierarchy"])
+        >>> h2.unit_level, h2.levels["meso"].n_nodes
+        ('micro', 4)
         """
         try:
             names = [str(n) for n in np.asarray(d["level_names"]).tolist()]
@@ -726,10 +751,18 @@ def build_hierarchy(
 
     Examples
     --------
+    On the five her2st sections (segmenting the nuclei takes minutes):
+
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
+    >>> sdata = sg.datasets.her2st()  # doctest: +SKIP
+    >>> h = sg.pp.build_hierarchy(sdata)  # doctest: +SKIP
+
+    On 49 Visium spots:
+
+    >>> sdata = sg.datasets.visium_mouse_brain()
     >>> h = sg.pp.build_hierarchy(sdata)
-    >>> {k: v.n_nodes for k, v in h.levels.items()}
+    >>> {k: v.n_nodes for k, v in h.levels.items()}  # nuclei, spots, regions
+    {'micro': 339, 'meso': 49, 'macro': 49}
     >>> h = sg.pp.get_hierarchy(sdata)  # later, also after sdata.write / read_zarr
     """
     for name, val in (("niche_size_um", niche_size_um), ("region_radius_um", region_radius_um)):
@@ -861,7 +894,11 @@ def get_hierarchy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> Hierarc
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> h = sg.pp.get_hierarchy(sdata)  # doctest: +SKIP
+    >>> sdata = sg.datasets.synthetic(100, n_genes=10, seed=0)
+    >>> _ = sg.pp.build_hierarchy(sdata)
+    >>> h = sg.pp.get_hierarchy(sdata)  # later, also after sdata.write / read_zarr
+    >>> h.unit_level, h.n_units
+    ('micro', 100)
     """
     table = get_table(sdata, table_key)
     stored = table.uns.get(Keys.UNS, {}).get(Keys.HIERARCHY)

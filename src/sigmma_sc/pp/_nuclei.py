@@ -88,6 +88,8 @@ def tissue_threshold(h: np.ndarray, rgb: np.ndarray, *, scale: float = _OTSU_SCA
     >>> import numpy as np
     >>> rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     >>> t = tissue_threshold(hematoxylin(rgb), rgb)
+    >>> round(float(t), 3)
+    0.201
     """
     from skimage.filters import threshold_otsu
 
@@ -382,11 +384,20 @@ def segment_nuclei(
 
     Examples
     --------
+    On a her2st section (tens of nuclei per 100 µm spot):
+
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st(sections=["C2"])
+    >>> sdata = sg.datasets.her2st(sections=["C2"])  # doctest: +SKIP
+    >>> sg.pp.segment_nuclei(sdata)  # doctest: +SKIP
+    >>> nuc = sdata.shapes["C2_nuclei"]  # doctest: +SKIP
+
+    On 49 Visium spots of a mouse brain:
+
+    >>> sdata = sg.datasets.visium_mouse_brain()
     >>> sg.pp.segment_nuclei(sdata)
-    >>> nuc = sdata.shapes["C2_nuclei"]
-    >>> nuc.groupby("spot").size().median()  # tens of nuclei per 100 µm spot
+    >>> nuc = sdata.shapes["mouse_brain_nuclei"]
+    >>> len(nuc), float(nuc.groupby("spot").size().median())
+    (339, 7.0)
     """
     slide = validate(sdata, table_key=table_key, require_image=False)
     if slide.unit_kind != "spot":
@@ -449,9 +460,11 @@ def load_nuclei(slide) -> dict[str, np.ndarray]:
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st(sections=["C2"])
+    >>> sdata = sg.datasets.visium_mouse_brain()
     >>> sg.pp.segment_nuclei(sdata)
     >>> nuc = load_nuclei(sg.io.validate(sdata))
+    >>> sorted(nuc), nuc["xy_um"].shape
+    (['area_um2', 'eccentricity', 'hematoxylin', 'section', 'spot', 'xy_um'], (339, 2))
     """
     sdata = slide.sdata
     names = pd.Index(np.asarray(slide.table.obs_names))

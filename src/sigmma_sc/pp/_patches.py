@@ -196,7 +196,7 @@ def extract_patches(
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
+    >>> sdata = sg.datasets.visium_mouse_brain()
     >>> crops = sg.pp.extract_patches(sdata, level="meso", indices=[0, 1, 2])
     >>> crops.shape
     (3, 224, 224, 3)

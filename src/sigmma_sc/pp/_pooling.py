@@ -26,8 +26,8 @@ def map_grid_shape(shape: tuple[int, int], scale: int) -> tuple[int, int]:
 
     Examples
     --------
-    >>> map_grid_shape((1000, 640), 2)
-    (8, 10)
+    >>> map_grid_shape((1000, 640), 2)  # 500 x 320 px
+    (16, 10)
     """
     h, w = -(-shape[0] // scale), -(-shape[1] // scale)
     return -(-h // DENSE_STRIDE), -(-w // DENSE_STRIDE)

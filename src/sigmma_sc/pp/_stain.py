@@ -209,9 +209,13 @@ def normalize_stain(
     Examples
     --------
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st()
+    >>> sdata = sg.datasets.synthetic(300, n_genes=20, n_sections=2, seed=0)
     >>> thumbs = sg.pp.normalize_stain(sdata, method="macenko")
-    >>> he = sg.pp.normalize_stain(thumbs["C2"], method="reinhard", reference=thumbs["C3"])
+    >>> {section: img.shape for section, img in thumbs.items()}
+    {'S0': (440, 440, 3), 'S1': (440, 440, 3)}
+    >>> he = sg.pp.normalize_stain(thumbs["S0"], method="reinhard", reference=thumbs["S1"])
+    >>> he.shape, he.dtype
+    ((440, 440, 3), dtype('uint8'))
     """
     if isinstance(image_or_sdata, np.ndarray):
         return fit_stain_normalizer(image_or_sdata, method=method, reference=reference).transform(image_or_sdata)

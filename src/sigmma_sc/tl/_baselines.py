@@ -231,9 +231,14 @@ def unit_level_features(hierarchy: Any, features: dict[str, np.ndarray], level: 
 
     Examples
     --------
+    On ``train``, 200 synthetic cells with the hierarchy and features of ``model``'s fit (see
+    :class:`sigmma_sc.Sigmma`):
+
     >>> import sigmma_sc as sg
-    >>> h = sg.pp.get_hierarchy(sdata)  # doctest: +SKIP
-    >>> x = unit_level_features(h, sg.pp.get_features(sdata), "macro")  # doctest: +SKIP
+    >>> h = sg.pp.get_hierarchy(train)
+    >>> feats = sg.pp.get_features(train, key=model.feature_key)
+    >>> feats["macro"].shape, unit_level_features(h, feats, "macro").shape  # 9 regions, 200 cells
+    ((9, 1280), (200, 1280))
     """
     if level not in features:
         raise KeyError(f"No image features for level {level!r}; the feature set holds {sorted(features)}.")
@@ -278,7 +283,13 @@ def multiscale_features(
 
     Examples
     --------
-    >>> x = multiscale_features(hier, feats, adata.obsp["spatial_connectivities"])  # doctest: +SKIP
+    On ``train``, 200 synthetic cells with the hierarchy and features of ``model``'s fit:
+
+    >>> import sigmma_sc as sg
+    >>> hier = sg.pp.get_hierarchy(train)
+    >>> feats = sg.pp.get_features(train, key=model.feature_key)
+    >>> multiscale_features(hier, feats, train["table"].obsp["spatial_connectivities"]).shape  # 3 levels x 1280 x 2
+    (200, 7680)
     """
     levels = [lv for lv in Levels.ALL if lv in hierarchy.levels and lv in features]
     own = np.concatenate([unit_level_features(hierarchy, features, lv) for lv in levels], axis=1)
@@ -318,7 +329,10 @@ def baseline_features(
 
     Examples
     --------
-    >>> x = baseline_features(sdata, kind="multiscale", feature_key=model.feature_key)  # doctest: +SKIP
+    >>> baseline_features(train, kind="multiscale", feature_key=model.feature_key).shape
+    (200, 7680)
+    >>> baseline_features(train, kind="meso", feature_key=model.feature_key, rows=[0, 1]).shape
+    (2, 1280)
     """
     hierarchy = pp.get_hierarchy(sdata, table_key=table_key)
     features = pp.get_features(sdata, key=feature_key, table_key=table_key)
@@ -341,7 +355,11 @@ def standardized_pair(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarr
 
     Examples
     --------
-    >>> a, b = standardized_pair(x_train, x_test)  # doctest: +SKIP
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = standardized_pair(rng.normal(size=(50, 3)), 10 * rng.normal(size=(10, 3)))
+    >>> a.std(axis=0).round(3).tolist(), float(np.abs(b).max())  # test values clipped at 5
+    ([1.0, 1.0, 1.0], 5.0)
     """
     return standardize_features(x_train, x_test)
 
@@ -370,7 +388,11 @@ def fit_single_scale(model: Sigmma, train_sdata: SpatialData, *, seed: int, **fi
 
     Examples
     --------
-    >>> base = fit_single_scale(model, train_sdata, seed=0, max_epochs=10)  # doctest: +SKIP
+    >>> base = fit_single_scale(model, train, seed=0, max_epochs=1, embed_dim=16, hidden_dim=32)
+    >>> base
+    Sigmma(levels=('meso',), graph=False, genes=40, embed_dim=16, encoder='efficientnet_lite0', epochs=1)
+    >>> base.genes == model.genes
+    True
     """
     kwargs = dict(fit_kwargs)
     # tl.fit picks its genes from the training units with the model's rule: same data, same genes.
@@ -401,7 +423,13 @@ def light_copy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> SpatialDat
 
     Examples
     --------
-    >>> tmp = light_copy(sdata)  # doctest: +SKIP
+    >>> import numpy as np
+    >>> import sigmma_sc as sg
+    >>> sdata = sg.datasets.synthetic(100, n_genes=10, seed=0)
+    >>> tmp = light_copy(sdata)
+    >>> tmp["table"].obsm["scratch"] = np.zeros((100, 1))
+    >>> "scratch" in sdata["table"].obsm, tmp["table"].X is sdata["table"].X
+    (False, True)
     """
     import anndata as ad
     from spatialdata import SpatialData

@@ -183,15 +183,29 @@ def fit(
 
     Examples
     --------
+    On the five her2st sections (minutes on a CPU):
+
     >>> import sigmma_sc as sg
     >>> import scanpy as sc
-    >>> sdata = sg.datasets.her2st()
-    >>> model = sg.tl.fit(sdata, max_epochs=20)
-    >>> adata = sdata["table"]
-    >>> sc.pp.neighbors(adata, use_rep="X_sigmma")
-    >>> clip = sg.tl.fit(sdata, levels=("meso",), graph=False, key_added="X_clip")  # beside X_sigmma
-    >>> hvg = sg.tl.fit(sdata, genes="highly_variable")  # after sc.pp.highly_variable_genes
-    >>> model, fitted = sg.tl.fit(sdata, copy=True)  # sdata untouched
+    >>> sdata = sg.datasets.her2st()  # doctest: +SKIP
+    >>> model = sg.tl.fit(sdata, max_epochs=20)  # doctest: +SKIP
+    >>> sc.pp.neighbors(sdata["table"], use_rep="X_sigmma")  # doctest: +SKIP
+    >>> hvg = sg.tl.fit(sdata, genes="highly_variable")  # doctest: +SKIP
+
+    The last line needs ``sc.pp.highly_variable_genes`` first. Quick runs on ``train``, 200
+    synthetic cells whose hierarchy and image features are already cached in the table (see
+    :class:`sigmma_sc.Sigmma`); one epoch and small layers only to keep the examples short:
+
+    >>> kw = dict(max_epochs=1, embed_dim=16, hidden_dim=32, seed=0)
+    >>> model, fitted = sg.tl.fit(train, copy=True, **kw)  # train untouched
+    >>> fitted["table"].obsm["X_sigmma"].shape  # micro | meso | macro
+    (200, 48)
+    >>> clip = sg.tl.fit(fitted, levels=("meso",), graph=False, key_added="X_clip", **kw)  # beside X_sigmma
+    >>> fitted["table"].obsm["X_clip"].shape
+    (200, 16)
+    >>> some = sg.tl.fit(fitted, genes=["gene0", "gene1", "gene2"], key_added="X_3genes", **kw)
+    >>> some.genes
+    ['gene0', 'gene1', 'gene2']
     """
     table = get_table(sdata, table_key)
     keys = _output_keys(key_added, levels)

@@ -217,7 +217,9 @@ def reference_expression(
 
     Examples
     --------
-    >>> emb, expr = reference_expression(model, None)  # doctest: +SKIP
+    >>> emb, expr = reference_expression(model, None)  # the training units
+    >>> emb.shape, expr.shape
+    ((200, 48), (200, 40))
     """
     from anndata import AnnData
 
@@ -290,12 +292,21 @@ def predict_expression(
 
     Examples
     --------
+    Trained on four her2st sections, predicting the fifth (minutes on a CPU):
+
     >>> import sigmma_sc as sg
-    >>> train = sg.datasets.her2st(sections=["C2", "C3", "C4", "C5"])
-    >>> query = sg.datasets.her2st(sections=["C6"])
-    >>> model = sg.tl.fit(train)
-    >>> pred = sg.tl.predict_expression(model, query, k=50)
-    >>> pred[:, "ERBB2"].X[:5]
+    >>> train = sg.datasets.her2st(sections=["C2", "C3", "C4", "C5"])  # doctest: +SKIP
+    >>> query = sg.datasets.her2st(sections=["C6"])  # doctest: +SKIP
+    >>> model = sg.tl.fit(train)  # doctest: +SKIP
+    >>> pred = sg.tl.predict_expression(model, query, k=50)  # doctest: +SKIP
+    >>> pred[:, "ERBB2"].X[:5]  # doctest: +SKIP
+
+    With ``model`` fitted on 200 synthetic cells, predicting ``test``, 200 other cells (see
+    :class:`sigmma_sc.Sigmma`):
+
+    >>> pred = sg.tl.predict_expression(model, test, k=10)
+    >>> pred.shape, pred.X.dtype, pred.uns["sigmma"]["params"]["n_reference"]
+    ((200, 40), dtype('float32'), 200)
     """
     import anndata as ad
 

@@ -95,7 +95,8 @@ def embeddings_of(
 
     Examples
     --------
-    >>> emb = embeddings_of(model, model.reference, "expr")  # doctest: +SKIP
+    >>> embeddings_of(model, model.reference, "expr").shape
+    (200, 48)
     """
     from anndata import AnnData
 
@@ -160,12 +161,18 @@ def retrieve(
 
     Examples
     --------
+    With ``model`` fitted on 200 synthetic cells and ``test``, 200 other cells (see
+    :class:`sigmma_sc.Sigmma`):
+
+    >>> import numpy as np
     >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.her2st(sections=["C2"])
-    >>> model = sg.tl.fit(sdata, max_epochs=5)
-    >>> idx, scores = sg.tl.retrieve(model, sdata, direction="img2expr", k=10)
+    >>> idx, scores = sg.tl.retrieve(model, test, direction="img2expr", k=10)
+    >>> idx.shape, scores.shape
+    ((200, 10), (200, 10))
     >>> hits = (idx == np.arange(len(idx))[:, None]).any(axis=1).mean()  # Recall@10
-    >>> idx, _ = sg.tl.retrieve(model, sdata, direction="img2expr", gallery=model.reference)
+    >>> idx, _ = sg.tl.retrieve(model, test, direction="img2expr", gallery=model.reference)
+    >>> int(idx.max()) < model.reference.n_obs  # rows of the training units
+    True
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")

@@ -25,8 +25,8 @@ import numpy as np
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Defaults
-from sigmma_sc.pp._pooling import map_grid_shape, needed_cells, tile_rects, window_cells
 from sigmma_sc.pp._patches import crop_geometry
+from sigmma_sc.pp._pooling import map_grid_shape, needed_cells, tile_rects, window_cells
 
 sg.settings.progress_bar = False
 

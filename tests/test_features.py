@@ -12,8 +12,8 @@ import torch
 import sigmma_sc as sg
 from sigmma_sc._constants import Keys
 from sigmma_sc.pp._features import dense_feature_map, section_features
-from sigmma_sc.pp._pooling import needed_cells, pool_windows, window_cells
 from sigmma_sc.pp._patches import as_section_image
+from sigmma_sc.pp._pooling import needed_cells, pool_windows, window_cells
 
 
 @pytest.fixture(autouse=True)
@@ -351,7 +351,9 @@ def test_model_feature_stats_apply_the_package_standardisation():
     test = rng.normal(size=(40, 6)) * 4
     stats = feature_stats(train)
     # A saved model must standardise a new slide exactly as the package does with the training set.
-    np.testing.assert_allclose(apply_feature_stats(test, stats), sg.model.standardize_features(train, test)[1], atol=1e-5)
+    np.testing.assert_allclose(
+        apply_feature_stats(test, stats), sg.model.standardize_features(train, test)[1], atol=1e-5
+    )
     with pytest.raises(ValueError, match="trained on 6"):
         apply_feature_stats(test[:, :5], stats)
 

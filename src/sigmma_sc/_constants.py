@@ -40,6 +40,11 @@ class Keys:
     CONNECTIVITIES: Final = "spatial_connectivities"  # obsp, as squidpy writes it
     DISTANCES: Final = "spatial_distances"  # obsp, as squidpy writes it
     NEIGHBORS: Final = "spatial_neighbors"  # uns, as squidpy writes it (keys + builder params)
+    OWN_GRAPH: Final = "sigmma_spatial"  # obsp / uns key of the package's graph when "spatial" is the user's
+    WRITTEN_BY: Final = "written_by"  # field of uns[f"{key}_neighbors"]: "sigmma_sc" on graphs the package wrote
+    GRAPH_NNZ: Final = "nnz"  # field of uns[f"{key}_neighbors"]: edge count of the written graph
+    UNIT_GRAPH: Final = "unit_graph"  # field of the stored hierarchy: obsp key of the unit graph it used
+    OBSM_KEYS: Final = "obsm_keys"  # field of a fit's uns entry: the obsm keys that fit wrote (its claim)
     # Nuclei shapes element "{section}_nuclei" (pp.segment_nuclei) and its columns.
     NUCLEI_SUFFIX: Final = "_nuclei"
     NUCLEUS_AREA: Final = "area_um2"

@@ -278,7 +278,7 @@ def slide_features(
     stain_normalize: str | None = None,
     hierarchy_kwargs: dict[str, Any] | None = None,
 ) -> tuple[SlideData, pp.Hierarchy, dict[str, np.ndarray], pp.FeatureKey]:
-    """The validated slide, its hierarchy and its raw image features per level, computed when missing.
+    """Return the validated slide, its hierarchy and its raw image features per level, computed when missing.
 
     Returns
     -------
@@ -319,7 +319,9 @@ def level_inputs(
             f = scale_features(
                 feats[name], lv.section, stats[name], feature_norm=feature_norm, sections=hier.sections, level=name
             )
-        out[name] = LevelInput(name=name, n=lv.n_nodes, edges=lv.edges, parent=lv.parent, features=f, members=lv.members)
+        out[name] = LevelInput(
+            name=name, n=lv.n_nodes, edges=lv.edges, parent=lv.parent, features=f, members=lv.members
+        )
     return out
 
 
@@ -333,11 +335,6 @@ def expression_matrix(slide: SlideData) -> sp.csr_matrix:
     if slide.log_normalized:
         return sp.csr_matrix(slide.table.X, dtype=np.float32)
     return slide.counts()
-
-
-#: Field of the table's ``uns["sigmma"]`` through which :func:`sigmma_sc.tl.fit` hands its ``genes=``
-#: to :func:`model_genes` (in its private working copy of the table only, never the user's).
-GENES_REQUESTED = "genes_requested"
 
 
 def _requested_genes(genes: Any, var_names: pd.Index, var: pd.DataFrame | None) -> list[str]:
@@ -480,13 +477,8 @@ def model_genes(
 ) -> list[str]:
     """Choose the genes a model is trained on (:func:`select_genes`), warning when too few pass the rule.
 
-    ``genes`` (a list, or a boolean ``var`` column) replaces the rule; ``None`` takes the choice
-    :func:`sigmma_sc.tl.fit` left in the table's ``uns["sigmma"]["genes_requested"]``, if any.
+    ``genes`` (a list, or a boolean ``var`` column) replaces the rule.
     """
-    if genes is None:
-        genes = slide.table.uns.get(Keys.UNS, {}).get(GENES_REQUESTED)
-        if genes is not None and not isinstance(genes, str):
-            genes = [str(g) for g in np.asarray(genes, dtype=object).ravel()]
     if genes is not None:
         chosen = select_genes(matrix, slide.table.var, genes=genes)
         idx = slide.table.var_names.get_indexer(chosen)
@@ -501,7 +493,8 @@ def model_genes(
     genes = select_genes(
         matrix, slide.table.var_names, n_genes=n_genes, log_normalized=slide.log_normalized, min_detected=min_detected
     )
-    if len(genes) < min(n_genes, FEW_GENES):
+    detectable = int(np.count_nonzero(np.asarray((matrix != 0).sum(axis=0)).ravel()))
+    if len(genes) < min(n_genes, FEW_GENES, detectable):
         logger.warning(
             f"only {len(genes)} genes are detected in >= {min_detected:.0%} of the training units (asked for "
             f"{n_genes}): sparse units such as 16 um bins need a lower min_detected, e.g. tl.fit(min_detected=0.01)."
@@ -512,7 +505,7 @@ def model_genes(
 
 
 def build_reference(slide: SlideData, genes: list[str], emb: dict[str, np.ndarray | None]) -> AnnData:
-    """The training units as a retrieval reference: expression of ``genes`` (log1p) and the embeddings."""
+    """Return the training units as a retrieval reference: expression of ``genes`` (log1p) and the embeddings."""
     import anndata as ad
 
     obs = pd.DataFrame(index=pd.Index(slide.table.obs_names.astype(str)))

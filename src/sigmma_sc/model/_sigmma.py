@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -393,6 +394,7 @@ class Sigmma:
         encoder: Any = Defaults.ENCODER,
         n_genes: int = Defaults.N_GENES,
         min_detected: float = Defaults.MIN_DETECTED,
+        genes: Sequence[str] | str | None = None,
         feature_method: str = Defaults.FEATURE_METHOD,
         stain_normalize: str | None = None,
         hierarchy_kwargs: dict[str, Any] | None = None,
@@ -411,7 +413,7 @@ class Sigmma:
             SpatialData with H&E images and a table of units with counts.
         config
             Every training hyper-parameter (:class:`TrainConfig`).
-        table_key, encoder, n_genes, min_detected, feature_method, stain_normalize, hierarchy_kwargs, context_weight, feature_norm
+        table_key, encoder, n_genes, min_detected, genes, feature_method, stain_normalize, hierarchy_kwargs, context_weight, feature_norm
             As in :func:`sigmma_sc.tl.fit`.
 
         Returns
@@ -440,6 +442,7 @@ class Sigmma:
             "hierarchy_kwargs": dict(hierarchy_kwargs or {}),
             "n_genes_requested": int(n_genes),
             "min_detected": float(min_detected),
+            "genes_from": genes if isinstance(genes, str) else (None if genes is None else "list"),
             "context_weight": None if context_weight is None else float(context_weight),
             "feature_norm": feature_norm,
         }
@@ -459,7 +462,7 @@ class Sigmma:
         base["log_normalized"] = bool(slide.log_normalized)
 
         matrix = expression_matrix(slide)
-        genes = model_genes(slide, matrix, n_genes=n_genes, min_detected=min_detected)
+        genes = model_genes(slide, matrix, n_genes=n_genes, min_detected=min_detected, genes=genes)
         gene_idx = slide.table.var_names.get_indexer(genes)
         expression = ExpressionSource.from_counts(matrix, gene_idx, log_normalized=slide.log_normalized)
 
@@ -492,7 +495,7 @@ class Sigmma:
         return model, emb
 
     def to_uns(self) -> dict[str, Any]:
-        """What :func:`sigmma_sc.tl.fit` stores in ``uns["sigmma"]``: parameters, genes, history, versions.
+        """Return what :func:`sigmma_sc.tl.fit` stores in ``uns["sigmma"]``: parameters, genes, history, versions.
 
         Every value is one anndata can write (``sdata.write`` / ``write_h5ad``).
         """

@@ -454,7 +454,9 @@ def image_features(
         stain_id = None
         if stain_normalize is not None:
             if stain_normalize not in Choices.STAIN_METHODS:
-                raise ValueError(f"stain_normalize must be None or one of {Choices.STAIN_METHODS}, got {stain_normalize!r}.")
+                raise ValueError(
+                    f"stain_normalize must be None or one of {Choices.STAIN_METHODS}, got {stain_normalize!r}."
+                )
             stain_id = f"{stain_normalize}-{stain_target_id(stain_normalize, stain_reference)}"
     if method_used == "dense" and downsample != 1:
         method_used = f"dense{int(downsample)}x"

@@ -31,12 +31,12 @@ METHODS = ("grid", "delaunay", "knn", "radius")
 #: squidpy's default graph key (``key_added`` of :func:`squidpy.gr.spatial_neighbors`, ``"spatial"``).
 SQUIDPY_GRAPH_KEY = Keys.SPATIAL
 #: The package's graph key when ``"spatial"`` holds a graph it did not write.
-OWN_GRAPH_KEY = "sigmma_spatial"
+OWN_GRAPH_KEY = Keys.OWN_GRAPH
 #: Field of ``uns[f"{key}_neighbors"]`` marking a graph written by the package, and its value.
-WRITTEN_BY = "written_by"
+WRITTEN_BY = Keys.WRITTEN_BY
 PACKAGE = "sigmma_sc"
 # Edge count recorded with a written graph: a matrix replaced by hand no longer matches it.
-_NNZ = "nnz"
+_NNZ = Keys.GRAPH_NNZ
 
 # Units that tile a lattice: legacy ST is square (4 neighbours), Visium hexagonal (6),
 # Visium HD bins are square pixels (8: edge + corner neighbours).

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # Format version of the uns layout, bumped when it changes.
 _UNS_VERSION = 1
 # Field of the stored hierarchy naming the obsp connectivities of the unit graph it was built on.
-_UNIT_GRAPH = "unit_graph"
+_UNIT_GRAPH = Keys.UNIT_GRAPH
 
 
 @dataclass(eq=False)

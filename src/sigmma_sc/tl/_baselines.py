@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from .. import pp
@@ -29,7 +30,7 @@ from .._constants import Defaults, Keys, Levels
 from .._logging import logger
 from ..io import get_table
 from ..model import Sigmma, standardize_features
-from ._fit import fit
+from ._fit import fit, light_copy
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -341,11 +342,12 @@ def baseline_features(
         return x if rows is None else x[np.asarray(rows, dtype=np.int64)]
     if kind == "multiscale":
         table = get_table(sdata, table_key)
-        conn = table.obsp.get(Keys.CONNECTIVITIES)
+        # The unit graph the hierarchy was built on (the package's, or the user's when asked for).
+        stored = table.uns.get(Keys.UNS, {}).get(Keys.HIERARCHY, {})
+        key = str(stored.get(Keys.UNIT_GRAPH, Keys.CONNECTIVITIES))
+        conn = table.obsp.get(key)
         if conn is None:
-            logger.warning(
-                f"Table {table_key!r} has no obsp[{Keys.CONNECTIVITIES!r}]: ridge_cv runs without neighbour features."
-            )
+            logger.warning(f"Table {table_key!r} has no obsp[{key!r}]: ridge_cv runs without neighbour features.")
         return multiscale_features(hierarchy, features, conn, rows=rows)
     raise ValueError(f"kind must be 'meso' or 'multiscale', got {kind!r}.")
 
@@ -395,61 +397,18 @@ def fit_single_scale(model: Sigmma, train_sdata: SpatialData, *, seed: int, **fi
     True
     """
     kwargs = dict(fit_kwargs)
-    # tl.fit picks its genes from the training units with the model's rule: same data, same genes.
-    kwargs.update(levels=(Levels.MESO,), graph=False, encoder=model.encoder, n_genes=len(model.genes), seed=seed)
+    table_key = kwargs.get("table_key", Keys.TABLE)
+    # The model's genes in its order, so the baseline is compared on exactly what SIGMMA models; a
+    # table without them (not the model's training data) falls back to the model's rule.
+    has_genes = pd.Index(get_table(train_sdata, table_key).var_names).isin(model.genes).sum() == len(model.genes)
+    genes = {"genes": list(model.genes)} if has_genes else {"n_genes": len(model.genes)}
+    kwargs.update(levels=(Levels.MESO,), graph=False, encoder=model.encoder, seed=seed, **genes)
     kwargs.setdefault("feature_norm", model.params.get("feature_norm", "global"))
     kwargs.setdefault("min_detected", model.params.get("min_detected", Defaults.MIN_DETECTED))
-    base = fit(light_copy(train_sdata, table_key=kwargs.get("table_key", Keys.TABLE)), **kwargs)
+    base = fit(light_copy(train_sdata, table_key=table_key), **kwargs)
     if list(base.genes) != list(model.genes):
         logger.warning(
             f"single_scale selected {len(set(base.genes) ^ set(model.genes))} genes different from the model's: "
             "train_sdata is probably not the model's training data."
         )
     return base
-
-
-def _copy_dicts(value: Any) -> Any:
-    # Copies the dict structure (so writes into it stay local) while sharing the arrays inside.
-    if isinstance(value, dict):
-        return {k: _copy_dicts(v) for k, v in value.items()}
-    return value
-
-
-def light_copy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> SpatialData:
-    """Return a SpatialData sharing images and shapes with ``sdata`` but with its own table object.
-
-    Writes into the copy's ``obs``, ``obsm``, ``obsp`` and ``uns`` (dict structure) do not reach
-    ``sdata``; the large arrays (counts, cached features) are shared, not duplicated.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import sigmma_sc as sg
-    >>> sdata = sg.datasets.synthetic(100, n_genes=10, seed=0)
-    >>> tmp = light_copy(sdata)
-    >>> tmp["table"].obsm["scratch"] = np.zeros((100, 1))
-    >>> "scratch" in sdata["table"].obsm, tmp["table"].X is sdata["table"].X
-    (False, True)
-    """
-    import anndata as ad
-    from spatialdata import SpatialData
-
-    table = sdata.tables[table_key]
-    new = ad.AnnData(
-        X=table.X,
-        obs=table.obs.copy(),
-        var=table.var.copy(),
-        uns=_copy_dicts(dict(table.uns)),
-        obsm=dict(table.obsm),
-        obsp=dict(table.obsp),
-        layers=dict(table.layers),
-    )
-    tables = {k: v for k, v in sdata.tables.items() if k != table_key}
-    tables[table_key] = new
-    return SpatialData(
-        images=dict(sdata.images),
-        labels=dict(sdata.labels),
-        points=dict(sdata.points),
-        shapes=dict(sdata.shapes),
-        tables=tables,
-    )

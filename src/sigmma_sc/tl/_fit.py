@@ -19,10 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
 #: Field of a fit's uns entry listing the obsm keys that fit wrote (its claim on them).
-OBSM_KEYS = "obsm_keys"
-#: Field of the table's ``uns["sigmma"]`` that hands ``genes=`` to ``model._inputs.model_genes``
-#: (set in the private working copy only; ``Sigmma.train`` has no ``genes=`` keyword).
-GENES_REQUESTED = "genes_requested"
+OBSM_KEYS = Keys.OBSM_KEYS
 
 
 def fit(
@@ -237,11 +234,7 @@ def fit(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
     )
-    work = _working_copy(sdata, table_key)
-    requests = work.tables[table_key].uns.setdefault(Keys.UNS, {})
-    requests.pop(GENES_REQUESTED, None)
-    if chosen is not None:
-        requests[GENES_REQUESTED] = chosen
+    work = light_copy(sdata, table_key=table_key)
     _, hier = pp.ensure_hierarchy(work, table_key=table_key, require_image=False, **(hierarchy_kwargs or {}))
     with timed("image features"):
         pp.image_features(
@@ -260,6 +253,7 @@ def fit(
             encoder=encoder,
             n_genes=int(n_genes),
             min_detected=float(min_detected),
+            genes=chosen,
             feature_method=feature_method,
             stain_normalize=stain_normalize,
             hierarchy_kwargs=hierarchy_kwargs,
@@ -325,30 +319,42 @@ def _refuse_foreign_keys(table: AnnData, keys: dict[str, str]) -> None:
         )
 
 
-def _working_copy(sdata: SpatialData, table_key: str) -> SpatialData:
-    # The user's elements, shared; the table a shallow copy whose obs / var / obsm / obsp / layers /
-    # uns containers (and uns["sigmma"]'s dict structure) are its own, so preprocessing writes stay here.
+def _copy_dicts(value: Any) -> Any:
+    # Copies the dict structure (so writes into it stay local) while sharing the arrays inside.
+    if isinstance(value, dict):
+        return {k: _copy_dicts(v) for k, v in value.items()}
+    return value
+
+
+def light_copy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> SpatialData:
+    """Return a SpatialData sharing images and shapes with ``sdata`` but with its own table object.
+
+    The working copy of :func:`fit` and of the baselines: writes into the copy's ``obs``, ``obsm``,
+    ``obsp``, ``layers``, ``uns`` (dict structure) and element dicts do not reach ``sdata``; the
+    large arrays (counts, cached features, images) are shared, not duplicated.
+
+    Examples
+    --------
+    >>> tmp = light_copy(train)
+    >>> tmp["table"].uns["scratch"] = 1
+    >>> "scratch" in train["table"].uns, tmp["table"].X is train["table"].X
+    (False, True)
+    """
     import anndata as ad
     from spatialdata import SpatialData
 
-    def dicts(value: Any) -> Any:
-        return {k: dicts(v) for k, v in value.items()} if isinstance(value, dict) else value
-
     table = get_table(sdata, table_key)
-    uns = dict(table.uns)
-    if isinstance(uns.get(Keys.UNS), dict):
-        uns[Keys.UNS] = dicts(uns[Keys.UNS])
-    work = ad.AnnData(
+    new = ad.AnnData(
         X=table.X,
         obs=table.obs.copy(),
         var=table.var.copy(),
-        uns=uns,
+        uns=_copy_dicts(dict(table.uns)),
         obsm=dict(table.obsm),
         obsp=dict(table.obsp),
         layers=dict(table.layers),
     )
     tables = dict(sdata.tables)
-    tables[table_key] = work
+    tables[table_key] = new
     return SpatialData(
         images=dict(sdata.images),
         labels=dict(sdata.labels),
@@ -387,7 +393,7 @@ def _move_results(work: SpatialData, target: SpatialData, table_key: str, *, bef
     for key, value in src.uns.items():
         if key != Keys.UNS and old.uns.get(key) is not value:
             dst.uns[key] = value
-    cache = {k: v for k, v in src.uns.get(Keys.UNS, {}).items() if k != GENES_REQUESTED}
+    cache = dict(src.uns.get(Keys.UNS, {}))
     if cache:
         dst.uns.setdefault(Keys.UNS, {}).update(cache)
 

@@ -454,29 +454,20 @@ def train(
     accelerator, devices, strategy, precision = resolve_accelerator(config.accelerator, config.devices)
     precision = config.precision or precision
     bs = min(config.batch_size, max(2, train_nodes.size))
-    train_data = SubgraphBatches(
-        batcher,
-        train_nodes,
-        batch_size=bs,
-        shuffle=True,
-        seed=config.seed,
-        max_micro_pairs=MAX_MICRO_PAIRS,
-        max_children=config.max_cells,
-    )
-    module.train_data = train_data
-    val_data = (
-        SubgraphBatches(
+    def batches(nodes: np.ndarray, *, shuffle: bool) -> SubgraphBatches:
+        return SubgraphBatches(
             batcher,
-            val_nodes,
+            nodes,
             batch_size=bs,
-            shuffle=False,
+            shuffle=shuffle,
             seed=config.seed,
             max_micro_pairs=MAX_MICRO_PAIRS,
             max_children=config.max_cells,
         )
-        if val_nodes.size
-        else None
-    )
+
+    train_data = batches(train_nodes, shuffle=True)
+    module.train_data = train_data
+    val_data = batches(val_nodes, shuffle=False) if val_nodes.size else None
     init = initial_losses(module, train_data)
     init_val = initial_losses(module, val_data) if val_data is not None else {}
     row0 = {"epoch": 0.0, **{f"train_{k}": v for k, v in init.items()}, **{f"val_{k}": v for k, v in init_val.items()}}

@@ -34,7 +34,7 @@ def as_section_image(image: Any, px_from_um: np.ndarray | None = None) -> Sectio
 
     Returns
     -------
-    The section image.
+    ``image`` itself, or a :class:`sigmma_sc.io.SectionImage` over the array (no copy).
 
     Examples
     --------

@@ -141,12 +141,12 @@ def ridge_cv(
     Examples
     --------
     >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> x = rng.normal(size=(100, 20))
-    >>> y = x[:, :3] @ rng.normal(size=(3, 4))
-    >>> pred, alpha = ridge_cv(x[:80], y[:80], x[80:])
+    >>> gen = np.random.default_rng(1)
+    >>> feats = gen.normal(size=(120, 20))
+    >>> genes = feats[:, :3] @ gen.normal(size=(3, 4))
+    >>> pred, alpha = ridge_cv(feats[:90], genes[:90], feats[90:])
     >>> pred.shape
-    (20, 4)
+    (30, 4)
     """
     from sklearn.linear_model import RidgeCV
 

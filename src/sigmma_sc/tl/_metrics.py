@@ -79,10 +79,8 @@ def mean_pearson(y_true: np.ndarray, y_pred: np.ndarray, *, groups: np.ndarray |
 
     Parameters
     ----------
-    y_true
-        Observed values, ``(n_units, n_genes)``.
-    y_pred
-        Predicted values, same shape.
+    y_true, y_pred
+        Observed and predicted values, as in :func:`pearson_per_gene`.
     groups
         Optional ``(n_units,)`` labels (e.g. slide names). ``None``: one r per gene over all units
         pooled. Given: the gene-mean r is computed within each group, then averaged over groups

@@ -181,3 +181,16 @@ def test_min_detected_picks_the_modelled_genes(split, caplog, monkeypatch):
     # The single-scale baseline models the same genes under the same rule.
     base = fit_single_scale(strict, train, seed=0, max_epochs=1, batch_size=8)
     assert base.genes == strict.genes
+
+
+def test_default_detection_rule_follows_the_unit_kind(split):
+    from sigmma_sc.model import default_min_detected, select_genes
+
+    _, train, _ = split
+    table = train[Keys.TABLE]
+    assert table.uns[Keys.DATASET][Keys.UNIT_KIND] == "cell"
+    model = sg.tl.fit(train, max_epochs=1, n_genes=40, seed=0, batch_size=8)
+    # Cells are sparse units: 1% of them, not the 10% of spots, decides which genes are modelled.
+    assert model.params["min_detected"] == default_min_detected("cell") == 0.01
+    assert default_min_detected("spot") == 0.1
+    assert model.genes == select_genes(table.X, table.var_names, n_genes=40, min_detected=0.01)

@@ -94,7 +94,11 @@ class Defaults:
     NUCLEUS_MAX_AREA_UM2: Final = 300.0
     NUCLEUS_MARGIN_UM: Final = 15.0
     N_GENES: Final = 1000
+    # Genes must be non-zero in this fraction of training units to be modelled: 10% for spots, 1% for
+    # cells and fine bins, whose units are sparse (Visium HD kidney, 16 um bins: 17 genes pass at 10%,
+    # 453 at 1%, prediction r 0.131 -> 0.159; benchmarks/README.md).
     MIN_DETECTED: Final = 0.1
+    MIN_DETECTED_CELL: Final = 0.01
     # Largest share of the model's genes a query table may lack before its expression side is refused
     # (missing genes are embedded as zeros): a section loaded on its own drops genes without counts.
     MAX_MISSING_GENES: Final = 0.1

@@ -6,6 +6,7 @@ the methods that train or embed.
 
 from ._config import NonFiniteLossError, TrainConfig
 from ._inputs import (
+    default_min_detected,
     apply_feature_scaling,
     apply_section_scaling,
     feature_scaling,
@@ -22,6 +23,7 @@ __all__ = [
     "apply_feature_scaling",
     "apply_section_scaling",
     "default_context_weight",
+    "default_min_detected",
     "feature_scaling",
     "feature_stats",
     "select_genes",

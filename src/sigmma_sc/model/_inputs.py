@@ -467,6 +467,17 @@ def select_genes(
     return [str(g) for g in var_names[keep[order[:n_genes]]]]
 
 
+def default_min_detected(unit_kind: str) -> float:
+    """Detection rule of the modelled genes for a kind of unit: 10% of spots, 1% of cells or fine bins.
+
+    Examples
+    --------
+    >>> default_min_detected("spot"), default_min_detected("cell")
+    (0.1, 0.01)
+    """
+    return float(Defaults.MIN_DETECTED if unit_kind == "spot" else Defaults.MIN_DETECTED_CELL)
+
+
 def model_genes(
     slide: SlideData,
     matrix: sp.csr_matrix,
@@ -497,7 +508,7 @@ def model_genes(
     if len(genes) < min(n_genes, FEW_GENES, detectable):
         logger.warning(
             f"only {len(genes)} genes are detected in >= {min_detected:.0%} of the training units (asked for "
-            f"{n_genes}): sparse units such as 16 um bins need a lower min_detected, e.g. tl.fit(min_detected=0.01)."
+            f"{n_genes}): sparse units need a lower min_detected, e.g. tl.fit(min_detected=0.005)."
         )
     elif len(genes) < n_genes:
         logger.info(f"{len(genes)} genes pass the detection filter (asked for {n_genes}): using them all")

@@ -26,6 +26,7 @@ from ._config import TrainConfig
 from ._data import ExpressionSource, LevelInput
 from ._inputs import (
     build_reference,
+    default_min_detected,
     expression_matrix,
     feature_stats,
     has_expression_matrix,
@@ -393,7 +394,7 @@ class Sigmma:
         table_key: str = Keys.TABLE,
         encoder: Any = Defaults.ENCODER,
         n_genes: int = Defaults.N_GENES,
-        min_detected: float = Defaults.MIN_DETECTED,
+        min_detected: float | None = None,
         genes: Sequence[str] | str | None = None,
         feature_method: str = Defaults.FEATURE_METHOD,
         stain_normalize: str | None = None,
@@ -434,6 +435,7 @@ class Sigmma:
         slide = io.validate(sdata, table_key=table_key)
         if not has_expression_matrix(slide.table):
             raise ValueError(f"table {table_key!r} holds no expression: training needs counts for its units.")
+        min_detected = default_min_detected(slide.unit_kind) if min_detected is None else float(min_detected)
         base = {
             **jsonable(asdict(config)),
             "encoder": encoder if isinstance(encoder, str) else None,
@@ -441,7 +443,7 @@ class Sigmma:
             "stain_normalize": stain_normalize,
             "hierarchy_kwargs": dict(hierarchy_kwargs or {}),
             "n_genes_requested": int(n_genes),
-            "min_detected": float(min_detected),
+            "min_detected": min_detected,
             "genes_from": genes if isinstance(genes, str) else (None if genes is None else "list"),
             "context_weight": None if context_weight is None else float(context_weight),
             "feature_norm": feature_norm,

@@ -32,7 +32,7 @@ def fit(
     graph: bool = True,
     encoder: Any = Defaults.ENCODER,
     n_genes: int = Defaults.N_GENES,
-    min_detected: float = Defaults.MIN_DETECTED,
+    min_detected: float | None = None,
     genes: Sequence[str] | str | None = None,
     embed_dim: int = Defaults.EMBED_DIM,
     hidden_dim: int = Defaults.HIDDEN_DIM,
@@ -108,10 +108,11 @@ def fit(
         Genes to model: the most variable (log1p-normalised variance among genes detected in at
         least ``min_detected`` of units); capped at the genes available.
     min_detected
-        Fraction of training units in which a gene must be non-zero to be modelled. 10% suits spots
-        and cells; sparse units such as Visium HD 8 µm bins leave few genes at 10% (17 on the
-        kidney), and ``0.01`` gives the expression encoders hundreds (453), which raised the
-        kidney's prediction r from 0.13 to 0.16 (``benchmarks/README.md``).
+        Fraction of training units in which a gene must be non-zero to be modelled. Default: 10%
+        for spots, 1% for cells and fine bins (:func:`sigmma_sc.model.default_min_detected`):
+        sparse units leave few genes at 10% (17 of the Visium HD kidney's 16 µm bins), and 1%
+        gives the expression encoders hundreds (453), which raised the kidney's prediction r from
+        0.13 to 0.16 (``benchmarks/README.md``).
     genes
         The genes to model instead of the rule above: a list of gene names, or the name of a
         boolean ``var`` column such as ``"highly_variable"`` (from
@@ -252,7 +253,7 @@ def fit(
             config=config,
             encoder=encoder,
             n_genes=int(n_genes),
-            min_detected=float(min_detected),
+            min_detected=None if min_detected is None else float(min_detected),
             genes=chosen,
             feature_method=feature_method,
             stain_normalize=stain_normalize,

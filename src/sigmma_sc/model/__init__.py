@@ -6,9 +6,9 @@ the methods that train or embed.
 
 from ._config import NonFiniteLossError, TrainConfig
 from ._inputs import (
-    default_min_detected,
     apply_feature_scaling,
     apply_section_scaling,
+    default_min_detected,
     feature_scaling,
     feature_stats,
     select_genes,

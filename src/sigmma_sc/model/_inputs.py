@@ -468,7 +468,7 @@ def select_genes(
 
 
 def default_min_detected(unit_kind: str) -> float:
-    """Detection rule of the modelled genes for a kind of unit: 10% of spots, 1% of cells or fine bins.
+    """Return the detection rule of the modelled genes for a kind of unit: 10% of spots, 1% of cells or bins.
 
     Examples
     --------

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sigmma_sc._constants import Levels
+
+from ._data import SubgraphBatcher
 
 #: CLIP's initial temperature (logit scale 1 / 0.07) and its upper clamp (scale 100).
 INIT_TEMPERATURE = 0.07
@@ -127,10 +130,6 @@ def coarse_rows(batch: dict[str, torch.Tensor], level: str, *, disjoint: bool) -
     >>> len(coarse_rows(b, "macro", disjoint=True))  # the two regions share meso node 8
     1
     """
-    import numpy as np
-
-    from ._data import SubgraphBatcher
-
     ids_local = batch[f"{level}_ids"]
     device = ids_local.device
     ids = gather_ids(ids_local).cpu().numpy()

@@ -475,6 +475,7 @@ class Sigmma:
         levels = level_inputs(hier, feats, f_stats, feature_norm=feature_norm)
         config.levels = use
         base["levels"] = list(use)
+        # _core imports torch and lightning at its top: loaded on first training / embedding.
         from ._core import train
 
         module, history, expr_stats, seconds = train(levels, expression, config)
@@ -512,6 +513,7 @@ class Sigmma:
     def _embed(
         self, slide: Any, hier: Any, levels: dict[str, LevelInput], expression: ExpressionSource | None
     ) -> dict[str, np.ndarray | None]:
+        # _core imports torch and lightning at its top: loaded on first training / embedding.
         from ._core import embed_nodes, make_batcher, unit_embeddings
 
         cfg = TrainConfig(**{f.name: self._config[f.name] for f in fields(TrainConfig) if f.name in self._config})
@@ -731,6 +733,7 @@ class Sigmma:
         import anndata as ad
         import torch
 
+        # _core imports torch and lightning at its top: loaded on first training / embedding.
         from ._core import build_module
 
         path = Path(os.path.abspath(os.fspath(dir)))

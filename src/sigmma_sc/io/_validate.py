@@ -146,6 +146,11 @@ def validate(
     check_inside(geo)
     slide = SlideData(sdata=sdata, table=table, table_key=table_key, **vars(geo))
     if require_counts:
+        if table.n_vars == 0:
+            raise ValueError(
+                f"table {table_key!r} holds no genes (an H&E-only table): this step needs the units' counts. Add "
+                f"raw integer counts (table.X or table.layers[{Keys.COUNTS_LAYER!r}]) for the units."
+            )
         if geo.log_normalized and Keys.COUNTS_LAYER not in table.layers:
             check_count_values(table.X, f"table {table_key!r} X", log_normalized=True)
             check_empty(table.X, "X", table_key, allow_empty_genes=allow_empty_genes)

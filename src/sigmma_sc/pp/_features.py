@@ -439,14 +439,7 @@ def image_features(
     {'micro': (100, 1280), 'meso': (4, 1280), 'macro': (4, 1280)}
     """
     enc = get_encoder(encoder, obsm_key=obsm_key)
-    slide, hier = ensure_hierarchy(sdata, table_key=table_key, require_image=not enc.precomputed)
-    table = slide.table
-    names = list(hier.levels)
-    levels = names if levels is None else list(levels)
-    unknown = [lv for lv in levels if lv not in hier.levels]
-    if unknown:
-        raise ValueError(f"levels {unknown} are not in the hierarchy; it has {names}.")
-    fovs = {lv: float(hier.levels[lv].fov_um) for lv in names}
+    # The options first: a bad one fails before ensure_hierarchy builds (and writes) a hierarchy.
     if enc.precomputed:
         method_used, stain_id = "precomputed", None
     else:
@@ -460,6 +453,14 @@ def image_features(
             stain_id = f"{stain_normalize}-{stain_target_id(stain_normalize, stain_reference)}"
     if method_used == "dense" and downsample != 1:
         method_used = f"dense{int(downsample)}x"
+    slide, hier = ensure_hierarchy(sdata, table_key=table_key, require_image=not enc.precomputed)
+    table = slide.table
+    names = list(hier.levels)
+    levels = names if levels is None else list(levels)
+    unknown = [lv for lv in levels if lv not in hier.levels]
+    if unknown:
+        raise ValueError(f"levels {unknown} are not in the hierarchy; it has {names}.")
+    fovs = {lv: float(hier.levels[lv].fov_um) for lv in names}
     key = FeatureKey(enc.id, method_used, tuple(fovs.items()), stain_id)
 
     cache = table.uns.get(Keys.UNS, {}).get(Keys.FEATURES, {}).get(key.id, {})

@@ -275,6 +275,14 @@ def evaluate(
         baselines = ()
     if not 0.0 <= max_missing_genes <= 1.0:
         raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
+    # Cheap checks before anything is embedded (embedding caches the hierarchy and features in test_sdata).
+    for name, value in (("k", k), ("n_genes", n_genes), ("max_units", max_units), ("max_train_units", max_train_units)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}.")
+    if not len(ks) or any(int(c) < 1 for c in ks):
+        raise ValueError(f"ks must be recall cut-offs >= 1, got {ks!r}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
     test = validate(test_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
     train = (
         validate(train_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)

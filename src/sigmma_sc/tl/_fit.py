@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sigmma_sc import pp
-from sigmma_sc._constants import Defaults, Keys, Levels
+from sigmma_sc._constants import Choices, Defaults, Keys, Levels
 from sigmma_sc._logging import logger, timed
 from sigmma_sc._settings import settings
-from sigmma_sc.io import get_table
+from sigmma_sc.io import get_table, validate
 from sigmma_sc.model import Sigmma, TrainConfig, select_genes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,6 +209,23 @@ def fit(
     keys = _output_keys(key_added, levels)
     _refuse_foreign_keys(table, keys)
     chosen = None if genes is None else select_genes(None, table.var, genes=genes)
+    # Validate first: the data (units, images, counts) and the choices read later, before any hierarchy,
+    # feature or training work. Genes without counts are allowed (never modelled unless asked for).
+    validate(
+        sdata,
+        table_key=table_key,
+        require_counts=True,
+        allow_empty_genes=True,
+        require_image=not getattr(encoder, "precomputed", False),
+        min_units=2,
+    )
+    for name, value, allowed in (
+        ("feature_norm", feature_norm, Choices.FEATURE_NORMS),
+        ("feature_method", feature_method, Choices.FEATURE_METHODS),
+        ("stain_normalize", stain_normalize, (None, *Choices.STAIN_METHODS)),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
     config = TrainConfig(
         levels=tuple(levels),
         graph=bool(graph),

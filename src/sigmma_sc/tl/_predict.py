@@ -312,7 +312,24 @@ def predict_expression(
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+    if not 0.0 <= max_missing_genes <= 1.0:
+        raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
     table = get_table(sdata, table_key)
+    # The reference before the query: embedding the query caches its hierarchy and features in sdata.
+    if reference is None and model.reference is None:
+        raise ValueError(
+            "the model holds no reference (training units; models saved before references existed lack it): "
+            "pass reference= (an AnnData embedded by the model, or a SpatialData with counts)."
+        )
+    if reference is not None and not isinstance(reference, ad.AnnData):
+        ref_table = validate(reference, table_key=table_key, require_counts=True, allow_empty_genes=True).table
+    else:
+        ref_table = model.reference if reference is None else reference
+        embeddings_of(model, ref_table, "expr", what="reference")  # an AnnData: the embedding must be in obsm
+    if len(split_genes(model.genes, ref_table.var_names)[1]) > max_missing_genes * len(model.genes):
+        check_missing_genes(model.genes, ref_table.var_names, max_missing_genes=max_missing_genes, what="the reference")
     queries = embeddings_of(model, sdata, "img", table_key=table_key, what="query")
     ref_emb, ref_expr = reference_expression(model, reference, table_key=table_key, max_missing_genes=max_missing_genes)
     if ref_emb.shape[1] != queries.shape[1]:

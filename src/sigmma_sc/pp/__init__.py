@@ -9,6 +9,7 @@ from ._graphs import spatial_graphs
 from ._hierarchy import Hierarchy, Level, build_hierarchy, ensure_hierarchy, get_hierarchy
 from ._nuclei import segment_nuclei
 from ._patches import extract_patches, iter_crops
+from ._precomputed import patch_features
 from ._stain import fit_stain_normalizer, hed_jitter, normalize_stain
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "image_features",
     "iter_crops",
     "normalize_stain",
+    "patch_features",
     "register_encoder",
     "section_features",
     "segment_nuclei",

@@ -287,6 +287,7 @@ def fit(
     target = _copy_sdata(sdata) if copy else sdata
     _move_results(work, target, table_key, before=sdata)
     _write_fit(get_table(target, table_key), keys["uns"], obsm, model.to_uns())
+    _write_scanpy_spatial(target, table_key)
     logger.info(
         f"wrote obsm[{keys['joint']!r}] ({emb['joint'].shape[1]}-d) and per-level embeddings to table {table_key!r}"
         + (" of the copy" if copy else "")
@@ -424,3 +425,55 @@ def _write_fit(table: AnnData, uns_key: str, obsm: dict[str, np.ndarray], record
     entry = table.uns.setdefault(uns_key, {})
     entry.update(record)
     entry[OBSM_KEYS] = np.asarray(sorted(claimed), dtype=object)
+
+
+# scanpy's uns["spatial"][library_id] layout, read by sc.pl.spatial and squidpy's plots.
+SCANPY_HIRES = "hires"
+SCANPY_HIRES_PX = 2000  # scanpy's "hires" images are about this wide: the pyramid level nearest it
+
+
+def _write_scanpy_spatial(sdata: SpatialData, table_key: str) -> None:
+    """``uns["spatial"][section]`` so ``sc.pl.spatial(adata, library_id=section)`` draws the units over the H&E.
+
+    scanpy multiplies ``obsm["spatial"]`` (microns here) by ``tissue_hires_scalef`` to place units on the
+    "hires" image, so the factor is hires pixels per micron and ``spot_diameter_fullres`` is in microns
+    (in ``obsm["spatial"]``'s units in general: the factor is fitted to them). Written only when the table
+    has no ``uns["spatial"]`` or only the package's own (``metadata["written_by"]``); a section whose image
+    is rotated or mirrored against ``obsm["spatial"]`` is left out (logged).
+    """
+    table = get_table(sdata, table_key)
+    old = table.uns.get(Keys.SPATIAL)
+    ours = isinstance(old, dict) and all(
+        isinstance(v, dict) and dict(v.get("metadata") or {}).get(Keys.WRITTEN_BY) == "sigmma_sc" for v in old.values()
+    )
+    if (old is not None and not ours) or Keys.SPATIAL not in table.obsm:
+        logger.info("uns['spatial'] is not the package's (or obsm['spatial'] is missing): left as it is")
+        return
+    slide = validate(sdata, table_key=table_key, require_image=False)
+    xy = np.asarray(table.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    out = dict(old or {})
+    for code, section in enumerate(slide.sections):
+        img = slide.images.get(section)
+        rows = slide.unit_section == code
+        if img is None or not rows.any():
+            continue
+        level = int(np.argmin([abs(max(img.level_shape(lv)) - SCANPY_HIRES_PX) for lv in range(img.n_levels)]))
+        px = img.um_to_px(slide.xy_um[rows], level=level) - 0.5  # pixel index: imshow puts pixel centres at integers
+        if np.allclose(xy[rows], slide.xy_um[rows]):
+            scalef = 1.0 / img.level_um_per_px(level)  # the package's microns
+        else:  # other units (e.g. pixels of a spatialdata_io table): the scale that fits them
+            scalef = float((xy[rows] * px).sum() / max(float((xy[rows] ** 2).sum()), 1e-300))
+        if not np.allclose(scalef * xy[rows], px, atol=2.0):
+            logger.info(f"uns['spatial']: section {section!r} left out (its image is not a scale of obsm['spatial'])")
+            continue
+        h, w = img.level_shape(level)
+        out[section] = {
+            "images": {SCANPY_HIRES: np.array(img.read(0, h, 0, w, level=level))},
+            "scalefactors": {
+                f"tissue_{SCANPY_HIRES}_scalef": float(scalef),
+                "spot_diameter_fullres": float(slide.unit_diameter_um / (img.level_um_per_px(level) * scalef)),
+            },
+            "metadata": {Keys.WRITTEN_BY: "sigmma_sc"},
+        }
+    if out:
+        table.uns[Keys.SPATIAL] = out

@@ -9,7 +9,6 @@ import numpy as np
 from .._constants import Defaults, Keys
 from ..io import get_table
 from ..model import Sigmma
-from ._metrics import cosine_similarity, top_k
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -17,14 +16,54 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Retrieval directions: the query modality first.
 DIRECTIONS: tuple[str, ...] = ("img2expr", "expr2img")
-# Queries scored per block: bounds the (block x gallery) similarity matrix in memory.
-_BLOCK = 1024
+# Bytes one block of the search may hold: its float32 similarities plus argpartition's int64
+# positions (12 bytes per query x gallery pair), whatever the gallery size.
+_BLOCK_BYTES = 256 * 2**20
+# At most this many queries per block (more gallery per block when there are fewer).
+_MAX_QUERY_BLOCK = 1024
 
 
-def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` gallery rows by cosine similarity for every query row, in blocks of queries.
+def _unit_rows(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Rows scaled to unit length in a new float32 array (norms in float64); zero or NaN rows become 0."""
+    out = np.zeros(x.shape, dtype=np.float32)
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start : start + chunk]
+        norm = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))[:, None]
+        np.divide(rows, norm, out=out[start : start + chunk], where=norm > 0, casting="unsafe")
+    return out
 
-    Ties go to the lower gallery index (see :func:`sigmma_sc.tl._metrics.top_k`).
+
+def _top_positions(s: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest entries of each row of ``s``, ties to the lower position, in position order.
+
+    ``s`` holds no NaN. One ``argpartition`` per block; rows whose ``k``-th score is tied with
+    entries left out are redone exactly (rare: duplicate or zero embeddings).
+    """
+    w = s.shape[1]
+    if k >= w:
+        return np.broadcast_to(np.arange(w), s.shape).copy()
+    pos = np.argpartition(s, w - k, axis=1)[:, w - k :].copy()
+    kth = np.take_along_axis(s, pos, axis=1).min(axis=1, keepdims=True)
+    kept_ties = (np.take_along_axis(s, pos, axis=1) == kth).sum(axis=1)
+    for r in np.flatnonzero((s == kth).sum(axis=1) > kept_ties):
+        above = np.flatnonzero(s[r] > kth[r])
+        tied = np.flatnonzero(s[r] == kth[r])[: k - len(above)]
+        pos[r] = np.concatenate([above, tied])
+    pos.sort(axis=1)
+    return pos
+
+
+def nearest(
+    queries: np.ndarray, gallery: np.ndarray, k: int, *, block_bytes: int = _BLOCK_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` gallery rows by cosine similarity for every query row, in float32 blocks of bounded size.
+
+    Queries and gallery are scaled to unit length once (float32); each block of queries is scored
+    against a block of the gallery and the best ``k`` are kept with ``argpartition``, merged over the
+    gallery blocks, so memory is the inputs, their unit-length copies, the ``(n, k)`` output and one
+    block (about ``block_bytes`` when ``k`` is small next to it), never a full similarity matrix.
+    Ties go to the lower gallery index (see :func:`sigmma_sc.tl._metrics.top_k`); scores are the
+    float32 cosines (as float64), NaN where an input row holds an infinity (ranked last).
 
     Parameters
     ----------
@@ -34,6 +73,8 @@ def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarra
         ``(m, d)`` embeddings.
     k
         Neighbours per query, ``1 <= k <= m``.
+    block_bytes
+        Memory one block may hold (float32 similarities and int64 positions: 12 bytes a pair).
 
     Returns
     -------
@@ -53,11 +94,34 @@ def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarra
         )
     if not 1 <= k <= gallery.shape[0]:
         raise ValueError(f"k must be between 1 and the gallery size {gallery.shape[0]}, got k={k}.")
-    idx = np.empty((queries.shape[0], k), dtype=np.int64)
-    scores = np.empty((queries.shape[0], k), dtype=np.float64)
-    for start in range(0, queries.shape[0], _BLOCK):
-        stop = min(start + _BLOCK, queries.shape[0])
-        idx[start:stop], scores[start:stop] = top_k(cosine_similarity(queries[start:stop], gallery), k)
+    k = int(k)
+    (n, m), pairs = (queries.shape[0], gallery.shape[0]), max(1, int(block_bytes) // 12)
+    q, g = _unit_rows(queries), _unit_rows(gallery)
+    # Queries per block leave room for k running candidates; the gallery block fills the rest.
+    bq = max(1, min(n, _MAX_QUERY_BLOCK, pairs // (2 * k)))
+    bg = min(m, max(1, pairs // bq - k))
+    idx = np.empty((n, k), dtype=np.int64)
+    scores = np.empty((n, k), dtype=np.float64)
+    for q0 in range(0, n, bq):
+        qb = q[q0 : q0 + bq]
+        best_i = np.empty((len(qb), 0), dtype=np.int64)
+        best_s = np.empty((len(qb), 0), dtype=np.float32)
+        for g0 in range(0, m, bg):
+            s = qb @ g[g0 : g0 + bg].T
+            np.copyto(s, -np.inf, where=np.isnan(s))  # NaN (an infinite input) ranks last
+            pos = _top_positions(s, k)
+            blk_s, blk_i = np.take_along_axis(s, pos, axis=1), pos + g0
+            del s, pos
+            if best_i.shape[1]:  # earlier blocks hold lower indices: concatenation stays in index order
+                blk_s, blk_i = np.concatenate([best_s, blk_s], axis=1), np.concatenate([best_i, blk_i], axis=1)
+                pos = _top_positions(blk_s, k)
+                blk_s, blk_i = np.take_along_axis(blk_s, pos, axis=1), np.take_along_axis(blk_i, pos, axis=1)
+            best_s, best_i = blk_s, blk_i
+        # Candidates are in gallery order, so a stable sort on the score keeps ties by lower index.
+        order = np.argsort(-best_s, axis=1, kind="stable")
+        idx[q0 : q0 + bq] = np.take_along_axis(best_i, order, axis=1)
+        scores[q0 : q0 + bq] = np.take_along_axis(best_s, order, axis=1)
+    scores[np.isneginf(scores)] = np.nan
     return idx, scores
 
 

@@ -619,3 +619,25 @@ def test_import_is_light():
     assert out[1] == "", f"heavy modules imported by `import sigmma_sc`: {out[1]}"
     assert float(out[0]) < 1.5
     assert time.perf_counter() - start < 15  # the interpreter itself, loosely
+
+
+def test_logs_name_data_folders_relative_to_where_they_were_found(tmp_path, monkeypatch, caplog):
+    """Notebook logs travel: they show $SIGMMA_DATA_DIR/her2st, never the absolute path of the machine they ran on."""
+    import logging
+
+    from sigmma_sc.datasets._paths import DATA_DIR_ENV, display_path
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert display_path(tmp_path / "her2st" / "images") == f"${DATA_DIR_ENV}/her2st/images"
+    assert display_path(tmp_path) == f"${DATA_DIR_ENV}"
+    elsewhere = tmp_path.parent / "mine"
+    assert display_path(elsewhere) == str(elsewhere)  # a folder the user chose stays as they wrote it
+    her2st = sg.datasets.local_dataset_dir("her2st", required=["counts/*.tsv.gz"])
+    if her2st is None:
+        pytest.skip("her2st not available")
+    monkeypatch.setenv(DATA_DIR_ENV, str(her2st.parent))
+    with caplog.at_level(logging.INFO, logger="sigmma_sc"):
+        sg.datasets.her2st(sections=["C3"])
+    line = next(r.getMessage() for r in caplog.records if "Reading her2st" in r.getMessage())
+    assert line.endswith(f"from ${DATA_DIR_ENV}/her2st."), line
+    assert str(her2st.parent) not in line

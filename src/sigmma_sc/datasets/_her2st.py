@@ -17,7 +17,7 @@ from sigmma_sc._constants import HER2ST_MPP, ST_SPOT_DIAMETER_UM
 from sigmma_sc._logging import logger
 from sigmma_sc.io import SectionArrays, build_sdata, pixel_index_to_um, read_rgb_pyramid
 
-from ._paths import REQUIRED_FILES, resolve_dataset_dir
+from ._paths import REQUIRED_FILES, display_path, resolve_dataset_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -175,7 +175,7 @@ def her2st(
     if not chosen:
         raise FileNotFoundError(f"{folder} holds no complete her2st section (image + counts + spot selection).")
 
-    logger.info(f"Reading her2st sections {chosen} from {folder}.")
+    logger.info(f"Reading her2st sections {chosen} from {display_path(folder)}.")
     # JPEG decoding and gzip parsing release the GIL: sections load in parallel threads.
     workers = max(1, min(len(chosen), os.cpu_count() or 1, 8))
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -215,6 +215,38 @@ def _local_candidates(name: str) -> list[str]:
     return places
 
 
+def display_path(folder: str | os.PathLike) -> str:
+    """Name a data folder relative to the place it was found in, for logs that travel (notebooks, reports).
+
+    Parameters
+    ----------
+    folder
+        A data set folder, e.g. the one :func:`resolve_dataset_dir` returned.
+
+    Returns
+    -------
+    ``$SIGMMA_DATA_DIR/<rel>``, ``../shared/data/<rel>`` or ``<cache>/<rel>`` when the folder lies under one of
+    the package's data places; otherwise the folder as given (a path the user chose).
+
+    Examples
+    --------
+    >>> from sigmma_sc.datasets._paths import display_path, repo_data_dir
+    >>> display_path(repo_data_dir() / "her2st")
+    '../shared/data/her2st'
+    """
+    folder = Path(folder).expanduser()
+    env = os.environ.get(DATA_DIR_ENV)
+    places = [(f"${DATA_DIR_ENV}", Path(env).expanduser())] if env else []
+    places += [("../shared/data", repo_data_dir()), ("<cache>", cache_dir())]
+    for label, root in places:
+        try:
+            rel = folder.resolve().relative_to(root.resolve())
+        except ValueError:
+            continue
+        return f"{label}/{rel.as_posix()}" if rel.parts else label
+    return str(folder)
+
+
 def local_dataset_dir(name: str, *, required: Sequence[str]) -> Path | None:
     """Return the data set folder under ``$SIGMMA_DATA_DIR`` or ``../shared/data``, without downloading.
 

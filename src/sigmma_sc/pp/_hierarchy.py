@@ -517,6 +517,11 @@ def default_fovs(unit_kind: str, unit_diameter_um: float, niche_size_um: float, 
     }
 
 
+def _level(name, fovs, centers_um, section, edges, parent, members) -> Level:
+    # The builders below make three levels each; positional, so each level reads as one line.
+    return Level(name, centers_um, section, fovs[name], edges, parent, members)
+
+
 def spot_hierarchy(
     xy_um: np.ndarray,
     section: np.ndarray,
@@ -562,33 +567,13 @@ def spot_hierarchy(
     levels: dict[str, Level] = {}
     if nuclei_xy_um is not None:
         nuclei_spot = np.asarray(nuclei_spot, dtype=np.int64)
-        levels[Levels.MICRO] = Level(
-            name=Levels.MICRO,
-            centers_um=nuclei_xy_um,
-            section=np.asarray(section)[nuclei_spot] if len(nuclei_spot) else np.zeros(0, np.int64),
-            fov_um=fovs[Levels.MICRO],
-            edges=grouped_delaunay_edges(nuclei_xy_um, nuclei_spot),
-            parent=nuclei_spot,
-            members=None,
-        )
-    levels[Levels.MESO] = Level(
-        name=Levels.MESO,
-        centers_um=xy_um,
-        section=section,
-        fov_um=fovs[Levels.MESO],
-        edges=spot_edges,
-        parent=np.arange(n, dtype=np.int64),
-        members=sp.identity(n, dtype=np.float32, format="csr"),
-    )
-    levels[Levels.MACRO] = Level(
-        name=Levels.MACRO,
-        centers_um=xy_um,
-        section=section,
-        fov_um=fovs[Levels.MACRO],
-        edges=spot_edges,
-        parent=None,
-        members=ring_members(xy_um, section, region_radius_um),
-    )
+        nuclei_section = np.asarray(section)[nuclei_spot] if len(nuclei_spot) else np.zeros(0, np.int64)
+        nuclei_edges = grouped_delaunay_edges(nuclei_xy_um, nuclei_spot)
+        levels[Levels.MICRO] = _level(Levels.MICRO, fovs, nuclei_xy_um, nuclei_section, nuclei_edges, nuclei_spot, None)
+    identity = sp.identity(n, dtype=np.float32, format="csr")
+    levels[Levels.MESO] = _level(Levels.MESO, fovs, xy_um, section, spot_edges, np.arange(n, dtype=np.int64), identity)
+    regions = ring_members(xy_um, section, region_radius_um)
+    levels[Levels.MACRO] = _level(Levels.MACRO, fovs, xy_um, section, spot_edges, None, regions)
     return Hierarchy(sections=list(sections), levels=levels, unit_level=Levels.MESO)
 
 
@@ -641,34 +626,12 @@ def cell_hierarchy(
     # Niches are disjoint, so ring @ members stays 0/1.
     region_members = (ring @ niche_members).tocsr()
     region_members.data[:] = 1.0
+    identity = sp.identity(n, dtype=np.float32, format="csr")
+    niche_parent = np.arange(m, dtype=np.int64)
     levels = {
-        Levels.MICRO: Level(
-            name=Levels.MICRO,
-            centers_um=xy_um,
-            section=section,
-            fov_um=fovs[Levels.MICRO],
-            edges=cell_edges,
-            parent=niche,
-            members=sp.identity(n, dtype=np.float32, format="csr"),
-        ),
-        Levels.MESO: Level(
-            name=Levels.MESO,
-            centers_um=centers,
-            section=niche_section,
-            fov_um=fovs[Levels.MESO],
-            edges=niche_edges,
-            parent=np.arange(m, dtype=np.int64),
-            members=niche_members,
-        ),
-        Levels.MACRO: Level(
-            name=Levels.MACRO,
-            centers_um=centers,
-            section=niche_section,
-            fov_um=fovs[Levels.MACRO],
-            edges=niche_edges,
-            parent=None,
-            members=region_members,
-        ),
+        Levels.MICRO: _level(Levels.MICRO, fovs, xy_um, section, cell_edges, niche, identity),
+        Levels.MESO: _level(Levels.MESO, fovs, centers, niche_section, niche_edges, niche_parent, niche_members),
+        Levels.MACRO: _level(Levels.MACRO, fovs, centers, niche_section, niche_edges, None, region_members),
     }
     return Hierarchy(sections=list(sections), levels=levels, unit_level=Levels.MICRO)
 

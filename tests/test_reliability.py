@@ -20,6 +20,7 @@ import pytest
 import scipy.sparse as sp
 
 import sigmma_sc as sg
+from sigmma_sc._constants import Keys
 from sigmma_sc.model._data import ExpressionSource, LevelInput
 
 DATA = Path(__file__).parent / "data"
@@ -401,3 +402,187 @@ def test_nan_gradient_with_a_finite_loss_stops_before_the_step():
     ):
         train(*grid_levels(), TrainConfig(**FAST), callbacks=[poison])
     assert np.array_equal(poison.weight.detach().numpy(), poison.before.numpy())  # no optimiser step
+
+
+# ---------------------------------------------------------------------------------------------
+# tl.fit: trainer_kwargs, the interrupt-and-resume bar on her2st C3, reproducibility across processes
+# ---------------------------------------------------------------------------------------------
+TINY = "tiny_reliability"
+FIT = {"encoder": TINY, "embed_dim": 8, "hidden_dim": 16, "n_genes": 20, "batch_size": 16, "seed": 0}
+
+
+def _tiny_cnn(**kwargs):
+    # A fixed random 32-px patchifier: dense features in milliseconds instead of EfficientNet's seconds.
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 32, stride=32), torch.nn.ReLU())
+    return sg.pp.encoder_from_module(net, id=TINY, feature_map=lambda m, x: m(x))
+
+
+@pytest.fixture(scope="module")
+def tiny_fit_encoder():
+    from sigmma_sc.pp import _encoders
+
+    sg.pp.register_encoder(TINY, _tiny_cnn)
+    yield TINY
+    _encoders._REGISTRY.pop(TINY, None)
+
+
+@pytest.fixture
+def cachedir(tmp_path):
+    old = sg.settings._cachedir
+    sg.settings.cachedir = tmp_path / "cache"
+    yield sg.settings.cachedir
+    sg.settings.cachedir = old
+
+
+def _bad_inputs():
+    """tests/test_bad_inputs.py as a module: its deep snapshot of a SpatialData and its helpers."""
+    import sys
+
+    if "_bad_inputs_helpers" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "_bad_inputs_helpers", Path(__file__).parent / "test_bad_inputs.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_bad_inputs_helpers"] = module
+    return sys.modules["_bad_inputs_helpers"]
+
+
+class _StopAt:
+    """A Lightning callback raising KeyboardInterrupt (as Ctrl+C does) at the end of an epoch (built lazily)."""
+
+    def __new__(cls, epoch: int):
+        import lightning as L
+
+        class StopAt(L.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch == epoch - 1:
+                    raise KeyboardInterrupt
+
+        return StopAt()
+
+
+def test_trainer_kwargs_callbacks_logger_and_options_reach_lightning(tiny_fit_encoder, cachedir, tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger
+
+    _must_not_run = _bad_inputs()._must_not_run
+
+    sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
+    counter = _Count()
+    csv = CSVLogger(tmp_path / "logs", name="run")
+    sg.tl.fit(
+        sdata,
+        max_epochs=2,
+        **FIT,
+        trainer_kwargs={"callbacks": counter, "logger": csv, "limit_train_batches": 1},
+    )
+    assert counter.batches == 2  # one batch an epoch (limit_train_batches), through the user's callback
+    metrics = pd.read_csv(Path(csv.log_dir) / "metrics.csv")
+    assert "train_loss" in metrics.columns and len(metrics)  # the user's logger got the package's metrics
+    assert not any(cachedir.glob("checkpoints/*/*.ckpt"))  # the run's checkpoints are gone after success
+    # The options the package sets itself are refused before any work, naming the keyword to use.
+    monkeypatch.setattr(sg.pp, "ensure_hierarchy", _must_not_run)
+    for key, fix in (
+        ("max_epochs", "pass max_epochs= to tl.fit"),
+        ("accelerator", "pass accelerator= to tl.fit"),
+        ("devices", "pass devices= to tl.fit"),
+        ("precision", "pass precision= to tl.fit"),
+        ("default_root_dir", "pass checkpoint_dir="),
+        ("enable_progress_bar", r"set sigmma_sc.settings.progress_bar"),
+    ):
+        with pytest.raises(ValueError, match=rf"trainer_kwargs\['{key}'\] is set by sigmma-sc itself: {fix}"):
+            sg.tl.fit(sdata, **FIT, trainer_kwargs={key: 1})
+    with pytest.raises(ValueError, match=r"trainer_kwargs \['max_epoch'\] are not lightning.Trainer arguments"):
+        sg.tl.fit(sdata, **FIT, trainer_kwargs={"max_epoch": 1})
+    with pytest.raises(TypeError, match=r"must be lightning.Callback objects, got \['str'\]"):
+        sg.tl.fit(sdata, **FIT, trainer_kwargs={"callbacks": ["early_stopping"]})
+
+
+def _interrupt_resume_and_compare(sdata, kw: dict, cachedir: Path) -> None:
+    """Ctrl+C (a callback) in epoch 2 of ``tl.fit``: ``sdata`` unchanged; ``resume=True`` then equals a fit from scratch."""
+    helpers = _bad_inputs()
+    before = helpers.snapshot(sdata)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted in epoch 2; .*continue with resume=.*resume=True\)"):
+        sg.tl.fit(sdata, **kw, trainer_kwargs={"callbacks": [_StopAt(2)]})
+    assert signal.getsignal(signal.SIGINT) is handler
+    helpers.assert_unchanged(sdata, before)  # no nuclei, graph, hierarchy, features or embeddings
+    assert len(list(cachedir.glob("checkpoints/*/last.ckpt"))) == 1  # kept for the resume
+
+    model = sg.tl.fit(sdata, **kw, resume=True)  # the same call, resumed: epochs 3 and 4
+    assert model.history["epoch"].tolist() == [0, 1, 2, 3, 4]
+    assert not any(cachedir.glob("checkpoints/*/*.ckpt"))  # removed once the run succeeded
+    table = sdata["table"]
+    resumed = {k: v.copy() for k, v in table.obsm.items() if k.startswith(Keys.X_SIGMMA)}
+    # The uninterrupted run (the hierarchy and features are cached now: only training runs again).
+    sg.tl.fit(sdata, **kw)
+    assert sorted(k for k in table.obsm if k.startswith(Keys.X_SIGMMA)) == sorted(resumed)
+    for key, value in resumed.items():
+        np.testing.assert_array_equal(table.obsm[key], value, err_msg=key)  # bit for bit
+
+
+@pytest.mark.slow
+def test_fit_interrupted_on_her2st_c3_leaves_sdata_unchanged_and_resumes_bit_for_bit(
+    her2st_dir, tiny_fit_encoder, cachedir
+):
+    """The bar of issue 15 on her2st section C3 (180 spots, nuclei segmented from the H&E; ~50 s)."""
+    _interrupt_resume_and_compare(sg.datasets.her2st(her2st_dir, sections=["C3"]), {**FIT, "max_epochs": 4}, cachedir)
+
+
+def test_fit_interrupted_leaves_sdata_unchanged_and_resumes_bit_for_bit(tiny_fit_encoder, cachedir):
+    """The fast twin of the her2st C3 test: 300 synthetic cells."""
+    _interrupt_resume_and_compare(sg.datasets.synthetic(300, n_genes=40, seed=0), {**FIT, "max_epochs": 4}, cachedir)
+
+
+_REPRO = """
+import sys, numpy as np, torch
+import sigmma_sc as sg
+sys.path.insert(0, {tests!r})
+from test_reliability import _tiny_cnn, TINY, FIT
+torch.set_num_threads(1)
+sg.settings.progress_bar = False
+sg.settings.verbosity = 0
+sg.settings.cachedir = {cache!r}
+sg.pp.register_encoder(TINY, _tiny_cnn)
+sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
+model = sg.tl.fit(sdata, max_epochs=2, **FIT)
+loaded = sg.Sigmma.load({model!r})
+np.savez({out!r}, fit=sdata["table"].obsm["X_sigmma"], loaded=loaded.get_embeddings(sdata)["joint"])
+"""
+
+
+def test_same_seed_gives_bit_identical_embeddings_across_processes_and_after_save_load(
+    tiny_fit_encoder, cachedir, tmp_path
+):
+    """A fit here, then in a fresh process (~30 s, most of it the imports): the same bits; the saved model too.
+
+    Both use one torch thread (the module's fixture here, ``torch.set_num_threads(1)`` there): CPU
+    reductions split by thread, so bit-identical reruns need the same thread count.
+    """
+    import subprocess
+    import sys
+
+    import torch
+
+    assert torch.get_num_threads() == 1
+    sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
+    model = sg.tl.fit(sdata, max_epochs=2, **FIT)
+    model.save(tmp_path / "model")
+    assert sdata["table"].uns[Keys.UNS][Keys.PARAMS]["torch_threads"] == 1
+    out = tmp_path / "second.npz"
+    code = _REPRO.format(
+        tests=str(Path(__file__).parent), cache=str(cachedir), model=str(tmp_path / "model"), out=str(out)
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out) as f:
+        second = {k: f[k] for k in f.files}
+    first = sdata["table"].obsm[Keys.X_SIGMMA]
+    assert first.shape == (300, 24) and np.isfinite(first).all()
+    np.testing.assert_array_equal(second["fit"], first)  # the same fit in another process
+    np.testing.assert_array_equal(second["loaded"], model.get_embeddings(sdata)["joint"])  # save / load
+    np.testing.assert_array_equal(second["loaded"], first)  # get_embeddings of a fit = what the fit wrote

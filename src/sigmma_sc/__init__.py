@@ -18,6 +18,9 @@ __version__ = "0.1.0"
 # squidpy's docstrings make docrep print SyntaxWarnings at import ("'n_jobs' is not a valid key!"):
 # noise for users, filtered once here rather than in every notebook.
 warnings.filterwarnings("ignore", message=r".* is not a valid key!", category=SyntaxWarning, module=r"docrep")
+# tqdm.auto in a Jupyter kernel without ipywidgets warns once and falls back to text bars, which
+# work: the package's progress bars should not print a warning into every notebook.
+warnings.filterwarnings("ignore", message=r"IProgress not found", module=r"tqdm")
 
 _SUBMODULES = ("datasets", "io", "pp", "tl", "pl", "model")
 

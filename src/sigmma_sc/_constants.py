@@ -124,6 +124,9 @@ class Defaults:
     VAL_FRACTION: Final = 0.1
     CONSISTENCY_WEIGHT: Final = 0.1
     COARSE_TARGETS: Final = "soft+disjoint"
+    # tl.fit(batch_key=...): obs column of the batches whose negatives are drawn within the batch
+    # (None: negatives from every section); see tl.fit and benchmarks/README.md for the measurements.
+    BATCH_KEY: Final = "section"
     ACCELERATOR: Final = "auto"
     DEVICES: Final = "auto"
     # Clip for standardised features: near-constant channels explode on new data otherwise.
@@ -142,6 +145,16 @@ class Defaults:
     DENSE_COARSE_FOV_UM: Final = 300.0
     # Chunk side of the image pyramids the loaders write (dask / zarr chunks, and synthetic tiles).
     IMAGE_CHUNK_PX: Final = 1024
+    # tl.integration_metrics: kNN other-section share and Leiden clusters shared by sections.
+    INTEGRATION_NEIGHBORS: Final = 15
+    INTEGRATION_RESOLUTION: Final = 1.0
+    SHARED_CLUSTER_MIN_UNITS: Final = 5
+    SHARED_CLUSTER_MIN_BATCHES: Final = 3
+    # settings.cachedir: this environment variable, else $XDG_CACHE_HOME/sigmma_sc (~/.cache/sigmma_sc).
+    CACHE_DIR_ENV: Final = "SIGMMA_CACHE_DIR"
+    # Image / counts fingerprints (uns["sigmma"]["params"]["fingerprint"], cache keys): about this many
+    # values sampled with a fixed stride from the coarsest pyramid level, plus its shape and dtype.
+    FINGERPRINT_SAMPLES: Final = 1 << 20
 
 
 class Choices:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from ._constants import Defaults
 from ._logging import logger
@@ -27,6 +29,12 @@ class Settings:
         Show tqdm / Lightning progress bars.
     num_workers
         Worker threads for image reading and feature pooling.
+    cachedir
+        Folder for what must survive an interrupted run: the checkpoints of a :func:`sigmma_sc.tl.fit`
+        without ``checkpoint_dir`` (so ``resume=True`` finds them) and the per-section image features
+        of an unfinished :func:`sigmma_sc.pp.image_features`. Both are removed when their run
+        succeeds. Default: ``$SIGMMA_CACHE_DIR``, else ``$XDG_CACHE_HOME/sigmma_sc``
+        (``~/.cache/sigmma_sc``). Safe to delete between runs.
 
     Examples
     --------
@@ -40,6 +48,7 @@ class Settings:
         self.seed: int = Defaults.SEED
         self.progress_bar: bool = True
         self.num_workers: int = 0
+        self._cachedir: Path | None = None
 
     @property
     def verbosity(self) -> int:
@@ -54,10 +63,25 @@ class Settings:
         self._verbosity = int(level)
         logger.setLevel(_LEVELS[self._verbosity])
 
+    @property
+    def cachedir(self) -> Path:
+        """Folder of the interrupt-safe caches (checkpoints, per-section features)."""
+        if self._cachedir is not None:
+            return self._cachedir
+        env = os.environ.get(Defaults.CACHE_DIR_ENV)
+        if env:
+            return Path(env).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base).expanduser() / "sigmma_sc"
+
+    @cachedir.setter
+    def cachedir(self, value: str | os.PathLike | None) -> None:
+        self._cachedir = None if value is None else Path(os.fspath(value)).expanduser()
+
     def __repr__(self) -> str:
         return (
             f"Settings(verbosity={self.verbosity}, seed={self.seed}, "
-            f"progress_bar={self.progress_bar}, num_workers={self.num_workers})"
+            f"progress_bar={self.progress_bar}, num_workers={self.num_workers}, cachedir={str(self.cachedir)!r})"
         )
 
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from sigmma_sc._constants import Choices, Defaults, Levels
 
 
@@ -44,6 +46,9 @@ class TrainConfig:
     val_fraction: float = Defaults.VAL_FRACTION
     consistency_weight: float = Defaults.CONSISTENCY_WEIGHT
     coarse_targets: str = Defaults.COARSE_TARGETS
+    #: obs column of the batches (sections, patients) whose mini-batches, and so negatives, stay
+    #: within one batch; ``None``: batches mix everything.
+    batch_key: str | None = Defaults.BATCH_KEY
     level_weights: dict[str, float] | None = None
     seed: int = Defaults.SEED
     accelerator: str = Defaults.ACCELERATOR
@@ -55,6 +60,7 @@ class TrainConfig:
     resume: bool | str | None = None
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         self.levels = tuple(self.levels)
         bad = [lv for lv in self.levels if lv not in Levels.ALL]
         if bad or Levels.MESO not in self.levels:
@@ -63,10 +69,6 @@ class TrainConfig:
             )
         if self.coarse_targets not in Choices.COARSE_TARGETS:
             raise ValueError(f"coarse_targets must be one of {Choices.COARSE_TARGETS}, got {self.coarse_targets!r}.")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (InfoNCE needs negatives), got {self.batch_size}.")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}.")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.resume is False:
@@ -78,6 +80,144 @@ class TrainConfig:
                 f"resume must be True (the newest last.ckpt of checkpoint_dir), a checkpoint path or None, "
                 f"got {type(self.resume).__name__}."
             )
+
+    def _check_numbers(self) -> None:
+        """Every numeric hyper-parameter in its valid range, each error naming the argument and the range."""
+        _integer("embed_dim", self.embed_dim, 1)
+        _integer("hidden_dim", self.hidden_dim, 1)
+        _integer("heads", self.heads, 1)
+        _integer("intra_layers", self.intra_layers, 0)
+        _integer("inter_layers", self.inter_layers, 0)
+        _integer("batch_size", self.batch_size, 2, why=" (InfoNCE needs negatives in every batch)")
+        _integer("max_epochs", self.max_epochs, 1)
+        _integer("patience", self.patience, 0)
+        _integer("seed", self.seed, 0)
+        if self.max_cells is not None:
+            _integer("max_cells", self.max_cells, 1, why=" (or None for every cell)")
+        _number("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        _number("lr", self.lr, 0.0, None, low_open=True)
+        _number("weight_decay", self.weight_decay, 0.0, None)
+        _number("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        _number("consistency_weight", self.consistency_weight, 0.0, None)
+        if self.graph and self.embed_dim % self.heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be a multiple of heads ({self.heads}): each attention head "
+                f"gets embed_dim / heads channels; e.g. heads={_divisor_near(self.embed_dim, self.heads)}."
+            )
+        if self.level_weights is not None:
+            if not isinstance(self.level_weights, dict):
+                raise TypeError(
+                    f"level_weights must be a dict {{level: weight}}, got {type(self.level_weights).__name__}."
+                )
+            for lv, w in self.level_weights.items():
+                if lv not in Levels.ALL:
+                    raise ValueError(f"level_weights names level {lv!r}; levels are {Levels.ALL}.")
+                _number(f"level_weights[{lv!r}]", w, 0.0, None)
+
+    @staticmethod
+    def check_gene_options(n_genes: Any, min_detected: Any) -> None:
+        """Check :func:`sigmma_sc.tl.fit`'s gene options (not fields: genes are chosen from the data).
+
+        Examples
+        --------
+        >>> TrainConfig.check_gene_options(0, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: n_genes must be an integer >= 1, got 0.
+        """
+        _integer("n_genes", n_genes, 1)
+        if min_detected is not None:
+            _number("min_detected", min_detected, 0.0, 1.0, why=" (a fraction of the training units, or None)")
+
+    @staticmethod
+    def check_trainer_kwargs(trainer_kwargs: Any) -> dict[str, Any]:
+        """Check extra Lightning ``Trainer`` options; returns them as a dict (``{}`` for ``None``).
+
+        ``callbacks`` (a callback or a list) are appended to the package's own, a ``logger`` replaces
+        the default none, any other ``lightning.Trainer`` argument is passed on. The options the
+        package sets from its own keywords are refused, naming the keyword to use instead.
+
+        Examples
+        --------
+        >>> TrainConfig.check_trainer_kwargs({"max_epochs": 3})
+        Traceback (most recent call last):
+        ...
+        ValueError: trainer_kwargs['max_epochs'] is set by sigmma-sc itself: pass max_epochs= to tl.fit / TrainConfig instead.
+        """
+        if trainer_kwargs is None:
+            return {}
+        if not isinstance(trainer_kwargs, dict):
+            raise TypeError(
+                f"trainer_kwargs must be a dict of lightning.Trainer options, got {type(trainer_kwargs).__name__}."
+            )
+        for key in trainer_kwargs:
+            if key in TRAINER_OWNED:
+                raise ValueError(f"trainer_kwargs[{key!r}] is set by sigmma-sc itself: {TRAINER_OWNED[key]}.")
+        import inspect
+
+        import lightning as L
+
+        accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+        unknown = sorted(k for k in trainer_kwargs if k not in accepted)
+        if unknown:
+            raise ValueError(
+                f"trainer_kwargs {unknown} are not lightning.Trainer arguments (lightning {L.__version__}); "
+                "see https://lightning.ai/docs/pytorch/stable/common/trainer.html#trainer-class-api."
+            )
+        callbacks = trainer_kwargs.get("callbacks")
+        if callbacks is not None:
+            callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+            bad = [type(c).__name__ for c in callbacks if not isinstance(c, L.Callback)]
+            if bad:
+                raise TypeError(f"trainer_kwargs['callbacks'] must be lightning.Callback objects, got {bad}.")
+            trainer_kwargs = {**trainer_kwargs, "callbacks": callbacks}
+        return dict(trainer_kwargs)
+
+
+#: Lightning Trainer options the package sets itself, and what to pass instead.
+TRAINER_OWNED: dict[str, str] = {
+    "max_epochs": "pass max_epochs= to tl.fit / TrainConfig instead",
+    "accelerator": "pass accelerator= to tl.fit / TrainConfig instead",
+    "devices": "pass devices= to tl.fit / TrainConfig instead",
+    "num_nodes": "pass devices= to tl.fit (several nodes: launch with torchrun / SLURM, Lightning reads them)",
+    "strategy": "it follows devices= (DDP when more than one device)",
+    "precision": "pass precision= to tl.fit / TrainConfig instead",
+    "default_root_dir": "pass checkpoint_dir= to tl.fit / TrainConfig instead",
+    "enable_checkpointing": "checkpoints make resume= work; pass checkpoint_dir= to keep them",
+    "deterministic": "CPU runs are deterministic so that a seed reproduces them bit for bit",
+    "enable_progress_bar": "set sigmma_sc.settings.progress_bar instead",
+}
+
+
+def _integer(name: str, value: Any, low: int, *, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{why}, got {value!r}.")
+
+
+def _number(
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str = "",
+) -> None:
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    ok = ok and bool(np.isfinite(value))
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high)
+        )
+    if not ok:
+        lo = f"({low:g}" if low_open else f"[{low:g}"
+        hi = "inf)" if high is None else (f"{high:g})" if high_open else f"{high:g}]")
+        raise ValueError(f"{name} must be a number in {lo}, {hi}{why}, got {value!r}.")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,13 @@ def make_batcher(
     config: TrainConfig,
     expression: ExpressionSource | None,
     expr_stats: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    node_batch: np.ndarray | None = None,
 ) -> SubgraphBatcher:
-    """Build the batcher of a configuration (disjoint macro masks when ``coarse_targets`` asks)."""
+    """Build the batcher of a configuration (disjoint macro masks when ``coarse_targets`` asks).
+
+    ``node_batch``: the batch code of every meso node, for negatives drawn within batches (training only).
+    """
     return SubgraphBatcher(
         levels=levels,
         use_levels=tuple(lv for lv in config.levels if lv in levels),
@@ -89,6 +94,7 @@ def make_batcher(
         inter_hops=config.inter_layers,
         expr_stats=expr_stats,
         disjoint_macro="disjoint" in config.coarse_targets,
+        node_batch=node_batch,
     )
 
 
@@ -411,6 +417,9 @@ def train(
     *,
     nodes: np.ndarray | None = None,
     callbacks: Sequence[Any] = (),
+    batches: np.ndarray | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    scratch: bool = False,
 ) -> tuple[SigmmaModule, pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]], float]:
     """Train a module on the meso subgraphs ``nodes`` (default all) minus a held-out validation fraction.
 
@@ -423,7 +432,13 @@ def train(
     interrupted run: on CPU it ends with the weights of an uninterrupted one. A NaN / inf loss or
     gradient raises :class:`NonFiniteLossError` at once (before the weights change); Ctrl+C raises
     ``KeyboardInterrupt``; both keep the checkpoints and name the last one. ``callbacks`` are extra
-    Lightning callbacks.
+    Lightning callbacks. ``batches``: the batch code of every meso node (:func:`~sigmma_sc.model._data.node_batches`);
+    each mini-batch then holds one batch's subgraphs and draws its negatives there.
+    ``trainer_kwargs`` (checked by :meth:`TrainConfig.check_trainer_kwargs`): their ``callbacks``
+    run after the package's own, a ``logger`` replaces the default none, the other options go to
+    ``lightning.Trainer``. ``scratch``: ``config.checkpoint_dir`` is the package's folder for this
+    run (in ``settings.cachedir``): emptied before a run that does not resume, removed after a
+    successful one, kept after an interrupt so that ``resume=True`` finds it.
 
     Returns the trained module (best validation epoch when there is a validation set, on CPU),
     the per-epoch history (epoch 0 = at initialisation), the expression standardisation and the
@@ -432,7 +447,10 @@ def train(
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
+    extra = TrainConfig.check_trainer_kwargs(trainer_kwargs)
     resume_from, checkpoint_dir = resolve_resume(config)
+    if scratch and resume_from is None and checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # an older interrupted run's: not resumed, so stale
     L.seed_everything(config.seed, workers=True, verbose=False)
     pool = np.arange(levels[Levels.MESO].n) if nodes is None else np.unique(np.asarray(nodes, dtype=np.int64))
     tr, va = split_nodes(pool.size, config.val_fraction, config.seed)
@@ -444,7 +462,10 @@ def train(
     if probe.use_macro and probe.has_expression(Levels.MACRO):
         stat_nodes[Levels.MACRO] = np.unique(probe.meso_parent[train_nodes])
     expr_stats = expression_stats(levels, expression, stat_nodes)
-    batcher = make_batcher(levels, config, expression, expr_stats)
+    node_batch = None if batches is None else np.asarray(batches, dtype=np.int64)
+    if node_batch is not None and node_batch.shape != (levels[Levels.MESO].n,):
+        raise ValueError(f"batches must give one code per meso node ({levels[Levels.MESO].n}), got {node_batch.shape}.")
+    batcher = make_batcher(levels, config, expression, expr_stats, node_batch=node_batch)
     if not batcher.pair_levels():
         raise ValueError(
             "no level has both image features and expression: the table needs counts for its units "
@@ -454,6 +475,7 @@ def train(
     accelerator, devices, strategy, precision = resolve_accelerator(config.accelerator, config.devices)
     precision = config.precision or precision
     bs = min(config.batch_size, max(2, train_nodes.size))
+
     def batches(nodes: np.ndarray, *, shuffle: bool) -> SubgraphBatches:
         return SubgraphBatches(
             batcher,
@@ -463,6 +485,7 @@ def train(
             seed=config.seed,
             max_micro_pairs=MAX_MICRO_PAIRS,
             max_children=config.max_cells,
+            groups=None if node_batch is None else node_batch[nodes],
         )
 
     train_data = batches(train_nodes, shuffle=True)
@@ -477,7 +500,7 @@ def train(
     root = checkpoint_dir or tempfile.mkdtemp(prefix="sigmma_")
     last_ckpt, best_ckpt = _checkpoint_callbacks(root, with_validation=val_data is not None)
     guard = _guard_callback(config, precision)
-    trainer_callbacks = [guard, *callbacks, last_ckpt]
+    trainer_callbacks = [guard, *callbacks, *extra.pop("callbacks", []), last_ckpt]
     if best_ckpt is not None:
         trainer_callbacks = [
             EarlyStopping(monitor="val_loss", mode="min", patience=config.patience, min_delta=1e-4),
@@ -492,16 +515,20 @@ def train(
             precision=precision,
             max_epochs=config.max_epochs,
             default_root_dir=root,
-            logger=False,
             callbacks=trainer_callbacks,
             enable_checkpointing=True,
             enable_progress_bar=settings.progress_bar,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
             # Bit-identical CPU runs for a seed; CUDA's index_add_ has no deterministic kernel.
             deterministic=accelerator == "cpu",
-            gradient_clip_val=1.0,
+            # Defaults a user's trainer_kwargs may replace.
+            **{
+                "logger": False,
+                "enable_model_summary": False,
+                "num_sanity_val_steps": 0,
+                "log_every_n_steps": 1,
+                "gradient_clip_val": 1.0,
+                **extra,
+            },
         )
     if resume_from is not None:
         logger.info(f"resuming from {resume_from}")
@@ -538,9 +565,10 @@ def train(
             raise
         last = _existing(last_ckpt.last_model_path or last_ckpt.best_model_path)
         keep = last is not None
+        again = "resume=True" if scratch else f"resume=True with checkpoint_dir={root!r}"
         msg = (
             f"training interrupted in epoch {trainer.current_epoch + 1}; the last checkpoint is {last}: continue "
-            f"with resume={last!r} (or resume=True with checkpoint_dir={root!r})"
+            f"with resume={last!r} (or {again})"
             if last
             else f"training interrupted in epoch {trainer.current_epoch + 1}, before any checkpoint"
         )
@@ -548,7 +576,7 @@ def train(
         raise KeyboardInterrupt(msg) from None
     finally:
         _restore_sigint(sigint)
-        if checkpoint_dir is None and not keep:
+        if (checkpoint_dir is None or scratch) and not keep:
             shutil.rmtree(root, ignore_errors=True)
     module = module.cpu().eval()
     history = pd.DataFrame([row0, *module.epoch_rows])
@@ -560,15 +588,14 @@ def train(
     return module, history, expr_stats, seconds
 
 
-@torch.no_grad()
-def embed_nodes(
+def _node_batches(
     module: SigmmaModule, batcher: SubgraphBatcher, *, batch_size: int, expression: bool
-) -> dict[str, dict[str, np.ndarray | None]]:
-    """Embeddings of every node of the used levels, ``{level: {"img": (n, d), "expr": (n, d) | None}}``.
+) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """``(level, side, node ids, (n, d) float32 embeddings)`` of every subgraph batch, in order.
 
-    All meso subgraphs are visited once, in order, ``batch_size`` at a time; micro nodes are those
-    of each subgraph, macro nodes are the parents of the subgraphs. Nodes never reached (a micro
-    node outside every subgraph, a region that is nobody's parent) stay at zero.
+    All meso subgraphs are visited once, ``batch_size`` at a time; micro nodes are those of each
+    subgraph (all of a subgraph's children come in its batch), macro nodes are the parents of the
+    subgraphs (a region shared by subgraphs of several batches comes again with each).
     """
     from tqdm.auto import tqdm
 
@@ -577,18 +604,11 @@ def embed_nodes(
     data = SubgraphBatches(
         batcher, np.arange(batcher.n_meso), batch_size=batch_size, shuffle=False, max_micro_pairs=None
     )
-    d = module.img.head[Levels.MESO].out_features
-    sides = ("img", "expr") if (expression and module.expr is not None) else ("img",)
-    out: dict[str, dict[str, np.ndarray | None]] = {}
-    for lv in batcher.use_levels:
-        out[lv] = {}
-        for side in ("img", "expr"):
-            enc = module.img if side == "img" else module.expr
-            has = side in sides and enc is not None and lv in enc.levels
-            out[lv][side] = np.zeros((batcher.levels[lv].n, d), dtype=np.float32) if has else None
+    sides = _sides(module, expression)
     for i in tqdm(range(len(data)), desc="embedding", disable=not settings.progress_bar or len(data) < 2):
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in data[i].items()}
-        z = module(batch, expression="expr" in sides)
+        with torch.no_grad():
+            z = module(batch, expression="expr" in sides)
         index = {Levels.MESO: batch["meso_ids"][: batch["n_target"]]}
         if Levels.MICRO in batch_levels(batch):
             index[Levels.MICRO] = batch["micro_ids"][batch["micro_target"]]
@@ -596,8 +616,67 @@ def embed_nodes(
             index[Levels.MACRO] = batch["macro_ids"]
         for side in sides:
             for lv, emb in z[side].items():
-                out[lv][side][index[lv].cpu().numpy()] = emb.float().cpu().numpy()
+                yield lv, side, index[lv].cpu().numpy(), emb.float().cpu().numpy()
+
+
+def _sides(module: SigmmaModule, expression: bool) -> tuple[str, ...]:
+    return ("img", "expr") if (expression and module.expr is not None) else ("img",)
+
+
+def _embedded(module: SigmmaModule, batcher: SubgraphBatcher, expression: bool) -> dict[str, dict[str, bool]]:
+    """``{level: {side: whether the module embeds it}}`` for the batcher's levels."""
+    sides = _sides(module, expression)
+    out: dict[str, dict[str, bool]] = {}
+    for lv in batcher.use_levels:
+        out[lv] = {}
+        for side in ("img", "expr"):
+            enc = module.img if side == "img" else module.expr
+            out[lv][side] = side in sides and enc is not None and lv in enc.levels
     return out
+
+
+def embed_nodes(
+    module: SigmmaModule, batcher: SubgraphBatcher, *, batch_size: int, expression: bool
+) -> dict[str, dict[str, np.ndarray | None]]:
+    """Embeddings of every node of the used levels, ``{level: {"img": (n, d), "expr": (n, d) | None}}``.
+
+    Every node's row is held at once (what :func:`embed_units` avoids). Nodes never reached (a
+    micro node outside every subgraph, a region that is nobody's parent) stay at zero; a region of
+    several batches keeps the last one's embedding.
+    """
+    d = module.img.head[Levels.MESO].out_features
+    has = _embedded(module, batcher, expression)
+    out = {
+        lv: {side: np.zeros((batcher.levels[lv].n, d), dtype=np.float32) if ok else None for side, ok in s.items()}
+        for lv, s in has.items()
+    }
+    for lv, side, ids, emb in _node_batches(module, batcher, batch_size=batch_size, expression=expression):
+        out[lv][side][ids] = emb
+    return out
+
+
+def embed_units(
+    module: SigmmaModule,
+    batcher: SubgraphBatcher,
+    unit_level: str,
+    n_units: int,
+    *,
+    batch_size: int,
+    expression: bool,
+    context_weight: float = 1.0,
+) -> dict[str, np.ndarray | None]:
+    """Per-unit embeddings straight from the subgraph batches (what ``Sigmma.get_embeddings`` returns).
+
+    The outputs are allocated once (float32) and filled batch by batch: each batch's node
+    embeddings go to the rows of their units and are dropped, so memory is the output plus one
+    batch, never a per-level array of every node. Same values as :func:`unit_embeddings` of
+    :func:`embed_nodes`.
+    """
+    d = module.img.head[Levels.MESO].out_features
+    writer = UnitEmbeddingWriter(batcher.levels, unit_level, n_units, _embedded(module, batcher, expression), d)
+    for lv, side, ids, emb in _node_batches(module, batcher, batch_size=batch_size, expression=expression):
+        writer.add(lv, side, ids, emb)
+    return writer.finish(context_weight=context_weight)
 
 
 def batch_levels(batch: dict[str, Any]) -> tuple[str, ...]:
@@ -645,6 +724,133 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
 
+def _units_of_nodes(node: np.ndarray, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indptr, units)``: the units of node ``i`` are ``units[indptr[i]:indptr[i + 1]]`` (``-1``: no node)."""
+    ok = node >= 0
+    indptr = np.zeros(n_nodes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(node[ok], minlength=n_nodes), out=indptr[1:])
+    return indptr, np.flatnonzero(ok)[np.argsort(node[ok], kind="stable")]
+
+
+def _expand(indptr: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``indptr[i] .. indptr[i + 1]`` of every ``i`` in ``ids``, and which entry of ``ids`` each came from."""
+    start, count = indptr[ids], indptr[ids + 1] - indptr[ids]
+    which = np.repeat(np.arange(len(ids)), count)
+    return np.repeat(start - np.cumsum(count) + count, count) + np.arange(int(count.sum())), which
+
+
+class UnitEmbeddingWriter:
+    """Per-unit embedding arrays, filled from node embeddings as they come (the contract of ``Sigmma.get_embeddings``).
+
+    ``"{level}_{img|expr}"``: the embedding of the unit's node at that level (unit norm); for levels
+    finer than the units (nuclei inside spots) the normalised mean of the unit's children, which
+    must all come in one :meth:`add`. ``"img"`` / ``"expr"`` (:meth:`finish`): the concatenation of
+    the unit-level block and the coarser blocks (each unit norm, the coarser ones scaled by
+    ``context_weight``), re-normalised. ``"joint"``: normalised ``img + expr`` (``img`` alone
+    without expression). A node given twice keeps the last embedding.
+
+    Parameters
+    ----------
+    levels
+        The model's level inputs (``members`` of the unit level, ``parent`` arrays).
+    unit_level
+        Level whose nodes are the units.
+    n_units
+        Units (table rows).
+    embedded
+        ``{level: {side: bool}}``: which blocks exist (the others are ``None``).
+    dim
+        Embedding size of a block.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> meso = LevelInput("meso", 2, np.zeros((2, 0), "int64"), None, None, sp.identity(2, format="csr"))
+    >>> w = UnitEmbeddingWriter({"meso": meso}, "meso", 2, {"meso": {"img": True, "expr": False}}, 2)
+    >>> w.add("meso", "img", np.array([1, 0]), np.array([[0.0, 2.0], [3.0, 4.0]], np.float32))
+    >>> w.finish()["img"]
+    array([[0.6, 0.8],
+           [0. , 1. ]], dtype=float32)
+    """
+
+    #: Units per block of the final concatenation (bounds its temporaries).
+    CHUNK = 65_536
+
+    def __init__(
+        self,
+        levels: dict[str, LevelInput],
+        unit_level: str,
+        n_units: int,
+        embedded: dict[str, dict[str, bool]],
+        dim: int,
+    ) -> None:
+        self.levels, self.unit_level, self.n_units = levels, unit_level, int(n_units)
+        idx = unit_node_index(levels, unit_level, self.n_units)
+        self._order = [lv for lv in Levels.ALL if lv in embedded]
+        # node -> its units (CSR): each batch's rows are scattered to the units without a per-node array.
+        self._units: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for lv in idx:
+            if lv in embedded or lv == unit_level:
+                self._units[lv] = _units_of_nodes(idx[lv], levels[lv].n)
+        self.out: dict[str, np.ndarray | None] = {}
+        for lv in self._order:
+            for side in ("img", "expr"):
+                self.out[f"{lv}_{side}"] = np.zeros((self.n_units, dim), np.float32) if embedded[lv][side] else None
+        self._concat = [lv for lv in self._order if lv in idx and self.out[f"{lv}_img"] is not None]
+
+    def add(self, level: str, side: str, ids: np.ndarray, emb: np.ndarray) -> None:
+        """Write the embeddings ``emb`` ``(n, d)`` of the nodes ``ids`` of ``level`` into their units' rows."""
+        target = self.out[f"{level}_{side}"]
+        if target is None or len(ids) == 0:
+            return
+        ids = np.asarray(ids, dtype=np.int64)
+        if level in self._units:
+            indptr, units = self._units[level]
+            pos, which = _expand(indptr, ids)
+            target[units[pos]] = _normalize(emb)[which]
+            return
+        # Finer than the units: the mean of each unit node's children (summed in node order, float64).
+        parent = self.levels[level].parent
+        order = np.argsort(ids, kind="stable")
+        ids, emb = ids[order], emb[order]
+        ok = parent[ids] >= 0
+        nodes, inverse = np.unique(parent[ids[ok]], return_inverse=True)
+        acc = np.zeros((len(nodes), emb.shape[1]), dtype=np.float64)
+        np.add.at(acc, inverse, emb[ok])
+        indptr, units = self._units[self.unit_level]
+        pos, which = _expand(indptr, nodes)
+        target[units[pos]] = _normalize(acc)[which]
+
+    def finish(self, *, context_weight: float = 1.0) -> dict[str, np.ndarray | None]:
+        """Return the per-level blocks and their concatenations ``img`` / ``expr`` / ``joint`` (built by blocks of units)."""
+        out = self.out
+        concat = self._concat
+        # The finest block is the unit's own view; a model without the unit level (the single-scale
+        # baseline on cells) has its meso block there, which must not be weighted away as context.
+        own = concat[0] if concat else self.unit_level
+        width = len(concat) * (out[f"{concat[0]}_img"].shape[1] if concat else 0)
+        for side in ("img", "expr"):
+            blocks = [out[f"{lv}_{side}"] for lv in concat]
+            out[side] = (
+                np.zeros((self.n_units, width), np.float32) if blocks and all(b is not None for b in blocks) else None
+            )
+        both = out["img"] is not None and out["expr"] is not None
+        if both:
+            out["joint"] = np.zeros((self.n_units, width), np.float32)
+        for r0 in range(0, self.n_units, self.CHUNK):
+            rows = slice(r0, min(r0 + self.CHUNK, self.n_units))
+            for side in ("img", "expr"):
+                if out[side] is not None:
+                    blocks = [out[f"{lv}_{side}"][rows] for lv in concat]
+                    blocks = [b if lv == own else context_weight * b for lv, b in zip(concat, blocks)]
+                    out[side][rows] = _normalize(np.concatenate(blocks, axis=1))
+            if both:
+                out["joint"][rows] = _normalize(out["img"][rows] + out["expr"][rows])
+        if not both:
+            out["joint"] = out["img"]
+        return out
+
+
 def unit_embeddings(
     node_emb: dict[str, dict[str, np.ndarray | None]],
     levels: dict[str, LevelInput],
@@ -653,46 +859,12 @@ def unit_embeddings(
     *,
     context_weight: float = 1.0,
 ) -> dict[str, np.ndarray | None]:
-    """Per-unit embeddings from node embeddings (the contract of ``Sigmma.get_embeddings``).
-
-    ``"{level}_{img|expr}"``: the embedding of the unit's node at that level; for levels finer than
-    the units (nuclei inside spots) the normalised mean of the unit's children. ``"img"`` / ``"expr"``:
-    the concatenation of the unit-level block and the coarser blocks (each unit norm, the coarser
-    ones scaled by ``context_weight``), re-normalised. ``"joint"``: normalised ``img + expr``
-    (``img`` alone without expression).
-    """
-    idx = unit_node_index(levels, unit_level, n_units)
-    out: dict[str, np.ndarray | None] = {}
-    order = [lv for lv in Levels.ALL if lv in node_emb]
-    for lv in order:
-        for side in ("img", "expr"):
-            emb = node_emb[lv][side]
-            if emb is None:
-                out[f"{lv}_{side}"] = None
-                continue
-            if lv in idx:
-                rows = idx[lv]
-                u = np.where((rows >= 0)[:, None], emb[np.maximum(rows, 0)], 0.0)
-            else:
-                # Finer than the units: mean of the children of each unit's node.
-                parent = levels[lv].parent
-                n_unit_nodes = levels[unit_level].n
-                acc = np.zeros((n_unit_nodes, emb.shape[1]), dtype=np.float64)
-                ok = parent >= 0
-                np.add.at(acc, parent[ok], emb[ok])
-                rows = idx[unit_level]
-                u = np.where((rows >= 0)[:, None], acc[np.maximum(rows, 0)], 0.0)
-            out[f"{lv}_{side}"] = _normalize(u)
-    # Both sides concatenate the same levels, so that img + expr lines up block by block.
-    concat = [lv for lv in order if lv in idx and out[f"{lv}_img"] is not None]
-    # The finest block is the unit's own view; a model without the unit level (the single-scale
-    # baseline on cells) has its meso block there, which must not be weighted away as context.
-    own = concat[0] if concat else unit_level
-    for side in ("img", "expr"):
-        blocks = [out[f"{lv}_{side}"] for lv in concat]
-        if all(b is not None for b in blocks):
-            blocks = [b if lv == own else context_weight * b for lv, b in zip(concat, blocks)]
-        ok = blocks and all(b is not None for b in blocks)
-        out[side] = _normalize(np.concatenate(blocks, axis=1)) if ok else None
-    out["joint"] = out["img"] if out["expr"] is None else _normalize(out["img"] + out["expr"])
-    return out
+    """Per-unit embeddings from every node's embedding (see :class:`UnitEmbeddingWriter`)."""
+    dim = next((e.shape[1] for s in node_emb.values() for e in s.values() if e is not None), 0)
+    embedded = {lv: {side: e is not None for side, e in s.items()} for lv, s in node_emb.items()}
+    writer = UnitEmbeddingWriter(levels, unit_level, n_units, embedded, dim)
+    for lv, sides in node_emb.items():
+        for side, emb in sides.items():
+            if emb is not None:
+                writer.add(lv, side, np.arange(len(emb)), emb)
+    return writer.finish(context_weight=context_weight)

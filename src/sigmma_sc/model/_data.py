@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-from sigmma_sc._constants import Defaults, Levels
+from sigmma_sc._constants import Defaults, Keys, Levels
 
 if TYPE_CHECKING:
     import torch
@@ -211,6 +212,10 @@ class SubgraphBatcher:
         Mark, per batch, a subset of macro regions whose meso members do not overlap (greedy, in a
         seeded random order) for the macro-level loss (``macro_loss_mask``, with the seed of the
         draw in ``macro_mask_seed``: under DDP the loss redraws the mask on the global batch).
+    node_batch
+        ``(n_meso,)`` int batch code of every meso node (its section, its patient: see
+        :func:`node_batches`), or ``None``. When given, every batch carries the code of each loss
+        row (``{level}_batch``), and the loss draws a row's negatives from its own batch only.
 
     Examples
     --------
@@ -228,6 +233,7 @@ class SubgraphBatcher:
     inter_hops: int = 1
     expr_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     disjoint_macro: bool = False
+    node_batch: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if Levels.MESO not in self.use_levels:
@@ -317,6 +323,9 @@ class SubgraphBatcher:
             out["meso_edges"] = subgraph_edges(self.meso_adj, ctx)
         if self.has_expression(Levels.MESO):
             out["meso_expr"] = self._expr(Levels.MESO, ctx)
+        target_batch = None if self.node_batch is None else np.asarray(self.node_batch[meso_ids], dtype=np.int64)
+        if target_batch is not None:
+            out["meso_batch"] = target_batch
 
         if self.use_micro:
             ch = sp.coo_matrix(self.micro_children[ctx])
@@ -342,6 +351,8 @@ class SubgraphBatcher:
                 rng = np.random.default_rng(seed)
                 target = np.sort(rng.choice(target, max_micro_pairs, replace=False))
             out["micro_target"] = target
+            if target_batch is not None:
+                out["micro_batch"] = target_batch[micro_parent[target]]
             if self.has_expression(Levels.MICRO):
                 out["micro_expr"] = self._expr(Levels.MICRO, micro_ids)
 
@@ -356,6 +367,11 @@ class SubgraphBatcher:
                 out["macro_img"] = macro.features[macro_ids]
             if self.has_expression(Levels.MACRO):
                 out["macro_expr"] = self._expr(Levels.MACRO, macro_ids)
+            if target_batch is not None:
+                # A region is the parent of targets of one batch (regions never cross sections).
+                macro_batch = np.empty(macro_ids.size, dtype=np.int64)
+                macro_batch[macro_of_target] = target_batch
+                out["macro_batch"] = macro_batch
             if self.disjoint_macro:
                 # The mask of this batch alone (one device); under DDP the loss redraws it on the
                 # global batch from the gathered regions and rank 0's seed (_losses.coarse_rows).
@@ -416,3 +432,63 @@ def expression_stats(
         std = np.maximum(std, max(1e-2, 0.1 * float(np.median(std))))
         stats[name] = (mean.astype(np.float32), std.astype(np.float32))
     return stats
+
+
+def node_batches(members: sp.spmatrix, unit_codes: np.ndarray) -> np.ndarray:
+    """Batch code of each node: the most frequent code among the units it sums (``-1`` for nodes without units).
+
+    Parameters
+    ----------
+    members
+        ``(n_nodes, n_units)`` 0/1 membership (a level's ``members``).
+    unit_codes
+        ``(n_units,)`` int codes ``>= 0`` of each unit's batch (section, patient, ...).
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> members = sp.csr_matrix(np.array([[1, 1, 0], [0, 0, 1], [0, 0, 0]]))
+    >>> node_batches(members, np.array([2, 2, 0])).tolist()
+    [2, 0, -1]
+    """
+    codes = np.asarray(unit_codes, dtype=np.int64)
+    m = sp.csr_matrix(members, dtype=np.float32)
+    if codes.shape != (m.shape[1],) or (codes < 0).any():
+        raise ValueError(f"unit_codes must be {m.shape[1]} non-negative ints (one per unit), got shape {codes.shape}.")
+    onehot = sp.csr_matrix(
+        (np.ones(codes.size, dtype=np.float32), (np.arange(codes.size), codes)),
+        shape=(codes.size, int(codes.max(initial=0)) + 1),
+    )
+    tally = (m @ onehot).toarray()
+    out = tally.argmax(axis=1).astype(np.int64)
+    out[tally.sum(axis=1) == 0] = -1
+    return out
+
+
+def unit_batch_codes(table: Any, unit_section: np.ndarray, batch_key: str | None) -> np.ndarray | None:
+    """Batch code of every unit of a table: its section for ``batch_key="section"``, else the codes of an ``obs`` column.
+
+    ``None`` for ``batch_key=None`` (no batches). The section comes from the validated slide
+    (:attr:`sigmma_sc.io.SlideData.unit_section`), so it exists for every table ``io.validate``
+    accepts; another key must be a complete ``obs`` column.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np, pandas as pd
+    >>> t = ad.AnnData(np.zeros((3, 1)), obs=pd.DataFrame({"patient": ["p1", "p2", "p1"]}, index=list("abc")))
+    >>> unit_batch_codes(t, np.zeros(3, int), "patient").tolist()
+    [0, 1, 0]
+    """
+    if batch_key is None:
+        return None
+    if batch_key == Keys.SECTION:
+        return np.asarray(unit_section, dtype=np.int64)
+    if batch_key not in table.obs:
+        raise KeyError(
+            f"batch_key={batch_key!r} is not an obs column of the table (columns: {list(table.obs.columns)}); "
+            f"pass an existing column, {Keys.SECTION!r} (the default) or None."
+        )
+    values = table.obs[batch_key]
+    if values.isna().any():
+        raise ValueError(f"obs[{batch_key!r}] has missing values: every unit needs a batch (batch_key=).")
+    return pd.factorize(values.astype(str))[0].astype(np.int64)

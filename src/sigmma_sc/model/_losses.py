@@ -156,6 +156,7 @@ def info_nce(
     soft: bool = False,
     mask: torch.Tensor | None = None,
     gather: bool = True,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between paired, L2-normalised rows.
 
@@ -174,6 +175,11 @@ def info_nce(
     gather
         Gather the (kept) rows of every device first, for negatives across devices; ``False`` when
         the rows are already the global batch's.
+    groups
+        ``(n,)`` int batch code of each row (its section, its patient), or ``None``: a row's
+        negatives are then the rows of its own group only. Rows of other groups would otherwise be
+        told apart by whatever marks their batch in both modalities (stain, depth, section-wide
+        composition), and the loss would reward embedding the batch.
 
     Examples
     --------
@@ -181,21 +187,37 @@ def info_nce(
     >>> z = F.normalize(torch.randn(8, 4), dim=-1)
     >>> float(info_nce(z, z, torch.tensor(100.0))) < float(info_nce(z, z.roll(1, 0), torch.tensor(100.0)))
     True
+    >>> # Two groups of four: each row's negatives are the three other rows of its group.
+    >>> g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    >>> float(info_nce(z, z, torch.tensor(1.0), groups=g)) < float(info_nce(z, z, torch.tensor(1.0)))
+    True
     """
     if mask is not None:
         z_img, z_expr = z_img[mask], z_expr[mask]
+        groups = None if groups is None else groups[mask]
     if gather:
         z_img, z_expr = gather_with_grad(z_img), gather_with_grad(z_expr)
+        groups = None if groups is None else gather_ids(groups)
     n = z_img.shape[0]
     if n < 2:
         return z_img.sum() * 0.0
     logits = logit_scale * z_img @ z_expr.T
+    other = None
+    if groups is not None and bool((groups != groups[0]).any()):
+        other = groups[:, None] != groups[None, :]
+        logits = logits.masked_fill(other, float("-inf"))
     if soft:
         with torch.no_grad():
-            within = 0.5 * (z_img @ z_img.T + z_expr @ z_expr.T)
-            target = F.softmax(logit_scale * within, dim=-1)
-        loss_i = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        loss_e = torch.sum(-target.T * F.log_softmax(logits.T, dim=-1), dim=-1).mean()
+            within = logit_scale * 0.5 * (z_img @ z_img.T + z_expr @ z_expr.T)
+            if other is not None:
+                within = within.masked_fill(other, float("-inf"))
+            target = F.softmax(within, dim=-1)
+        logp_i, logp_e = F.log_softmax(logits, dim=-1), F.log_softmax(logits.T, dim=-1)
+        if other is not None:
+            # Masked pairs have target 0 and log-probability -inf: 0 * -inf would be NaN.
+            logp_i, logp_e = logp_i.masked_fill(other, 0.0), logp_e.masked_fill(other, 0.0)
+        loss_i = torch.sum(-target * logp_i, dim=-1).mean()
+        loss_e = torch.sum(-target.T * logp_e, dim=-1).mean()
     else:
         target = torch.arange(n, device=logits.device)
         loss_i = F.cross_entropy(logits, target)
@@ -276,13 +298,15 @@ class ContrastiveLoss(nn.Module):
         for lv in self.pair_levels:
             mask = batch.get(f"{lv}_loss_mask") if lv in self.disjoint_levels else None
             soft = lv in self.soft_levels
+            groups = batch.get(f"{lv}_batch")
             if lv == Levels.MACRO and world_size() > 1:
                 # Regions: deduplicated (and masked) on the global batch, after the gather.
                 rows = coarse_rows(batch, lv, disjoint=mask is not None)
                 zi, ze = gather_with_grad(img[lv])[rows], gather_with_grad(expr[lv])[rows]
-                terms[f"loss_{lv}"] = info_nce(zi, ze, self.scale(lv), soft=soft, gather=False)
+                groups = None if groups is None else gather_ids(groups)[rows]
+                terms[f"loss_{lv}"] = info_nce(zi, ze, self.scale(lv), soft=soft, gather=False, groups=groups)
             else:
-                terms[f"loss_{lv}"] = info_nce(img[lv], expr[lv], self.scale(lv), soft=soft, mask=mask)
+                terms[f"loss_{lv}"] = info_nce(img[lv], expr[lv], self.scale(lv), soft=soft, mask=mask, groups=groups)
             total = total + self.level_weights[lv] * terms[f"loss_{lv}"]
         if self.consistency_weight > 0:
             cons = []

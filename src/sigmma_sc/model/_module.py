@@ -23,7 +23,10 @@ class SubgraphBatches(Dataset):
 
     Items are batches (not nodes) so that Lightning's distributed sampler splits batches across
     devices, and each device builds its own subgraph tensors. The node order is reshuffled every
-    epoch from ``(seed, epoch)``: deterministic for a given seed.
+    epoch from ``(seed, epoch)``: deterministic for a given seed. With ``groups``, every batch
+    holds the nodes of one group (a section, a patient): the group's nodes are shuffled and cut
+    into batches, and the batches of all groups are shuffled together, so that a batch's negatives
+    share its section.
 
     Parameters
     ----------
@@ -37,6 +40,8 @@ class SubgraphBatches(Dataset):
         Reshuffle every epoch (training) or keep the order (validation, embedding).
     seed
         Base seed of the shuffles.
+    groups
+        ``(len(nodes),)`` int group of each node, or ``None`` (one group).
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class SubgraphBatches(Dataset):
         seed: int = 0,
         max_micro_pairs: int | None = None,
         max_children: int | None = None,
+        groups: np.ndarray | None = None,
     ) -> None:
         self.batcher = batcher
         self.nodes = np.asarray(nodes, dtype=np.int64)
@@ -58,29 +64,44 @@ class SubgraphBatches(Dataset):
         self.epoch = 0
         self.max_micro_pairs = max_micro_pairs
         self.max_children = max_children
-        n = self.nodes.size
+        codes = np.zeros(self.nodes.size, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+        if codes.shape != self.nodes.shape:
+            raise ValueError(f"groups must give one code per node ({self.nodes.size}), got shape {codes.shape}.")
+        self.group_nodes = [self.nodes[codes == g] for g in np.unique(codes)]
+        self.group_batches = [self._n_batches(g.size) for g in self.group_nodes]
+        self.n_batches = max(1, sum(self.group_batches))
+        self._plan: tuple[int, list[np.ndarray]] | None = None
+
+    def _n_batches(self, n: int) -> int:
         n_batches = max(1, math.ceil(n / self.batch_size))
         # A training batch of one subgraph has no negatives: fold a tiny tail into the previous batch.
-        if shuffle and n_batches > 1 and n - (n_batches - 1) * self.batch_size < 2:
+        if self.shuffle and n_batches > 1 and n - (n_batches - 1) * self.batch_size < 2:
             n_batches -= 1
-        self.n_batches = n_batches
+        return n_batches
 
     def __len__(self) -> int:
         return self.n_batches
 
-    def _bounds(self, i: int) -> tuple[int, int]:
-        start = i * self.batch_size
-        stop = self.nodes.size if i == self.n_batches - 1 else start + self.batch_size
-        return start, stop
+    def batches(self) -> list[np.ndarray]:
+        """Node ids of every batch of the current epoch, in the order they are served."""
+        if self._plan is not None and self._plan[0] == self.epoch:
+            return self._plan[1]
+        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+        out: list[np.ndarray] = []
+        for nodes, n_batches in zip(self.group_nodes, self.group_batches):
+            order = rng.permutation(nodes) if rng is not None else nodes
+            starts = [b * self.batch_size for b in range(n_batches)]
+            out += [order[a : (starts[j + 1] if j + 1 < n_batches else order.size)] for j, a in enumerate(starts)]
+        if rng is not None and len(self.group_nodes) > 1:
+            out = [out[j] for j in rng.permutation(len(out))]
+        out = out or [self.nodes]
+        self._plan = (self.epoch, out)
+        return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        order = self.nodes
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.nodes)
-        start, stop = self._bounds(i)
         seed = int(np.random.default_rng([self.seed, self.epoch, i]).integers(2**31))
         return self.batcher.batch(
-            order[start:stop], seed=seed, max_micro_pairs=self.max_micro_pairs, max_children=self.max_children
+            self.batches()[i], seed=seed, max_micro_pairs=self.max_micro_pairs, max_children=self.max_children
         )
 
 

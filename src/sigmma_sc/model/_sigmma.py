@@ -19,11 +19,12 @@ import scipy.sparse as sp
 from sigmma_sc import io
 from sigmma_sc._constants import Choices, Defaults, Keys, Levels
 from sigmma_sc._logging import logger
-from sigmma_sc._utils import jsonable, uns_safe, versions
-from sigmma_sc.pp import FeatureKey, available_encoders
+from sigmma_sc._settings import settings
+from sigmma_sc._utils import array_digest, image_digest, jsonable, sparse_digest, uns_safe, versions
+from sigmma_sc.pp import FeatureKey, available_encoders, get_encoder
 
 from ._config import TrainConfig
-from ._data import ExpressionSource, LevelInput
+from ._data import ExpressionSource, LevelInput, node_batches, unit_batch_codes
 from ._inputs import (
     build_reference,
     default_min_detected,
@@ -282,6 +283,43 @@ def _check_dims(path: Path, config: dict[str, Any], genes: list[str], stats: dic
 
 
 # ---------------------------------------------------------------------------------------------
+# what a rerun needs: the data's fingerprint and the run's checkpoint folder
+# ---------------------------------------------------------------------------------------------
+def data_fingerprint(slide: Any, matrix: Any) -> dict[str, Any]:
+    """SHA-256 fingerprints of what a fit reads: the expression matrix with unit and gene names, each section image.
+
+    Images: a strided sample of the pyramid's coarsest level plus every level's shape and dtype
+    (:func:`sigmma_sc._utils.image_digest`), so the cost does not grow with the slide.
+    """
+    names = array_digest(np.asarray(slide.table.obs_names, dtype=str), np.asarray(slide.table.var_names, dtype=str))
+    images = {}
+    for section, image in slide.images.items():
+        pyramid = [image.level_array(lv) for lv in range(image.n_levels)]
+        images[section] = image_digest(pyramid, samples=Defaults.FINGERPRINT_SAMPLES)
+    return {
+        "counts": sparse_digest(matrix),
+        "names": names,
+        "images": images,
+        "n_units": int(slide.table.n_obs),
+        "n_genes": int(slide.table.n_vars),
+    }
+
+
+#: Parameters that do not change what a run computes (left out of its checkpoint folder's name).
+_RUN_IRRELEVANT = ("resume", "checkpoint_dir")
+
+
+def run_folder(params: dict[str, Any], genes: Sequence[str]) -> Path:
+    """Return the checkpoint folder of a run in :attr:`sigmma_sc.settings.cachedir`, named after its data, genes and parameters.
+
+    An interrupted run and its rerun with ``resume=True`` (same data, same arguments) share it.
+    """
+    relevant = {k: v for k, v in params.items() if k not in _RUN_IRRELEVANT}
+    digest = array_digest(np.asarray(list(genes), dtype=str), extra=json.dumps(relevant, sort_keys=True, default=str))
+    return settings.cachedir / "checkpoints" / digest[:24]
+
+
+# ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
 class Sigmma:
@@ -401,6 +439,7 @@ class Sigmma:
         hierarchy_kwargs: dict[str, Any] | None = None,
         context_weight: float | None = None,
         feature_norm: str = Defaults.FEATURE_NORM,
+        trainer_kwargs: dict[str, Any] | None = None,
     ) -> tuple[Sigmma, dict[str, np.ndarray | None]]:
         """Train a model on a slide; the array-level work behind :func:`sigmma_sc.tl.fit`.
 
@@ -414,8 +453,10 @@ class Sigmma:
             SpatialData with H&E images and a table of units with counts.
         config
             Every training hyper-parameter (:class:`TrainConfig`).
-        table_key, encoder, n_genes, min_detected, genes, feature_method, stain_normalize, hierarchy_kwargs, context_weight, feature_norm
-            As in :func:`sigmma_sc.tl.fit`.
+        table_key, encoder, n_genes, min_detected, genes, feature_method, stain_normalize, hierarchy_kwargs, context_weight, feature_norm, trainer_kwargs
+            As in :func:`sigmma_sc.tl.fit`. Without ``config.checkpoint_dir``, the checkpoints go to a
+            folder of :attr:`sigmma_sc.settings.cachedir` named after the data, the genes and the
+            parameters (``resume=True`` finds it), removed after a successful run.
 
         Returns
         -------
@@ -432,9 +473,12 @@ class Sigmma:
         """
         if feature_norm not in Choices.FEATURE_NORMS:
             raise ValueError(f"feature_norm must be one of {Choices.FEATURE_NORMS}, got {feature_norm!r}.")
+        TrainConfig.check_gene_options(n_genes, min_detected)
+        trainer_kwargs = TrainConfig.check_trainer_kwargs(trainer_kwargs)
         slide = io.validate(sdata, table_key=table_key)
         if not has_expression_matrix(slide.table):
             raise ValueError(f"table {table_key!r} holds no expression: training needs counts for its units.")
+        unit_batch = unit_batch_codes(slide.table, slide.unit_section, config.batch_key)
         min_detected = default_min_detected(slide.unit_kind) if min_detected is None else float(min_detected)
         base = {
             **jsonable(asdict(config)),
@@ -464,6 +508,7 @@ class Sigmma:
         base["log_normalized"] = bool(slide.log_normalized)
 
         matrix = expression_matrix(slide)
+        base["fingerprint"] = data_fingerprint(slide, matrix)
         genes = model_genes(slide, matrix, n_genes=n_genes, min_detected=min_detected, genes=genes)
         gene_idx = slide.table.var_names.get_indexer(genes)
         expression = ExpressionSource.from_counts(matrix, gene_idx, log_normalized=slide.log_normalized)
@@ -476,9 +521,19 @@ class Sigmma:
         config.levels = use
         base["levels"] = list(use)
         # _core imports torch and lightning at its top: loaded on first training / embedding.
+        import torch
+
         from ._core import train
 
-        module, history, expr_stats, seconds = train(levels, expression, config)
+        # Bit-identical reruns need the same thread count (CPU reductions split by thread): recorded.
+        base["torch_threads"] = int(torch.get_num_threads())
+        scratch = config.checkpoint_dir is None
+        if scratch:
+            config.checkpoint_dir = str(run_folder(base, genes))
+        batches = None if unit_batch is None else node_batches(levels[Levels.MESO].members, unit_batch)
+        module, history, expr_stats, seconds = train(
+            levels, expression, config, batches=batches, trainer_kwargs=trainer_kwargs, scratch=scratch
+        )
         base["fit_seconds"] = float(seconds)
         base["img_dims"] = {lv: int(m.net[0].in_features) for lv, m in module.img.mlp.items()}
         base["expr_dims"] = (
@@ -514,16 +569,23 @@ class Sigmma:
         self, slide: Any, hier: Any, levels: dict[str, LevelInput], expression: ExpressionSource | None
     ) -> dict[str, np.ndarray | None]:
         # _core imports torch and lightning at its top: loaded on first training / embedding.
-        from ._core import embed_nodes, make_batcher, unit_embeddings
+        from ._core import embed_units, make_batcher
 
         cfg = TrainConfig(**{f.name: self._config[f.name] for f in fields(TrainConfig) if f.name in self._config})
         cfg.levels = tuple(lv for lv in cfg.levels if lv in levels)
         batcher = make_batcher(levels, cfg, expression, self._expr_stats)
-        nodes = embed_nodes(self._module, batcher, batch_size=cfg.batch_size, expression=expression is not None)
         weight = self._config.get("context_weight")
         if weight is None:
             weight = default_context_weight(hier.unit_level)
-        return unit_embeddings(nodes, levels, hier.unit_level, slide.n_units, context_weight=float(weight))
+        return embed_units(
+            self._module,
+            batcher,
+            hier.unit_level,
+            slide.n_units,
+            batch_size=cfg.batch_size,
+            expression=expression is not None,
+            context_weight=float(weight),
+        )
 
     def get_embeddings(
         self,
@@ -758,11 +820,22 @@ class Sigmma:
         present = _verify_files(path, config, version)
         encoder = config["encoder"]
         known = available_encoders()
-        if encoder != "precomputed" and encoder not in known:
+        precomputed = str(encoder).startswith("precomputed")
+        if not precomputed and encoder not in known:
             raise ValueError(
                 f"the model's image encoder {encoder!r} ({_CONFIG_FILE} field 'encoder') is not available here "
                 f"(known: {known}); register it with sigmma_sc.pp.register_encoder before loading."
             )
+        if not precomputed:
+            dim = int(get_encoder(encoder).dim)
+            other = {lv: int(d) for lv, d in dict(config["img_dims"]).items() if int(d) != dim}
+            if other:
+                raise ValueError(
+                    f"the image encoder registered here as {encoder!r} gives {dim} features, but the model was "
+                    f"trained on {sorted(set(other.values()))} ({_CONFIG_FILE} img_dims {other}): it is another "
+                    "encoder under the same name. Register the encoder the model was trained with "
+                    "(sigmma_sc.pp.register_encoder) before loading."
+                )
         genes = [g for g in (path / _GENES_FILE).read_text().splitlines() if g]
         stats = _read_stats(path)
         _check_dims(path, config, genes, stats)

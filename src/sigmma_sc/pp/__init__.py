@@ -11,6 +11,7 @@ from ._nuclei import segment_nuclei
 from ._patches import extract_patches, iter_crops
 from ._precomputed import patch_features
 from ._stain import fit_stain_normalizer, hed_jitter, normalize_stain
+from ._workcopy import light_copy, write_back
 
 __all__ = [
     "Encoder",
@@ -29,12 +30,14 @@ __all__ = [
     "hed_jitter",
     "image_features",
     "iter_crops",
+    "light_copy",
     "normalize_stain",
     "patch_features",
     "register_encoder",
     "section_features",
     "segment_nuclei",
     "spatial_graphs",
+    "write_back",
 ]
 
 # Names that moved to sigmma_sc.model (feature scaling is a property of the model's inputs).

@@ -10,7 +10,7 @@ nodes x levels. Crop path: one encoder call per node view (fixed-size crops, for
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +23,12 @@ from sigmma_sc._settings import settings
 from sigmma_sc.io import get_table
 
 from ._encoders import DENSE_STRIDE, Encoder, get_encoder
-from ._hierarchy import ensure_hierarchy
+from ._feature_cache import SectionFeatureCache
+from ._hierarchy import ensure_hierarchy, get_hierarchy
 from ._patches import as_section_image, iter_crops
-from ._pooling import map_grid_shape, needed_cells, pool_windows, tile_rects, window_cells
+from ._pooling import TilePooler, map_grid_shape, needed_cells, tile_rects, window_cells
 from ._stain import StainNormalizer, fit_stain_normalizer, stain_target_id
+from ._workcopy import light_copy, write_back
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -73,7 +75,14 @@ def _is_tissue(rgb: np.ndarray) -> bool:
     return bool(np.mean(coloured | dark) >= _MIN_TISSUE_FRACTION)
 
 
-def dense_feature_map(
+def _check_dense(encoder: Encoder, tile_px: int, margin_px: int) -> None:
+    if not encoder.dense:
+        raise ValueError(f"encoder {encoder.id!r} has no stride-32 feature map; use method='crop'.")
+    if tile_px % DENSE_STRIDE or margin_px % DENSE_STRIDE or tile_px <= 0 or margin_px < 0:
+        raise ValueError(f"tile_px ({tile_px}) and margin_px ({margin_px}) must be non-negative multiples of 32.")
+
+
+def dense_tiles(
     image: Any,
     encoder: Encoder,
     *,
@@ -84,8 +93,12 @@ def dense_feature_map(
     tiles_per_batch: int = 4,
     stain: StainNormalizer | None = None,
     px_from_um: np.ndarray | None = None,
-) -> np.ndarray:
-    """Compute the encoder's stride-32 feature map over a whole section image.
+) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray]]:
+    """Stream the encoder's stride-32 feature map of a section image, one tile at a time.
+
+    Tiles are read lazily from the image (the pyramid level of the scale when there is one),
+    encoded ``tiles_per_batch`` at a time and yielded as soon as their batch is done, so memory is
+    bounded by the batch of tiles, never by the image.
 
     Parameters
     ----------
@@ -97,23 +110,88 @@ def dense_feature_map(
         1: native resolution; 2: downsampled 2x (a wider receptive field per map cell).
     needed
         ``(gh, gw)`` bool mask of the map cells that some node's window touches; tiles are trimmed
-        to them and tiles without any are skipped (cells left zero). Default: every cell.
+        to them and tiles without any are skipped. Default: every cell.
     tile_px, margin_px
         Tile core and context margin in pixels (multiples of 32); the encoder sees
         ``tile_px + 2 * margin_px`` pixels and the margin's map cells are dropped, so neighbouring
         tiles join without seams as long as the margin covers the receptive field that matters.
     tiles_per_batch
-        Tiles per forward pass.
+        Tiles per forward pass (the encoder's activations for this many tiles are the peak memory).
     stain
         Fitted stain normaliser applied to each tile before encoding.
     px_from_um
         Microns -> pixels affine when ``image`` is an array.
 
+    Yields
+    ------
+    ``(rect, block)``: ``rect = (a0, a1, b0, b1)`` map cells (see :func:`sigmma_sc.pp._pooling.tile_rects`)
+    and the ``(a1 - a0, b1 - b0, dim)`` float32 map over them; cell ``(i, j)`` covers full-resolution
+    pixels ``[32 s i, 32 s (i + 1)) x [32 s j, 32 s (j + 1))`` for ``s = scale``. Tiles with no tissue
+    get the map of a blank (white) tile (a read-only broadcast view).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import sigmma_sc as sg
+    >>> enc = sg.pp.get_encoder("efficientnet_lite0", device="cpu")
+    >>> tiles = dense_tiles(np.full((100, 70, 3), 255, np.uint8), enc, px_from_um=np.eye(3), tile_px=64, margin_px=32)
+    >>> [(rect, block.shape) for rect, block in tiles]
+    [((0, 2, 0, 2), (2, 2, 1280)), ((0, 2, 2, 3), (2, 1, 1280)), ((2, 4, 0, 2), (2, 2, 1280)), ((2, 4, 2, 3), (2, 1, 1280))]
+    """
+    _check_dense(encoder, tile_px, margin_px)
+    image = as_section_image(image, px_from_um)
+    if needed is None:
+        needed = np.ones(map_grid_shape(image.shape, scale), dtype=bool)
+    mcells = margin_px // DENSE_STRIDE
+    blank: np.ndarray | None = None
+    # Tiles trimmed at the tissue edge have other shapes: a batch stacks tiles of one shape.
+    groups: dict[tuple[int, int], list[tuple[tuple[int, int, int, int], np.ndarray]]] = {}
+
+    def flush(shape: tuple[int, int]) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray]]:
+        items = groups.pop(shape, [])
+        if items:
+            maps = encoder.encode_map(np.stack([rgb for _, rgb in items]))
+            for (a0, a1, b0, b1), m in zip((rect for rect, _ in items), maps):
+                yield (a0, a1, b0, b1), m[mcells : mcells + a1 - a0, mcells : mcells + b1 - b0]
+
+    rects = tile_rects(needed, tile_px)
+    for a0, a1, b0, b1 in _progress(rects, desc=f"dense features x{scale}", unit="tile", leave=False):
+        r0, c0 = a0 * DENSE_STRIDE - margin_px, b0 * DENSE_STRIDE - margin_px
+        r1, c1 = a1 * DENSE_STRIDE + margin_px, b1 * DENSE_STRIDE + margin_px
+        rgb = _read_scaled(image, scale, r0, r1, c0, c1)
+        if not _is_tissue(rgb[margin_px : -margin_px or None, margin_px : -margin_px or None]):
+            if blank is None:
+                side = tile_px + 2 * margin_px
+                white = encoder.encode_map(np.full((1, side, side, 3), 255, dtype=np.uint8))[0]
+                blank = white[white.shape[0] // 2, white.shape[1] // 2]
+            yield (a0, a1, b0, b1), np.broadcast_to(blank, (a1 - a0, b1 - b0, blank.shape[0]))
+            continue
+        if stain is not None:
+            rgb = stain.transform(rgb)
+        shape = rgb.shape[:2]
+        groups.setdefault(shape, []).append(((a0, a1, b0, b1), rgb))
+        if len(groups[shape]) >= tiles_per_batch:
+            yield from flush(shape)
+    for shape in list(groups):
+        yield from flush(shape)
+
+
+def dense_feature_map(image: Any, encoder: Encoder, *, scale: int = 1, **kwargs: Any) -> np.ndarray:
+    """Assemble the whole stride-32 feature map of an image from :func:`dense_tiles` (small images, inspection).
+
+    Memory grows with the image (``gh x gw x dim`` float32); :func:`section_features` pools the
+    tiles as they come instead and never holds this map.
+
+    Parameters
+    ----------
+    image, encoder, scale
+        As in :func:`dense_tiles`.
+    **kwargs
+        Further options of :func:`dense_tiles` (``needed``, ``tile_px``, ``margin_px``, ...).
+
     Returns
     -------
-    ``(gh, gw, dim)`` float32 map; cell ``(i, j)`` covers full-resolution pixels
-    ``[32 s i, 32 s (i + 1)) x [32 s j, 32 s (j + 1))`` for ``s = scale``. Tiles with no tissue get
-    the map of a blank (white) tile.
+    ``(gh, gw, dim)`` float32 map; cells of no tile (outside ``needed``) are zero.
 
     Examples
     --------
@@ -124,47 +202,13 @@ def dense_feature_map(
     >>> fmap.shape
     (4, 3, 1280)
     """
-    if not encoder.dense:
-        raise ValueError(f"encoder {encoder.id!r} has no stride-32 feature map; use method='crop'.")
-    if tile_px % DENSE_STRIDE or margin_px % DENSE_STRIDE or tile_px <= 0 or margin_px < 0:
-        raise ValueError(f"tile_px ({tile_px}) and margin_px ({margin_px}) must be non-negative multiples of 32.")
-    image = as_section_image(image, px_from_um)
-    gh, gw = map_grid_shape(image.shape, scale)
-    if needed is None:
-        needed = np.ones((gh, gw), dtype=bool)
-    mcells = margin_px // DENSE_STRIDE
-    rects = tile_rects(needed, tile_px)
-    fmap = np.zeros((gh, gw, encoder.dim), dtype=np.float32)
-    blank: np.ndarray | None = None
-    groups: dict[tuple[int, int], list[tuple[tuple[int, int, int, int], np.ndarray]]] = {}
-
-    def flush(shape: tuple[int, int]) -> None:
-        items = groups.pop(shape, [])
-        if not items:
-            return
-        maps = encoder.encode_map(np.stack([rgb for _, rgb in items]))
-        for (a0, a1, b0, b1), m in zip((rect for rect, _ in items), maps):
-            fmap[a0:a1, b0:b1] = m[mcells : mcells + a1 - a0, mcells : mcells + b1 - b0]
-
-    for a0, a1, b0, b1 in _progress(rects, desc=f"dense features x{scale}", unit="tile", leave=False):
-        r0, c0 = a0 * DENSE_STRIDE - margin_px, b0 * DENSE_STRIDE - margin_px
-        r1, c1 = a1 * DENSE_STRIDE + margin_px, b1 * DENSE_STRIDE + margin_px
-        rgb = _read_scaled(image, scale, r0, r1, c0, c1)
-        if not _is_tissue(rgb[margin_px : -margin_px or None, margin_px : -margin_px or None]):
-            if blank is None:
-                side = tile_px + 2 * margin_px
-                white = encoder.encode_map(np.full((1, side, side, 3), 255, dtype=np.uint8))[0]
-                blank = white[white.shape[0] // 2, white.shape[1] // 2]
-            fmap[a0:a1, b0:b1] = blank
-            continue
-        if stain is not None:
-            rgb = stain.transform(rgb)
-        shape = rgb.shape[:2]
-        groups.setdefault(shape, []).append(((a0, a1, b0, b1), rgb))
-        if len(groups[shape]) >= tiles_per_batch:
-            flush(shape)
-    for shape in list(groups):
-        flush(shape)
+    _check_dense(
+        encoder, kwargs.get("tile_px", Defaults.DENSE_TILE_PX), kwargs.get("margin_px", Defaults.DENSE_MARGIN_PX)
+    )
+    shape = as_section_image(image, kwargs.get("px_from_um")).shape
+    fmap = np.zeros((*map_grid_shape(shape, scale), encoder.dim), dtype=np.float32)
+    for (a0, a1, b0, b1), block in dense_tiles(image, encoder, scale=scale, **kwargs):
+        fmap[a0:a1, b0:b1] = block
     return fmap
 
 
@@ -259,10 +303,11 @@ def section_features(
         grid = map_grid_shape(image.shape, scale)
         windows = {lv: window_cells(image, centers_um[lv], float(fov_um[lv]), scale) for lv in levels}
         windows = {lv: w for lv, w in windows.items() if len(w[0])}
+        out.update({lv: np.zeros((0, enc.dim), np.float32) for lv in levels if lv not in windows})
         if not windows:
-            out.update({lv: np.zeros((0, enc.dim), np.float32) for lv in levels})
             continue
-        fmap = dense_feature_map(
+        pooler = TilePooler(windows, grid, tile_px // DENSE_STRIDE, enc.dim)
+        tiles = dense_tiles(
             image,
             enc,
             scale=scale,
@@ -272,9 +317,9 @@ def section_features(
             tiles_per_batch=max(1, batch_size // 16),
             stain=stain,
         )
-        for lv in levels:
-            out[lv] = pool_windows(fmap, windows[lv]) if lv in windows else np.zeros((0, enc.dim), np.float32)
-        del fmap
+        for rect, block in tiles:
+            pooler.add(rect, block)
+        out.update(pooler.result())
     return out
 
 
@@ -453,7 +498,13 @@ def image_features(
             stain_id = f"{stain_normalize}-{stain_target_id(stain_normalize, stain_reference)}"
     if method_used == "dense" and downsample != 1:
         method_used = f"dense{int(downsample)}x"
-    slide, hier = ensure_hierarchy(sdata, table_key=table_key, require_image=not enc.precomputed)
+    # Without a usable hierarchy, build it on a working copy: an error or an interrupt later leaves sdata as it was.
+    try:
+        get_hierarchy(sdata, table_key=table_key)
+        work = sdata
+    except (KeyError, ValueError):
+        work = light_copy(sdata, table_key=table_key)
+    slide, hier = ensure_hierarchy(work, table_key=table_key, require_image=not enc.precomputed)
     table = slide.table
     names = list(hier.levels)
     levels = names if levels is None else list(levels)
@@ -469,8 +520,12 @@ def image_features(
     ]
     if not todo:
         logger.info(f"image features {key.id!r} found in the table cache")
+        if work is not sdata:
+            write_back(work, sdata, table_key=table_key, before=sdata)
+            table = get_table(sdata, table_key)
         _write_features(table, key, {})
         return key
+    disk = SectionFeatureCache(key.id, batch_size=int(batch_size), downsample=int(downsample))
 
     if enc.precomputed:
         new = _precomputed_levels(table, hier, enc.obsm_key, todo)
@@ -479,27 +534,35 @@ def image_features(
         new = {lv: np.zeros((len(hier.levels[lv].centers_um), enc.dim), np.float32) for lv in todo}
         for code, section in enumerate(_progress(slide.sections, desc="image features", unit="section")):
             image = slide.images[section]
-            stain = None
-            if stain_normalize is not None:
-                thumb = image.level_array(image.best_level(image.um_per_px * 4))
-                stain = fit_stain_normalizer(thumb, method=stain_normalize, reference=stain_reference)
             rows = {lv: np.flatnonzero(np.asarray(hier.levels[lv].section) == code) for lv in todo}
-            feats = section_features(
-                image,
-                {lv: hier.levels[lv].centers_um[r] for lv, r in rows.items()},
-                {lv: fovs[lv] for lv in todo},
-                encoder=enc,
-                method="dense" if method_used.startswith("dense") else method_used,
-                stain=stain,
-                batch_size=batch_size,
-                downsample=downsample,
-            )
+            centers = {lv: hier.levels[lv].centers_um[r] for lv, r in rows.items()}
+            feats = disk.load(image, centers, fovs)
+            if feats is None:
+                stain = None
+                if stain_normalize is not None:
+                    thumb = image.level_array(image.best_level(image.um_per_px * 4))
+                    stain = fit_stain_normalizer(thumb, method=stain_normalize, reference=stain_reference)
+                feats = section_features(
+                    image,
+                    centers,
+                    {lv: fovs[lv] for lv in todo},
+                    encoder=enc,
+                    method="dense" if method_used.startswith("dense") else method_used,
+                    stain=stain,
+                    batch_size=batch_size,
+                    downsample=downsample,
+                )
+                disk.store(feats)
             for lv, r in rows.items():
                 new[lv][r] = feats[lv]
     bad = [lv for lv, f in new.items() if not np.all(np.isfinite(f))]
     if bad:
         raise FloatingPointError(f"non-finite image features at levels {bad} with encoder {enc.id!r}.")
+    if work is not sdata:
+        write_back(work, sdata, table_key=table_key, before=sdata)
+        table = get_table(sdata, table_key)
     _write_features(table, key, new)
+    disk.clear()
     return key
 
 

@@ -1,8 +1,9 @@
 """Pooling a dense feature map under node windows: pure numpy / scipy, no encoder and no image.
 
-The dense path of :mod:`sigmma_sc.pp._features` encodes each section image into a stride-32 map;
-these functions say which map cells a set of node windows needs, which tiles hold them, and pool
-the map under every window (area-weighted mean, exact for fractional windows).
+The dense path of :mod:`sigmma_sc.pp._features` encodes each section image into a stride-32 map,
+tile by tile; these functions say which map cells a set of node windows needs, which tiles hold
+them, and pool each tile into every window it overlaps as it arrives (area-weighted mean, exact for
+fractional windows), so no whole-section map is ever held.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from scipy import sparse
 from sigmma_sc._constants import Defaults
 
 from ._encoders import DENSE_STRIDE
-
-# Channel block of the summed-area table (float64): bounds its memory on large sections.
-_SAT_CHANNELS = 256
 
 
 def map_grid_shape(shape: tuple[int, int], scale: int) -> tuple[int, int]:
@@ -104,61 +102,123 @@ def _clip_windows(
     return v0, v1, u0, u1
 
 
-def _overlap_operator(
-    v0: np.ndarray, v1: np.ndarray, u0: np.ndarray, u1: np.ndarray, grid: tuple[int, int], span: int
-) -> sparse.csr_matrix:
-    """Sparse ``(n, gh gw)`` operator: map -> area-weighted mean over each window, for windows of at most ``span`` cells.
+def _axis_weights(a0: np.ndarray, a1: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cells ``[lo, hi)`` of one axis under each window ``[a0, a1)``: local indices and overlap / window length.
 
-    Small windows (the micro level's cells and bins) touch 1-4 cells: weighting them directly is
-    cheaper than the 16 reads of the summed-area table.
+    Returns ``(n, span)`` local cell indices (clamped into the range; their weight is then 0) and weights.
     """
-    gh, gw = grid
-    v0, v1, u0, u1 = _clip_windows(v0, v1, u0, u1, grid)
-    n = len(v0)
-    k = np.arange(span)
-
-    def axis_weights(a0: np.ndarray, a1: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.minimum(np.floor(a0), size - 1).astype(np.int64)[:, None] + k
-        w = np.clip(np.minimum(a1[:, None], idx + 1) - np.maximum(a0[:, None], idx), 0, None)
-        w[idx >= size] = 0
-        return np.minimum(idx, size - 1), w / (a1 - a0)[:, None]
-
-    ry, wy = axis_weights(v0, v1, gh)
-    cx, wx = axis_weights(u0, u1, gw)
-    cols = (ry[:, :, None] * gw + cx[:, None, :]).reshape(n, -1)
-    vals = (wy[:, :, None] * wx[:, None, :]).reshape(n, -1).astype(np.float32)
-    rows = np.repeat(np.arange(n), span * span)
-    return sparse.csr_matrix((vals.ravel(), (rows, cols.ravel())), shape=(n, gh * gw))
+    start = np.maximum(np.floor(a0).astype(np.int64), lo)
+    count = np.minimum(np.ceil(a1).astype(np.int64), hi) - start
+    span = max(int(count.max(initial=0)), 1)
+    idx = start[:, None] + np.arange(span)
+    w = np.clip(np.minimum(a1[:, None], idx + 1) - np.maximum(a0[:, None], idx), 0, None)
+    w[idx >= hi] = 0
+    return np.minimum(idx, hi - 1) - lo, w / (a1 - a0)[:, None]
 
 
-def _box_operator(
-    v0: np.ndarray, v1: np.ndarray, u0: np.ndarray, u1: np.ndarray, grid: tuple[int, int]
-) -> sparse.csr_matrix:
-    """Sparse ``(n, (gh + 1) (gw + 1))`` operator: summed-area table -> mean of the map over each window.
+class TilePooler:
+    """Area-weighted means of a dense map under node windows, accumulated as the map arrives tile by tile.
 
-    The summed-area table of a piecewise-constant map is bilinear inside each cell, so bilinear
-    interpolation of it at the four (fractional) window corners gives the exact area-weighted sum.
+    The dense path never holds a section's whole feature map: each encoded tile is pooled into the
+    windows it overlaps and dropped. A window's mean is the sum over map cells of the cell's value
+    times the fraction of the window it covers (exact for fractional windows), so a window spread
+    over several tiles gets each tile's share. Memory: the per-node outputs plus, per tile, a sparse
+    operator of the windows touching it.
+
+    Parameters
+    ----------
+    windows
+        ``{name: (row0, row1, col0, col1)}`` window arrays in map cells (from :func:`window_cells`);
+        windows sticking out of the map are clipped to it, windows entirely off it read their
+        nearest cell.
+    grid
+        ``(gh, gw)`` cells of the map.
+    tile_cells
+        Side of the tile blocks in cells: every tile given to :meth:`add` lies inside one block
+        ``[i * tile_cells, (i + 1) * tile_cells) x [j * tile_cells, (j + 1) * tile_cells)`` (as
+        :func:`tile_rects` cuts them).
+    dim
+        Channels of the map.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fmap = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+    >>> pooler = TilePooler({"a": (np.array([0.0]), np.array([2.0]), np.array([1.0]), np.array([3.0]))}, (4, 4), 2, 1)
+    >>> for a0, b0 in [(0, 0), (0, 2), (2, 0), (2, 2)]:  # four 2 x 2 tiles
+    ...     pooler.add((a0, a0 + 2, b0, b0 + 2), fmap[a0 : a0 + 2, b0 : b0 + 2])
+    >>> pooler.result()["a"]  # mean of cells (0..1, 1..2): 1, 2, 5, 6
+    array([[3.5]], dtype=float32)
     """
-    gh, gw = grid
-    v0, v1, u0, u1 = _clip_windows(v0, v1, u0, u1, grid)
-    area = (v1 - v0) * (u1 - u0)
-    n = len(v0)
-    rows, cols, vals = [], [], []
-    for y, x, sign in ((v1, u1, 1.0), (v0, u1, -1.0), (v1, u0, -1.0), (v0, u0, 1.0)):
-        y0 = np.minimum(np.floor(y), gh - 1).astype(np.int64)
-        x0 = np.minimum(np.floor(x), gw - 1).astype(np.int64)
-        fy, fx = y - y0, x - x0
-        for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (1, 0, fy * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 1, fy * fx)):
-            rows.append(np.arange(n))
-            cols.append((y0 + dy) * (gw + 1) + (x0 + dx))
-            vals.append(sign * w / area)
-    return sparse.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, (gh + 1) * (gw + 1))
-    )
+
+    def __init__(
+        self,
+        windows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+        grid: tuple[int, int],
+        tile_cells: int,
+        dim: int,
+    ) -> None:
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.tile_cells = int(tile_cells)
+        self.dim = int(dim)
+        self._blocks_wide = -(-self.grid[1] // self.tile_cells)
+        self._windows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._nodes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._out: dict[str, np.ndarray] = {}
+        for name, win in windows.items():
+            w = _clip_windows(*(np.asarray(a, dtype=np.float64) for a in win), self.grid)
+            self._windows[name] = w
+            self._nodes[name] = self._bucket(*w)
+            self._out[name] = np.zeros((len(w[0]), self.dim), dtype=np.float32)
+
+    def _bucket(self, v0: np.ndarray, v1: np.ndarray, u0: np.ndarray, u1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(block keys, nodes)`` sorted by key: one entry per (node, tile block) its window touches."""
+        c = self.tile_cells
+        r0, c0 = np.floor(v0).astype(np.int64), np.floor(u0).astype(np.int64)
+        r1 = np.maximum(np.ceil(v1).astype(np.int64), r0 + 1)
+        c1 = np.maximum(np.ceil(u1).astype(np.int64), c0 + 1)
+        bi0, bj0 = r0 // c, c0 // c
+        nbx = (c1 - 1) // c - bj0 + 1
+        count = ((r1 - 1) // c - bi0 + 1) * nbx
+        node = np.repeat(np.arange(len(v0), dtype=np.int64), count)
+        k = np.arange(len(node), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+        nbx = np.repeat(nbx, count)
+        key = (np.repeat(bi0, count) + k // nbx) * self._blocks_wide + np.repeat(bj0, count) + k % nbx
+        order = np.argsort(key, kind="stable")
+        return key[order], node[order]
+
+    def add(self, rect: tuple[int, int, int, int], block: np.ndarray) -> None:
+        """Pool one tile: ``block`` is the ``(a1 - a0, b1 - b0, dim)`` map over cells ``rect = (a0, a1, b0, b1)``."""
+        a0, a1, b0, b1 = (int(x) for x in rect)
+        h, w = a1 - a0, b1 - b0
+        if block.shape != (h, w, self.dim):
+            raise ValueError(f"tile {rect} needs a ({h}, {w}, {self.dim}) block, got {block.shape}.")
+        key = (a0 // self.tile_cells) * self._blocks_wide + b0 // self.tile_cells
+        flat = None
+        for name, (keys, nodes) in self._nodes.items():
+            lo, hi = np.searchsorted(keys, [key, key + 1])
+            if lo == hi:
+                continue
+            if flat is None:
+                flat = np.ascontiguousarray(block, dtype=np.float32).reshape(h * w, self.dim)
+            idx = nodes[lo:hi]
+            v0, v1, u0, u1 = (a[idx] for a in self._windows[name])
+            ry, wy = _axis_weights(v0, v1, a0, a1)
+            cx, wx = _axis_weights(u0, u1, b0, b1)
+            n = len(idx)
+            cols = (ry[:, :, None] * w + cx[:, None, :]).reshape(n, -1)
+            vals = (wy[:, :, None] * wx[:, None, :]).reshape(n, -1).astype(np.float32)
+            rows = np.repeat(np.arange(n), cols.shape[1])
+            op = sparse.csr_matrix((vals.ravel(), (rows, cols.ravel())), shape=(n, h * w))
+            self._out[name][idx] += op @ flat
+
+    def result(self) -> dict[str, np.ndarray]:
+        """``{name: (n, dim) float32}`` means; cells never added count as zeros."""
+        return self._out
 
 
 def pool_windows(fmap: np.ndarray, windows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """Mean of a feature map over each window: direct overlap weights for small windows, else a summed-area table (O(1) per window).
+    """Mean of a whole feature map over each window (area-weighted, exact for fractional windows).
 
     Parameters
     ----------
@@ -179,17 +239,6 @@ def pool_windows(fmap: np.ndarray, windows: tuple[np.ndarray, np.ndarray, np.nda
     array([[2.5]], dtype=float32)
     """
     gh, gw, dim = fmap.shape
-    v0, v1, u0, u1 = windows
-    span = int(np.ceil(np.max(np.maximum(v1 - v0, u1 - u0), initial=0.0))) + 1
-    if span <= 4:
-        return np.asarray(_overlap_operator(v0, v1, u0, u1, (gh, gw), span) @ fmap.reshape(-1, dim), dtype=np.float32)
-    op = _box_operator(*windows, grid=(gh, gw))
-    out = np.empty((op.shape[0], dim), dtype=np.float32)
-    sat = np.zeros((gh + 1, gw + 1, min(dim, _SAT_CHANNELS)), dtype=np.float64)
-    for c in range(0, dim, _SAT_CHANNELS):
-        k = min(_SAT_CHANNELS, dim - c)
-        s = sat[..., :k]
-        np.cumsum(fmap[..., c : c + k], axis=0, dtype=np.float64, out=s[1:, 1:])
-        np.cumsum(s[1:, 1:], axis=1, out=s[1:, 1:])
-        out[:, c : c + k] = op @ s.reshape(-1, k)
-    return out
+    pooler = TilePooler({"": windows}, (gh, gw), max(gh, gw, 1), dim)
+    pooler.add((0, gh, 0, gw), fmap)
+    return pooler.result()[""]

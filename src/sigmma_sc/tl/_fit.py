@@ -13,6 +13,9 @@ from sigmma_sc._logging import logger, timed
 from sigmma_sc._settings import settings
 from sigmma_sc.io import get_table, validate
 from sigmma_sc.model import Sigmma, TrainConfig, select_genes
+from sigmma_sc.pp import light_copy
+
+__all__ = ["fit", "light_copy"]  # light_copy: the working copy of fit and the baselines
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -44,6 +47,7 @@ def fit(
     patience: int = Defaults.PATIENCE,
     val_fraction: float = Defaults.VAL_FRACTION,
     coarse_targets: str = Defaults.COARSE_TARGETS,
+    batch_key: str | None = Defaults.BATCH_KEY,
     consistency_weight: float = Defaults.CONSISTENCY_WEIGHT,
     context_weight: float | None = None,
     level_weights: dict[str, float] | None = None,
@@ -61,6 +65,7 @@ def fit(
     hierarchy_kwargs: dict[str, Any] | None = None,
     checkpoint_dir: str | None = None,
     resume: bool | str | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
 ) -> Sigmma | tuple[Sigmma, SpatialData]:
     """Train SIGMMA (multi-scale graph contrastive alignment of H&E and expression) on a slide.
 
@@ -134,6 +139,13 @@ def fit(
         predicted by kNN-weighted reference expression / image->expression Recall@5 on the
         held-out section, chance 0.027): hard 0.427 / 0.271, soft 0.434 / 0.292, disjoint
         0.438 / 0.297, soft+disjoint 0.445 / 0.289; single-scale baseline 0.352 / 0.109.
+    batch_key
+        ``obs`` column of the batches (default: the section of each unit; ``"patient"``, a lab, ...
+        for slides that really differ). Every training mini-batch holds the subgraphs of one batch,
+        so a unit's negatives come from its own section: with negatives from other sections the
+        loss rewards embedding whatever marks a section in both modalities, and the embeddings
+        separate sections their inputs mix (see ``benchmarks/README.md``, "Integration").
+        ``None``: mini-batches mix all sections.
     consistency_weight
         Weight of the cross-scale term tying each node's embedding to its parent's.
     context_weight
@@ -163,11 +175,22 @@ def fit(
         Passed to :func:`sigmma_sc.pp.build_hierarchy` when the table has no hierarchy, e.g.
         ``{"connectivity_key": "spatial"}`` to build it on a squidpy graph already in the table.
     checkpoint_dir
-        Keep Lightning checkpoints here (default: a temporary folder, removed after training).
+        Keep Lightning checkpoints here. Default: a folder of :attr:`sigmma_sc.settings.cachedir`
+        named after the data, the genes and the parameters, removed after a successful run and
+        kept after an interrupt (for ``resume=True``).
     resume
         Continue an interrupted run (Ctrl+C, a crash, a time limit): ``True`` from the newest
-        ``last.ckpt`` of ``checkpoint_dir``, or the path of a checkpoint. Pass the other arguments
-        of the interrupted run; on CPU the result equals an uninterrupted run's.
+        ``last.ckpt`` of ``checkpoint_dir`` (default: the interrupted run's own folder, found
+        from the same data and arguments), or the path of a checkpoint. Pass the other arguments
+        of the interrupted run; on CPU the result equals an uninterrupted run's bit for bit.
+    trainer_kwargs
+        Extra options of the Lightning ``Trainer``: ``callbacks`` run after the package's own, a
+        ``logger`` (e.g. ``lightning.pytorch.loggers.CSVLogger("logs")``) replaces the default
+        none, any other ``Trainer`` argument (``max_time``, ``limit_train_batches``,
+        ``gradient_clip_val``, ``profiler``, ...) is passed on. Refused: the options the package
+        sets from its own keywords (``max_epochs``, ``accelerator``, ``devices``, ``num_nodes``,
+        ``strategy``, ``precision``, ``default_root_dir``, ``enable_checkpointing``,
+        ``deterministic``, ``enable_progress_bar``), each error naming the keyword to use.
 
     Returns
     -------
@@ -190,7 +213,10 @@ def fit(
     >>> sc.pp.neighbors(sdata["table"], use_rep="X_sigmma")  # doctest: +SKIP
     >>> hvg = sg.tl.fit(sdata, genes="highly_variable")  # doctest: +SKIP
 
-    The last line needs ``sc.pp.highly_variable_genes`` first. Quick runs on ``train``, 200
+    The last line needs ``sc.pp.highly_variable_genes`` first. A run stopped by Ctrl+C (the table
+    is then as before) continues with the same call plus ``resume=True``; on CPU the embeddings
+    equal an uninterrupted run's bit for bit (same ``seed``, same data, same
+    ``torch.get_num_threads()``). Quick runs on ``train``, 200
     synthetic cells whose hierarchy and image features are already cached in the table (see
     :class:`sigmma_sc.Sigmma`); one epoch and small layers only to keep the examples short:
 
@@ -209,6 +235,8 @@ def fit(
     keys = _output_keys(key_added, levels)
     _refuse_foreign_keys(table, keys)
     chosen = None if genes is None else select_genes(None, table.var, genes=genes)
+    TrainConfig.check_gene_options(n_genes, min_detected)
+    extra = TrainConfig.check_trainer_kwargs(trainer_kwargs)
     # Validate first: the data (units, images, counts) and the choices read later, before any hierarchy,
     # feature or training work. Genes without counts are allowed (never modelled unless asked for).
     validate(
@@ -226,6 +254,11 @@ def fit(
     ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+    if batch_key is not None and batch_key != Keys.SECTION and batch_key not in table.obs:
+        raise KeyError(
+            f"batch_key={batch_key!r} is not an obs column of table {table_key!r}; pass an existing column, "
+            f"{Keys.SECTION!r} (the default) or None."
+        )
     config = TrainConfig(
         levels=tuple(levels),
         graph=bool(graph),
@@ -244,6 +277,7 @@ def fit(
         val_fraction=float(val_fraction),
         consistency_weight=float(consistency_weight),
         coarse_targets=coarse_targets,
+        batch_key=batch_key,
         level_weights=level_weights,
         seed=int(settings.seed if seed is None else seed),
         accelerator=accelerator,
@@ -277,6 +311,7 @@ def fit(
             hierarchy_kwargs=hierarchy_kwargs,
             context_weight=context_weight,
             feature_norm=feature_norm,
+            trainer_kwargs=extra,
         )
     obsm = {keys["joint"]: emb["joint"], keys["img"]: emb["img"], keys["expr"]: emb["expr"]}
     for lv in model.levels:
@@ -285,7 +320,7 @@ def fit(
     obsm = {k: np.asarray(v, dtype=np.float32) for k, v in obsm.items() if v is not None}
     # Everything is computed; now the writes, into sdata or its copy.
     target = _copy_sdata(sdata) if copy else sdata
-    _move_results(work, target, table_key, before=sdata)
+    pp.write_back(work, target, table_key=table_key, before=sdata)
     _write_fit(get_table(target, table_key), keys["uns"], obsm, model.to_uns())
     _write_scanpy_spatial(target, table_key)
     logger.info(
@@ -338,51 +373,6 @@ def _refuse_foreign_keys(table: AnnData, keys: dict[str, str]) -> None:
         )
 
 
-def _copy_dicts(value: Any) -> Any:
-    # Copies the dict structure (so writes into it stay local) while sharing the arrays inside.
-    if isinstance(value, dict):
-        return {k: _copy_dicts(v) for k, v in value.items()}
-    return value
-
-
-def light_copy(sdata: SpatialData, *, table_key: str = Keys.TABLE) -> SpatialData:
-    """Return a SpatialData sharing images and shapes with ``sdata`` but with its own table object.
-
-    The working copy of :func:`fit` and of the baselines: writes into the copy's ``obs``, ``obsm``,
-    ``obsp``, ``layers``, ``uns`` (dict structure) and element dicts do not reach ``sdata``; the
-    large arrays (counts, cached features, images) are shared, not duplicated.
-
-    Examples
-    --------
-    >>> tmp = light_copy(train)
-    >>> tmp["table"].uns["scratch"] = 1
-    >>> "scratch" in train["table"].uns, tmp["table"].X is train["table"].X
-    (False, True)
-    """
-    import anndata as ad
-    from spatialdata import SpatialData
-
-    table = get_table(sdata, table_key)
-    new = ad.AnnData(
-        X=table.X,
-        obs=table.obs.copy(),
-        var=table.var.copy(),
-        uns=_copy_dicts(dict(table.uns)),
-        obsm=dict(table.obsm),
-        obsp=dict(table.obsp),
-        layers=dict(table.layers),
-    )
-    tables = dict(sdata.tables)
-    tables[table_key] = new
-    return SpatialData(
-        images=dict(sdata.images),
-        labels=dict(sdata.labels),
-        points=dict(sdata.points),
-        shapes=dict(sdata.shapes),
-        tables=tables,
-    )
-
-
 def _copy_sdata(sdata: SpatialData) -> SpatialData:
     # copy=True: tables, shapes and attrs copied; images, labels, points (lazy, never modified) shared.
     import copy
@@ -399,32 +389,21 @@ def _copy_sdata(sdata: SpatialData) -> SpatialData:
     )
 
 
-def _move_results(work: SpatialData, target: SpatialData, table_key: str, *, before: SpatialData) -> None:
-    # What preprocessing added to the working copy (nuclei shapes, the unit graph, the hierarchy and
-    # feature caches) goes into the target: entries that are new, or replaced, relative to `before`.
-    for name, element in work.shapes.items():
-        if before.shapes.get(name) is not element:
-            target.shapes[name] = element
-    src, old, dst = get_table(work, table_key), get_table(before, table_key), get_table(target, table_key)
-    for key, value in src.obsp.items():
-        if old.obsp.get(key) is not value:
-            dst.obsp[key] = value
-    for key, value in src.uns.items():
-        if key != Keys.UNS and old.uns.get(key) is not value:
-            dst.uns[key] = value
-    cache = dict(src.uns.get(Keys.UNS, {}))
-    if cache:
-        dst.uns.setdefault(Keys.UNS, {}).update(cache)
-
-
 def _write_fit(table: AnnData, uns_key: str, obsm: dict[str, np.ndarray], record: dict[str, Any]) -> None:
-    # The embeddings and the fit's uns entry, with its claim on the obsm keys (kept across refits).
-    claimed = _claimed(table, uns_key) | set(obsm)
+    # The embeddings and the fit's uns entry. A refit under the same key replaces the earlier fit whole:
+    # the earlier fit's obsm keys this one does not write (levels it dropped) go, so no stale embedding
+    # stays beside the new ones; keys another entry claims, or the user's, are never touched.
+    others = set().union(*(_claimed(table, k) for k in table.uns if k != uns_key and isinstance(table.uns[k], dict)))
+    stale = sorted((_claimed(table, uns_key) - set(obsm) - others) & set(table.obsm))
+    for key in stale:
+        del table.obsm[key]
+    if stale:
+        logger.info(f"removed obsm {stale}: written by the earlier fit under {uns_key!r}, not by this one")
     for key, value in obsm.items():
         table.obsm[key] = value
     entry = table.uns.setdefault(uns_key, {})
     entry.update(record)
-    entry[OBSM_KEYS] = np.asarray(sorted(claimed), dtype=object)
+    entry[OBSM_KEYS] = np.asarray(sorted(obsm), dtype=object)
 
 
 # scanpy's uns["spatial"][library_id] layout, read by sc.pl.spatial and squidpy's plots.

@@ -370,3 +370,92 @@ def top_expressed_genes(expression, *, n: int = 50) -> np.ndarray:
     """
     mean = np.asarray(expression.mean(axis=0), dtype=np.float64).ravel()
     return np.argsort(-mean, kind="stable")[:n].astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integration across batches (sections, patients): is a unit's neighbourhood, and its cluster,
+# shared with other batches? scib-metrics' iLISI / kBET answer the same question with more
+# machinery (and jax); two counts on a kNN graph are enough, and can be checked by hand.
+# ---------------------------------------------------------------------------------------------
+def other_batch_share(neighbors: np.ndarray, batches: np.ndarray) -> np.ndarray:
+    """Share of each unit's nearest neighbours that come from another batch.
+
+    Parameters
+    ----------
+    neighbors
+        ``(n, k)`` int indices of each unit's ``k`` nearest neighbours (itself excluded).
+    batches
+        ``(n,)`` batch label of each unit (a section, a patient).
+
+    Returns
+    -------
+    ``(n,)`` float64 in ``[0, 1]``. Its mean is 0 for batches that never mix and, for batches mixed
+    at random, about :func:`uniform_other_batch_share`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> other_batch_share(np.array([[1, 2], [0, 2], [0, 1]]), np.array(["a", "a", "b"]))
+    array([0.5, 0.5, 1. ])
+    """
+    nb = np.asarray(neighbors)
+    b = np.asarray(batches)
+    if nb.ndim != 2 or nb.shape[0] != b.shape[0]:
+        raise ValueError(f"neighbors must be (n_units, k) with n_units = len(batches) = {b.shape[0]}, got {nb.shape}.")
+    return (b[nb] != b[:, None]).mean(axis=1)
+
+
+def uniform_other_batch_share(batches: np.ndarray) -> float:
+    """Mean :func:`other_batch_share` expected when neighbours ignore batches (drawn uniformly from the others).
+
+    Examples
+    --------
+    >>> uniform_other_batch_share(np.array([0, 0, 1, 1]))
+    0.6666666666666666
+    """
+    _, counts = np.unique(np.asarray(batches), return_counts=True)
+    n = counts.sum()
+    if n < 2:
+        return float("nan")
+    # A unit of a batch of size c has n - c other-batch units among its n - 1 candidates.
+    return float(np.sum(counts * (n - counts)) / (n * (n - 1)))
+
+
+def shared_cluster_share(
+    clusters: np.ndarray, batches: np.ndarray, *, min_units: int = 5, min_batches: int = 3
+) -> float:
+    """Share of units whose cluster is shared: it holds at least ``min_units`` units in each of at least ``min_batches`` batches.
+
+    A clustering of well integrated serial sections puts each compartment of every section into
+    the same clusters; a clustering that separates sections makes clusters private to one.
+
+    Parameters
+    ----------
+    clusters
+        ``(n,)`` cluster label of each unit.
+    batches
+        ``(n,)`` batch label of each unit.
+    min_units, min_batches
+        What makes a cluster shared. ``min_batches`` is capped at the number of batches.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> clusters = np.array([0] * 10 + [1] * 10)
+    >>> batches = np.array(["a", "b"] * 5 + ["a"] * 10)
+    >>> shared_cluster_share(clusters, batches, min_units=5, min_batches=2)
+    0.5
+    """
+    c = np.asarray(clusters)
+    b = np.asarray(batches)
+    if c.shape != b.shape or c.ndim != 1:
+        raise ValueError(f"clusters and batches must be 1-D of the same length, got {c.shape} and {b.shape}.")
+    if c.size == 0:
+        return float("nan")
+    c_codes, c_idx = np.unique(c, return_inverse=True)
+    b_codes, b_idx = np.unique(b, return_inverse=True)
+    table = np.zeros((c_codes.size, b_codes.size), dtype=np.int64)
+    np.add.at(table, (c_idx, b_idx), 1)
+    need = min(int(min_batches), b_codes.size)
+    shared = (table >= int(min_units)).sum(axis=1) >= need
+    return float(shared[c_idx].mean())

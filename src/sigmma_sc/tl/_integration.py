@@ -9,6 +9,7 @@ import numpy as np
 from sigmma_sc._constants import Defaults, Keys
 from sigmma_sc._settings import settings
 from sigmma_sc.io import get_table
+
 from ._metrics import other_batch_share, shared_cluster_share, uniform_other_batch_share
 
 if TYPE_CHECKING:  # pragma: no cover

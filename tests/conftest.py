@@ -111,3 +111,14 @@ def synthetic_sdata():
     import sigmma_sc as sg
 
     return sg.datasets.synthetic(1200, n_genes=80, n_sections=2, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cachedir(tmp_path_factory: pytest.TempPathFactory):
+    """Checkpoints and feature caches of the test run go to a temporary folder, never the user's ~/.cache."""
+    import sigmma_sc as sg
+
+    old = sg.settings._cachedir
+    sg.settings.cachedir = tmp_path_factory.mktemp("sigmma_cache")
+    yield
+    sg.settings.cachedir = old

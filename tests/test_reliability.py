@@ -586,3 +586,78 @@ def test_same_seed_gives_bit_identical_embeddings_across_processes_and_after_sav
     np.testing.assert_array_equal(second["fit"], first)  # the same fit in another process
     np.testing.assert_array_equal(second["loaded"], model.get_embeddings(sdata)["joint"])  # save / load
     np.testing.assert_array_equal(second["loaded"], first)  # get_embeddings of a fit = what the fit wrote
+
+
+def test_interrupted_image_features_resume_from_the_finished_sections(tiny_fit_encoder, cachedir, monkeypatch):
+    """Ctrl+C in the second section: the first section's features wait on disk; the rerun encodes only the second."""
+    from sigmma_sc.pp import _features
+
+    sdata = sg.datasets.synthetic(400, n_genes=20, n_sections=2, seed=0)
+    reference = sg.datasets.synthetic(400, n_genes=20, n_sections=2, seed=0)
+    sg.pp.image_features(reference, encoder=TINY)
+    encode = _features.section_features
+    calls = []
+
+    def interrupted_in_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(_features, "section_features", interrupted_in_second)
+    with pytest.raises(KeyboardInterrupt):
+        sg.pp.image_features(sdata, encoder=TINY)
+    assert Keys.UNS not in sdata["table"].uns  # neither the hierarchy nor any feature reached the table
+    assert len(list((cachedir / "features").glob("*.npz"))) == 1  # the finished section, on disk
+
+    calls.clear()
+    key = sg.pp.image_features(sdata, encoder=TINY)
+    assert len(calls) == 1  # the second section only
+    assert not list((cachedir / "features").glob("*.npz"))  # removed: the features are in the table now
+    for level, value in sg.pp.get_features(reference).items():
+        np.testing.assert_array_equal(sg.pp.get_features(sdata, key=key)[level], value, err_msg=level)
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")  # ome_zarr, on write
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
+def test_zarr_round_trip_after_fit_keeps_hierarchy_features_and_embeddings(tiny_fit_encoder, tmp_path):
+    import spatialdata as sd
+
+    sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
+    model = sg.tl.fit(sdata, max_epochs=1, **FIT)
+    sdata.write(tmp_path / "s.zarr")
+    back = sd.read_zarr(tmp_path / "s.zarr")
+    table, read = sdata["table"], back["table"]
+    for key in (k for k in table.obsm if k.startswith(Keys.X_SIGMMA)):
+        np.testing.assert_array_equal(read.obsm[key], table.obsm[key], err_msg=key)
+    a, b = sg.pp.get_hierarchy(sdata), sg.pp.get_hierarchy(back)
+    assert list(a.levels) == list(b.levels) and a.unit_level == b.unit_level
+    for level in a.levels:
+        np.testing.assert_array_equal(a.levels[level].centers_um, b.levels[level].centers_um)
+        assert (a.levels[level].members != b.levels[level].members).nnz == 0
+    for level, value in sg.pp.get_features(sdata, key=model.feature_key).items():
+        np.testing.assert_array_equal(sg.pp.get_features(back, key=model.feature_key)[level], value, err_msg=level)
+    assert read.uns[Keys.UNS][Keys.PARAMS]["fingerprint"]["counts"] == model.params["fingerprint"]["counts"]
+    # The model embeds the read-back object from its cached hierarchy and features: the same bits.
+    np.testing.assert_array_equal(model.get_embeddings(back)["joint"], table.obsm[Keys.X_SIGMMA])
+
+
+def test_a_model_saved_with_another_encoder_under_the_same_name_is_refused(tiny_fit_encoder, tmp_path):
+    import torch
+
+    sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
+    sg.tl.fit(sdata, max_epochs=1, **FIT).save(tmp_path / "model")
+
+    def wider(**kwargs):
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 32, stride=32), torch.nn.ReLU())
+        return sg.pp.encoder_from_module(net, id=TINY, feature_map=lambda m, x: m(x))
+
+    sg.pp.register_encoder(TINY, wider)
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"registered here as 'tiny_reliability' gives 16 features, but the model was trained on \[8\]",
+        ):
+            sg.Sigmma.load(tmp_path / "model")
+    finally:
+        sg.pp.register_encoder(TINY, _tiny_cnn)

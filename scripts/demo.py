@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     done(t, f"{adata.obs['leiden'].nunique()} clusters; wrote her2st_clusters.png, training_curves.png")
 
     t = step(f"6. Predict {test}'s expression from its H&E alone")
-    pred = sg.tl.predict_expression(model, held_out)
+    # inplace=True keeps the section's hierarchy and image features in its table: evaluate reuses them.
+    pred = sg.tl.predict_expression(model, held_out, inplace=True)
     genes = [g for g in ("ERBB2", "GRB7", "CD74") if g in pred.var_names]
     sg.pl.predicted_vs_observed(pred, held_out, genes=genes, save=args.out / "predicted_vs_observed.png")
     done(t, f"{pred.n_obs} spots x {pred.n_vars} genes predicted; wrote predicted_vs_observed.png")

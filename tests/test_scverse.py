@@ -154,6 +154,26 @@ def test_key_added_sits_beside_x_sigmma_and_copy_leaves_the_input_identical():
     np.testing.assert_array_equal(fitted["table"].obsm[Keys.X_SIGMMA], table.obsm[Keys.X_SIGMMA])
 
 
+def test_read_only_tools_leave_their_inputs_untouched_unless_inplace():
+    train = _synthetic()
+    model = sg.tl.fit(train, **ONE_EPOCH)
+    query = sg.datasets.synthetic(200, n_genes=40, seed=1)  # no hierarchy, no features yet
+    before_query, before_train = snapshot(query), snapshot(train)
+    pred = sg.tl.predict_expression(model, query, k=5)
+    idx, _ = sg.tl.retrieve(model, query, k=5)
+    scores = sg.tl.evaluate(model, query, train_sdata=train, baselines=("ridge",), max_units=100)
+    retrieved = sg.tl.retrieve(model, query, direction="expr2img", gallery=_synthetic(), k=3)[0]
+    assert_unchanged(query, before_query)  # no nuclei, graph, hierarchy or feature cache written
+    assert_unchanged(train, before_train)
+    assert pred.shape == (200, 20) and idx.shape == (200, 5) and retrieved.shape == (200, 3)
+    assert {"sigmma", "ridge"} <= set(scores.index)
+    # inplace=True caches the work in the query: the same prediction, then reused by later calls.
+    again = sg.tl.predict_expression(model, query, k=5, inplace=True)
+    np.testing.assert_array_equal(again.X, pred.X)
+    assert sg.pp.get_hierarchy(query).levels and sg.pp.get_features(query, key=model.feature_key)
+    assert Keys.X_SIGMMA not in query["table"].obsm  # caches only: embeddings are tl.fit's to write
+
+
 def test_foreign_keys_and_bad_genes_are_refused_before_any_work():
     sdata = _synthetic()
     table = sdata["table"]

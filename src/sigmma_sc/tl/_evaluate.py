@@ -31,6 +31,7 @@ from ._metrics import (
     top_expressed_genes,
 )
 from ._predict import DEFAULT_TEMPERATURE, reference_expression, split_genes, weighted_average
+from ._retrieve import read_only
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -177,6 +178,7 @@ def evaluate(
     fit_kwargs: dict[str, Any] | None = None,
     table_key: str = Keys.TABLE,
     max_missing_genes: float = Defaults.MAX_MISSING_GENES,
+    inplace: bool = False,
 ) -> pd.DataFrame:
     """Score SIGMMA and baselines on held-out data: expression prediction and cross-modal retrieval.
 
@@ -238,6 +240,10 @@ def evaluate(
     max_missing_genes
         Largest share of the model's genes the test table may lack (see
         :meth:`sigmma_sc.Sigmma.get_embeddings`); more is an error.
+    inplace
+        Read only by default: ``test_sdata`` and ``train_sdata`` are left exactly as they were (the
+        hierarchy and image features computed for the scores live on light copies and are
+        dropped). ``True`` caches them in their tables for later calls.
 
     Returns
     -------
@@ -275,7 +281,7 @@ def evaluate(
         baselines = ()
     if not 0.0 <= max_missing_genes <= 1.0:
         raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
-    # Cheap checks before anything is embedded (embedding caches the hierarchy and features in test_sdata).
+    # Cheap checks before anything is embedded (embedding builds the hierarchy and features when missing).
     for name, value in (("k", k), ("n_genes", n_genes), ("max_units", max_units), ("max_train_units", max_train_units)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}.")
@@ -284,6 +290,9 @@ def evaluate(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}.")
     test = validate(test_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
+    # Everything below reads (and caches into) these, never the user's objects unless inplace=True.
+    test_sdata = read_only(test_sdata, table_key=table_key, inplace=inplace)
+    train_sdata = None if train_sdata is None else read_only(train_sdata, table_key=table_key, inplace=inplace)
     train = (
         validate(train_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
         if train_sdata is not None

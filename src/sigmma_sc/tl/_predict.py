@@ -12,7 +12,7 @@ from .._constants import Defaults, Keys
 from .._logging import logger
 from ..io import get_table, log1p_normalize, validate
 from ..model import Sigmma
-from ._retrieve import embeddings_of, nearest
+from ._retrieve import embeddings_of, nearest, read_only
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -255,6 +255,7 @@ def predict_expression(
     temperature: float = DEFAULT_TEMPERATURE,
     table_key: str = Keys.TABLE,
     max_missing_genes: float = Defaults.MAX_MISSING_GENES,
+    inplace: bool = False,
 ) -> AnnData:
     """Predict gene expression of every unit of a slide from its H&E alone.
 
@@ -282,6 +283,11 @@ def predict_expression(
     max_missing_genes
         Share of the model's genes the reference may lack (read as zeros, with a warning; a
         reference section loaded on its own drops genes without counts).
+    inplace
+        Read only by default: ``sdata`` (and a SpatialData ``reference``) are left exactly as they
+        were; the hierarchy and image features the embedding needs are computed on a light copy
+        and dropped. ``True`` caches them in the tables, so later calls (``retrieve``,
+        ``evaluate`` on the same section) skip that work.
 
     Returns
     -------
@@ -317,7 +323,7 @@ def predict_expression(
     if not 0.0 <= max_missing_genes <= 1.0:
         raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
     table = get_table(sdata, table_key)
-    # The reference before the query: embedding the query caches its hierarchy and features in sdata.
+    # The reference before the query: embedding the query is the expensive step.
     if reference is None and model.reference is None:
         raise ValueError(
             "the model holds no reference (training units; models saved before references existed lack it): "
@@ -330,7 +336,10 @@ def predict_expression(
         embeddings_of(model, ref_table, "expr", what="reference")  # an AnnData: the embedding must be in obsm
     if len(split_genes(model.genes, ref_table.var_names)[1]) > max_missing_genes * len(model.genes):
         check_missing_genes(model.genes, ref_table.var_names, max_missing_genes=max_missing_genes, what="the reference")
-    queries = embeddings_of(model, sdata, "img", table_key=table_key, what="query")
+    queries = embeddings_of(
+        model, read_only(sdata, table_key=table_key, inplace=inplace), "img", table_key=table_key, what="query"
+    )
+    reference = None if reference is None else read_only(reference, table_key=table_key, inplace=inplace)
     ref_emb, ref_expr = reference_expression(model, reference, table_key=table_key, max_missing_genes=max_missing_genes)
     if ref_emb.shape[1] != queries.shape[1]:
         raise ValueError(

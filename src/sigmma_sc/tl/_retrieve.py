@@ -9,6 +9,7 @@ import numpy as np
 from .._constants import Defaults, Keys
 from ..io import get_table
 from ..model import Sigmma
+from ..pp import light_copy
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -125,6 +126,25 @@ def nearest(
     return idx, scores
 
 
+def read_only(data: Any, *, table_key: str = Keys.TABLE, inplace: bool = False) -> Any:
+    """What a read-only function embeds: ``data`` itself with ``inplace=True`` or when it is an AnnData, else a light copy.
+
+    Embedding a SpatialData computes its hierarchy and image features when its table lacks them;
+    on a :func:`sigmma_sc.pp.light_copy` they stay out of the user's object (and are dropped with
+    the copy). ``inplace=True`` keeps them in ``data``'s table, so later calls reuse them.
+
+    Examples
+    --------
+    >>> read_only(test)["table"] is test["table"], read_only(test, inplace=True) is test
+    (False, True)
+    """
+    from anndata import AnnData
+
+    if inplace or isinstance(data, AnnData):
+        return data
+    return light_copy(data, table_key=table_key)
+
+
 def embeddings_of(
     model: Sigmma,
     data: Any,
@@ -193,6 +213,7 @@ def retrieve(
     gallery: SpatialData | AnnData | None = None,
     table_key: str = Keys.TABLE,
     max_missing_genes: float = Defaults.MAX_MISSING_GENES,
+    inplace: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` cross-modal matches of every unit by cosine similarity of the model's embeddings.
 
@@ -217,6 +238,10 @@ def retrieve(
         Share of the model's genes an embedded expression table may lack: they are embedded as
         zeros with a warning (a section loaded on its own drops genes without counts); more is an
         error. Image-only embedding needs no genes.
+    inplace
+        Read only by default: the hierarchy and image features that embedding computes are built
+        on a light copy of ``sdata`` (and of a SpatialData ``gallery``) and dropped. ``True``
+        caches them in the tables, so later calls on the same objects skip that work.
 
     Returns
     -------
@@ -240,7 +265,8 @@ def retrieve(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
-    get_table(sdata, table_key)
+    sdata = read_only(sdata, table_key=table_key, inplace=inplace)
+    gallery = None if gallery is None else read_only(gallery, table_key=table_key, inplace=inplace)
     query_mod, gallery_mod = ("img", "expr") if direction == "img2expr" else ("expr", "img")
     # The expression of sdata is embedded only when it is used: image queries against another gallery need no genes.
     need_expr = query_mod == "expr" or gallery is None

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import Defaults, Keys
-from ..io import get_table
 from ..model import Sigmma
 from ..pp import light_copy
 
@@ -127,7 +126,7 @@ def nearest(
 
 
 def read_only(data: Any, *, table_key: str = Keys.TABLE, inplace: bool = False) -> Any:
-    """What a read-only function embeds: ``data`` itself with ``inplace=True`` or when it is an AnnData, else a light copy.
+    """Return what a read-only function embeds: ``data`` itself with ``inplace=True`` or for an AnnData, else a light copy.
 
     Embedding a SpatialData computes its hierarchy and image features when its table lacks them;
     on a :func:`sigmma_sc.pp.light_copy` they stay out of the user's object (and are dropped with

@@ -498,32 +498,16 @@ def image_features(
             stain_id = f"{stain_normalize}-{stain_target_id(stain_normalize, stain_reference)}"
     if method_used == "dense" and downsample != 1:
         method_used = f"dense{int(downsample)}x"
-    # Without a usable hierarchy, build it on a working copy: an error or an interrupt later leaves sdata as it was.
-    try:
-        get_hierarchy(sdata, table_key=table_key)
-        work = sdata
-    except (KeyError, ValueError):
-        work = light_copy(sdata, table_key=table_key)
-    slide, hier = ensure_hierarchy(work, table_key=table_key, require_image=not enc.precomputed)
+    work, slide, hier, levels = features_target(
+        sdata, table_key=table_key, levels=levels, require_image=not enc.precomputed
+    )
     table = slide.table
-    names = list(hier.levels)
-    levels = names if levels is None else list(levels)
-    unknown = [lv for lv in levels if lv not in hier.levels]
-    if unknown:
-        raise ValueError(f"levels {unknown} are not in the hierarchy; it has {names}.")
-    fovs = {lv: float(hier.levels[lv].fov_um) for lv in names}
+    fovs = {lv: float(hier.levels[lv].fov_um) for lv in hier.levels}
     key = FeatureKey(enc.id, method_used, tuple(fovs.items()), stain_id)
-
-    cache = table.uns.get(Keys.UNS, {}).get(Keys.FEATURES, {}).get(key.id, {})
-    todo = [
-        lv for lv in levels if overwrite or lv not in cache or np.shape(cache[lv])[0] != len(hier.levels[lv].centers_um)
-    ]
+    todo = missing_levels(table, key, hier, levels, overwrite=overwrite)
     if not todo:
         logger.info(f"image features {key.id!r} found in the table cache")
-        if work is not sdata:
-            write_back(work, sdata, table_key=table_key, before=sdata)
-            table = get_table(sdata, table_key)
-        _write_features(table, key, {})
+        commit_features(work, sdata, key, {}, table_key=table_key)
         return key
     disk = SectionFeatureCache(key.id, batch_size=int(batch_size), downsample=int(downsample))
 
@@ -558,12 +542,47 @@ def image_features(
     bad = [lv for lv, f in new.items() if not np.all(np.isfinite(f))]
     if bad:
         raise FloatingPointError(f"non-finite image features at levels {bad} with encoder {enc.id!r}.")
-    if work is not sdata:
-        write_back(work, sdata, table_key=table_key, before=sdata)
-        table = get_table(sdata, table_key)
-    _write_features(table, key, new)
+    commit_features(work, sdata, key, new, table_key=table_key)
     disk.clear()
     return key
+
+
+def features_target(
+    sdata: SpatialData, *, table_key: str, levels: Sequence[str] | None, require_image: bool
+) -> tuple[SpatialData, Any, Any, list[str]]:
+    """``(work, slide, hierarchy, levels)`` of a feature computation, the requested levels checked.
+
+    Without a usable hierarchy, it is built on a :func:`light_copy` (``work``): an error or an
+    interrupt before :func:`commit_features` leaves ``sdata`` as it was. ``levels=None``: all.
+    """
+    try:
+        get_hierarchy(sdata, table_key=table_key)
+        work = sdata
+    except (KeyError, ValueError):
+        work = light_copy(sdata, table_key=table_key)
+    slide, hier = ensure_hierarchy(work, table_key=table_key, require_image=require_image)
+    names = list(hier.levels)
+    levels = names if levels is None else list(levels)
+    unknown = [lv for lv in levels if lv not in hier.levels]
+    if unknown:
+        raise ValueError(f"levels {unknown} are not in the hierarchy; it has {names}.")
+    return work, slide, hier, levels
+
+
+def missing_levels(table: AnnData, key: FeatureKey, hier: Any, levels: Sequence[str], *, overwrite: bool) -> list[str]:
+    """Levels whose features under ``key`` are not cached in ``table`` for every node (all with ``overwrite``)."""
+    cache = table.uns.get(Keys.UNS, {}).get(Keys.FEATURES, {}).get(key.id, {})
+    n = {lv: len(hier.levels[lv].centers_um) for lv in levels}
+    return [lv for lv in levels if overwrite or lv not in cache or np.shape(cache[lv])[0] != n[lv]]
+
+
+def commit_features(
+    work: SpatialData, sdata: SpatialData, key: FeatureKey, new: dict[str, np.ndarray], *, table_key: str
+) -> None:
+    """Write the new features (and, from a working copy, the hierarchy built for them) into ``sdata``, at the end."""
+    if work is not sdata:
+        write_back(work, sdata, table_key=table_key, before=sdata)
+    _write_features(get_table(sdata, table_key), key, new)
 
 
 def _write_features(table: AnnData, key: FeatureKey | str, new: dict[str, np.ndarray]) -> None:

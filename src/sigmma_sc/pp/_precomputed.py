@@ -32,8 +32,7 @@ from sigmma_sc._constants import Keys, ReaderKeys
 from sigmma_sc._logging import logger
 
 from ._encoders import PRECOMPUTED, _safe_id
-from ._features import FeatureKey, _write_features
-from ._hierarchy import ensure_hierarchy
+from ._features import FeatureKey, commit_features, features_target, missing_levels
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -363,13 +362,9 @@ def patch_features(
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     if coordinates not in COORDINATES:
         raise ValueError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}.")
-    slide, hier = ensure_hierarchy(sdata, table_key=table_key, require_image=coordinates == "pixels")
-    table = slide.table
-    names = list(hier.levels)
-    levels = names if levels is None else list(levels)
-    unknown = [lv for lv in levels if lv not in hier.levels]
-    if unknown:
-        raise ValueError(f"levels {unknown} are not in the hierarchy; it has {names}.")
+    work, slide, hier, levels = features_target(
+        sdata, table_key=table_key, levels=levels, require_image=coordinates == "pixels"
+    )
 
     parts = _inputs(patches, embeddings)
     boxes, values, secs = [], [], []
@@ -396,15 +391,12 @@ def patch_features(
         raise KeyError(f"patch sections {unknown_secs} are not in the table (sections: {slide.sections}).")
 
     encoder = _safe_id(f"{PRECOMPUTED}-{label or 'patches'}")
-    fovs = {lv: float(hier.levels[lv].fov_um) for lv in names}
+    fovs = {lv: float(hier.levels[lv].fov_um) for lv in hier.levels}
     key = FeatureKey(encoder, _METHODS[weighting], tuple(fovs.items()), None)
-    cache = table.uns.get(Keys.UNS, {}).get(Keys.FEATURES, {}).get(key.id, {})
-    todo = [
-        lv for lv in levels if overwrite or lv not in cache or np.shape(cache[lv])[0] != len(hier.levels[lv].centers_um)
-    ]
+    todo = missing_levels(slide.table, key, hier, levels, overwrite=overwrite)
     if not todo:
         logger.info(f"patch features {key.id!r} found in the table cache")
-        _write_features(table, key, {})
+        commit_features(work, sdata, key, {}, table_key=table_key)
         return key
 
     from scipy.spatial import cKDTree
@@ -432,6 +424,6 @@ def patch_features(
         new[lv] = out.astype(np.float32)
     if filled:
         logger.warning(f"patch features: {filled} nodes overlap no patch; they take the nearest patch's embedding")
-    _write_features(table, key, new)
+    commit_features(work, sdata, key, new, table_key=table_key)
     logger.info(f"patch features {key.id!r}: {len(vals)} patches of {vals.shape[1]} dims pooled onto {', '.join(todo)}")
     return key

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sigmma_sc._constants import Defaults
+
 from ._data import SubgraphBatcher
 from ._layers import SideEncoder
 from ._losses import ContrastiveLoss
@@ -133,13 +135,13 @@ class SigmmaModule(L.LightningModule):
         embed_dim: int,
         hidden_dim: int,
         graph: bool,
-        intra_layers: int = 1,
-        inter_layers: int = 1,
-        heads: int = 4,
-        dropout: float = 0.1,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        consistency_weight: float = 0.1,
+        intra_layers: int = Defaults.INTRA_LAYERS,
+        inter_layers: int = Defaults.INTER_LAYERS,
+        heads: int = Defaults.HEADS,
+        dropout: float = Defaults.DROPOUT,
+        lr: float = Defaults.LR,
+        weight_decay: float = Defaults.WEIGHT_DECAY,
+        consistency_weight: float = Defaults.CONSISTENCY_WEIGHT,
         soft_levels: tuple[str, ...] = (),
         disjoint_levels: tuple[str, ...] = (),
         level_weights: dict[str, float] | None = None,

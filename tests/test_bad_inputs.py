@@ -18,20 +18,26 @@ Run with ``-s`` to print one ``BAD-INPUT`` line per refused call (case, entry, e
 
 from __future__ import annotations
 
-import copy
 import signal
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
+from _shared import (
+    TINY_ENCODER,
+    _must_not_run,
+    assert_unchanged,
+    quiet_single_thread,
+    snapshot,
+    tiny_patch_encoder,
+    tiny_patch_registered,
+)
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Keys
 
-ENCODER = "tiny_bad_inputs"
+ENCODER = TINY_ENCODER
 FAST = {
     "encoder": ENCODER,
     "max_epochs": 1,
@@ -45,38 +51,14 @@ FAST = {
 FAIL_SECONDS = 10.0
 
 
-class _TinyCNN(torch.nn.Module):
-    """A stride-32 CNN standing in for the image encoder (milliseconds per image on a CPU)."""
-
-    def __init__(self, dim: int = 8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, dim, kernel_size=32, stride=32)
-
-    def forward_features(self, x):
-        return torch.relu(self.conv(x))
-
-    def forward(self, x):
-        return self.forward_features(x).mean(dim=(2, 3))
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _tiny_encoder_single_thread():
-    from sigmma_sc.pp import _encoders
-
-    tiny = sg.pp.encoder_from_module(_TinyCNN(), id=ENCODER)
-    sg.pp.register_encoder(ENCODER, lambda **kw: tiny)
-    n, bar = torch.get_num_threads(), sg.settings.progress_bar
-    torch.set_num_threads(1)
-    sg.settings.progress_bar = False
-    yield
-    torch.set_num_threads(n)
-    sg.settings.progress_bar = bar
-    _encoders._REGISTRY.pop(ENCODER, None)
+    with quiet_single_thread(), tiny_patch_registered():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
-# data, copies and the deep snapshot
+# data and copies (the deep snapshot: tests/_shared.py)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def synth():
@@ -108,62 +90,6 @@ def fresh(base, table=None, *, images=None, shapes=None, tables=None):
     )
 
 
-def _table_state(t) -> dict:
-    return {
-        "obs_names": list(t.obs_names),
-        "var_names": list(t.var_names),
-        "obs": t.obs.copy(),
-        "var": t.var.copy(),
-        "X": copy.deepcopy(t.X),
-        "layers": copy.deepcopy(dict(t.layers)),
-        "obsm": copy.deepcopy(dict(t.obsm)),
-        "obsp": copy.deepcopy(dict(t.obsp)),
-        "uns": copy.deepcopy(dict(t.uns)),
-    }
-
-
-def snapshot(sdata) -> dict:
-    """A deep copy of what a call could change: element names and objects, shapes, every table slot."""
-    return {
-        "names": {kind: sorted(getattr(sdata, kind)) for kind in ("images", "labels", "points", "shapes", "tables")},
-        "images": {k: id(v) for k, v in sdata.images.items()},
-        "shapes": {k: pd.DataFrame(v).copy() for k, v in sdata.shapes.items()},
-        "tables": {k: _table_state(t) for k, t in sdata.tables.items()},
-    }
-
-
-def _assert_equal(a, b, where: str) -> None:
-    if isinstance(a, dict) or isinstance(b, dict):
-        assert isinstance(a, dict) and isinstance(b, dict), where
-        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}[{k!r}]")
-    elif sp.issparse(a) or sp.issparse(b):
-        assert sp.issparse(a) and sp.issparse(b) and a.shape == b.shape and a.dtype == b.dtype, where
-        a, b = sp.csr_matrix(a), sp.csr_matrix(b)
-        for x in (a, b):
-            x.sort_indices()
-        assert np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices), where
-        assert np.array_equal(a.data, b.data, equal_nan=a.dtype.kind == "f"), where
-    elif isinstance(a, pd.DataFrame):
-        pd.testing.assert_frame_equal(a, b, obj=where)
-    elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.shape == b.shape and a.dtype == b.dtype, where
-        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def assert_unchanged(sdata, before: dict) -> None:
-    after = snapshot(sdata)
-    assert after["names"] == before["names"]
-    assert after["images"] == before["images"], "an image element was replaced"
-    for k, v in before["shapes"].items():
-        pd.testing.assert_frame_equal(after["shapes"][k], v)
-    _assert_equal(after["tables"], before["tables"], "tables")
-
-
 def entries(model, **kw) -> dict:
     """The five public entries, each a call on one SpatialData."""
     return {
@@ -186,10 +112,6 @@ def refused(case: str, sdata, calls: dict, error: type[BaseException], match: st
         print(f"BAD-INPUT | {case} | {name} | {info.type.__name__} | {str(info.value)[:90]!r} | {seconds:.3f}")
         assert seconds < FAIL_SECONDS, f"{case}: {name} took {seconds:.1f} s to refuse"
         assert_unchanged(sdata, before)
-
-
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("reached the hierarchy: the input was checked too late")
 
 
 def _set_counts(sdata, change) -> None:
@@ -552,12 +474,17 @@ def test_a_second_fit_replaces_the_first(synth):
 # interrupts
 # ---------------------------------------------------------------------------------------------
 def test_interrupt_during_features(synth, model, monkeypatch):
-    def interrupted(self, x):
+    from sigmma_sc.pp import _encoders
+
+    def interrupted(x):
         raise KeyboardInterrupt
 
     with_hierarchy = fresh(synth)
     sg.pp.build_hierarchy(with_hierarchy)
-    monkeypatch.setattr(_TinyCNN, "forward_features", interrupted)
+    # The registered encoder, its network interrupted (dense maps and pooled crops both run it).
+    encoder = tiny_patch_encoder()
+    monkeypatch.setattr(encoder.module, "forward", interrupted)
+    monkeypatch.setitem(_encoders._REGISTRY, ENCODER, lambda **kw: encoder)
     refused("interrupt in features", fresh(synth), {"fit": entries(model)["fit"]}, KeyboardInterrupt, "")
     refused(
         "interrupt in features (hierarchy built)",

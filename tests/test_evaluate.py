@@ -5,26 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from _shared import one_section
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Keys
 from sigmma_sc.tl import _metrics as m
-
-
-def _section(sdata, section: str):
-    """The elements and units of one section as their own SpatialData."""
-    from spatialdata import SpatialData
-
-    table = sdata.tables[Keys.TABLE]
-    table = table[table.obs[Keys.SECTION] == section].copy()
-    table.obs[Keys.REGION] = table.obs[Keys.REGION].astype(str).astype("category")
-    table.uns["spatialdata_attrs"]["region"] = sorted(table.obs[Keys.REGION].unique())
-    prefix = f"{section}_"
-    return SpatialData(
-        images={k: v for k, v in sdata.images.items() if k.startswith(prefix)},
-        shapes={k: v for k, v in sdata.shapes.items() if k.startswith(prefix)},
-        tables={Keys.TABLE: table},
-    )
 
 
 def _he_only(sdata):
@@ -46,7 +31,7 @@ def split():
 
     sg.settings.progress_bar = False
     full = synthetic(800, n_genes=60, n_sections=2, seed=0)
-    train, test = _section(full, "S0"), _section(full, "S1")
+    train, test = one_section(full, "S0"), one_section(full, "S1")
     model = sg.tl.fit(train, max_epochs=2, n_genes=40, seed=0, batch_size=8)
     return model, train, test
 

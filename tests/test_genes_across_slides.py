@@ -9,32 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from _shared import TINY_ENCODER, one_section, tiny_patch_registered
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Defaults, Keys
 
-ENCODER = "tiny_genes"
-
-
-class _TinyCNN(torch.nn.Module):
-    """A stride-32 CNN standing in for the image encoder (fast on CPU)."""
-
-    def __init__(self, dim: int = 8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, dim, kernel_size=32, stride=32)
-
-    def forward_features(self, x):
-        return torch.relu(self.conv(x))
-
-    def forward(self, x):
-        return self.forward_features(x).mean(dim=(2, 3))
-
-
-def _register_tiny() -> None:
-    tiny = sg.pp.encoder_from_module(_TinyCNN(), id=ENCODER)
-    sg.pp.register_encoder(ENCODER, lambda **kw: tiny)
+ENCODER = TINY_ENCODER
 
 
 FAST = dict(encoder=ENCODER, max_epochs=1, seed=0, batch_size=16, embed_dim=16, hidden_dim=32)
@@ -44,22 +24,6 @@ def _with_table(sdata, table):
     from spatialdata import SpatialData
 
     return SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes), tables={Keys.TABLE: table})
-
-
-def _section(sdata, section: str):
-    """The elements and units of one section as their own SpatialData."""
-    from spatialdata import SpatialData
-
-    table = sdata.tables[Keys.TABLE]
-    table = table[table.obs[Keys.SECTION] == section].copy()
-    table.obs[Keys.REGION] = table.obs[Keys.REGION].astype(str).astype("category")
-    table.uns["spatialdata_attrs"]["region"] = sorted(table.obs[Keys.REGION].unique())
-    prefix = f"{section}_"
-    return SpatialData(
-        images={k: v for k, v in sdata.images.items() if k.startswith(prefix)},
-        shapes={k: v for k, v in sdata.shapes.items() if k.startswith(prefix)},
-        tables={Keys.TABLE: table},
-    )
 
 
 def _drop_genes(sdata, genes):
@@ -78,6 +42,12 @@ def _zero_genes(sdata, genes):
     return _with_table(sdata, table)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_encoder():
+    with tiny_patch_registered():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _warnings_visible(monkeypatch):
     from sigmma_sc._logging import logger
@@ -88,10 +58,9 @@ def _warnings_visible(monkeypatch):
 
 @pytest.fixture(scope="module")
 def synthetic_split():
-    _register_tiny()
     sg.settings.progress_bar = False
     full = sg.datasets.synthetic(600, n_genes=50, n_sections=2, seed=0)
-    train, test = _section(full, "S0"), _section(full, "S1")
+    train, test = one_section(full, "S0"), one_section(full, "S1")
     model = sg.tl.fit(train, n_genes=40, **FAST)
     # Hierarchy and features of the query cached once; the copies below inherit them.
     model.get_embeddings(test, expression=False)
@@ -187,7 +156,6 @@ def test_evaluate_scores_the_shared_genes(synthetic_split, caplog):
 # ----------------------------------------------------------------------------- her2st: a section on its own
 @pytest.fixture(scope="module")
 def her2st_split(her2st_dir):
-    _register_tiny()
     sg.settings.progress_bar = False
     # Each section loaded on its own, as a user would: each table drops the genes without counts in it.
     train = sg.datasets.her2st(her2st_dir, sections=["C5"])

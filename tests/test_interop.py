@@ -18,37 +18,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+from _shared import TINY_ENCODER, quiet_single_thread, tiny_patch_registered
 
 import sigmma_sc as sg
 from sigmma_sc._constants import VISIUM_SPOT_DIAMETER_UM, VISIUM_SPOT_PITCH_UM, Keys
 from sigmma_sc.io import read_rgb
 from sigmma_sc.tl._fit import _write_scanpy_spatial, light_copy
 
-ENCODER = "tiny_interop"
+ENCODER = TINY_ENCODER
 PITCH_MPP = VISIUM_SPOT_PITCH_UM / 137.0  # squidpy_tests: 137 px between spot centres = 100 µm
-
-
-def _tiny_encoder(**kwargs):
-    # A fixed random 32-px patchifier: dense features in milliseconds instead of EfficientNet's seconds.
-    import torch
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 32, stride=32), torch.nn.ReLU())
-    return sg.pp.encoder_from_module(net, id=ENCODER, feature_map=lambda m, x: m(x))
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_single_thread():
-    import torch
-
-    sg.pp.register_encoder(ENCODER, _tiny_encoder)
-    n = torch.get_num_threads()
-    bar = sg.settings.progress_bar
-    torch.set_num_threads(1)
-    sg.settings.progress_bar = False
-    yield
-    torch.set_num_threads(n)
-    sg.settings.progress_bar = bar
+    with quiet_single_thread(), tiny_patch_registered():
+        yield
 
 
 @pytest.fixture(scope="module")

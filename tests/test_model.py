@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from _shared import quiet_single_thread, spot_grid
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Keys
@@ -27,16 +28,8 @@ from sigmma_sc.model._data import (
 
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_single_thread():
-    # Tiny matrices: one thread avoids OpenMP spin-waits on a shared CPU (10x faster here).
-    import torch
-
-    n = torch.get_num_threads()
-    bar = sg.settings.progress_bar
-    torch.set_num_threads(1)
-    sg.settings.progress_bar = False
-    yield
-    torch.set_num_threads(n)
-    sg.settings.progress_bar = bar
+    with quiet_single_thread():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,15 +37,8 @@ def _quiet_single_thread():
 # ---------------------------------------------------------------------------------------------
 def spot_levels(n_side: int = 10, n_sec: int = 2, n_nuc: int = 4, n_feat: int = 24, n_genes: int = 40, seed: int = 0):
     rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(np.arange(n_side), np.arange(n_side)), -1).reshape(-1, 2) * 200.0
-    xy = np.concatenate([grid] * n_sec)
-    sec = np.repeat(np.arange(n_sec), len(grid))
-    n = len(xy)
-    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
-    same = sec[:, None] == sec[None]
-    edges = np.array(np.nonzero((d > 0) & (d <= 201) & same))
-    region = sp.csr_matrix(((d <= 250) & same).astype(np.float32))
-    kind = ((xy[:, 0] // 600 + xy[:, 1] // 600) % 4).astype(int)
+    edges, region, kind = spot_grid(n_side, n_sec)
+    n = len(kind)
     w_img = rng.normal(size=(4, n_feat))
     w_expr = rng.gamma(1.0, 1.0, size=(4, n_genes))
     f_meso = w_img[kind] + rng.normal(size=(n, n_feat))

@@ -18,6 +18,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from _shared import (
+    TINY_ENCODER,
+    _must_not_run,
+    assert_unchanged,
+    quiet_single_thread,
+    snapshot,
+    spot_grid,
+    tiny_patch_encoder,
+    tiny_patch_registered,
+)
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Keys
@@ -29,15 +39,8 @@ FORMAT1 = DATA / "format1_model"
 
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_single_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    bar = sg.settings.progress_bar
-    torch.set_num_threads(1)
-    sg.settings.progress_bar = False
-    yield
-    torch.set_num_threads(n)
-    sg.settings.progress_bar = bar
+    with quiet_single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -227,15 +230,8 @@ def test_format1_folder_missing_a_file_is_refused(tiny_encoder, tmp_path):
 def grid_levels(n_side: int = 8, n_sec: int = 2, n_nuc: int = 3, n_feat: int = 12, n_genes: int = 20, seed: int = 0):
     """Spots on a grid with nuclei and ring regions (a smaller ``test_model.spot_levels``)."""
     rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(np.arange(n_side), np.arange(n_side)), -1).reshape(-1, 2) * 200.0
-    xy = np.concatenate([grid] * n_sec)
-    sec = np.repeat(np.arange(n_sec), len(grid))
-    n = len(xy)
-    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
-    same = sec[:, None] == sec[None]
-    edges = np.array(np.nonzero((d > 0) & (d <= 201) & same))
-    region = sp.csr_matrix(((d <= 250) & same).astype(np.float32))
-    kind = ((xy[:, 0] // 600 + xy[:, 1] // 600) % 4).astype(int)
+    edges, region, kind = spot_grid(n_side, n_sec)
+    n = len(kind)
     f_meso = rng.normal(size=(4, n_feat))[kind] + rng.normal(size=(n, n_feat))
     counts = sp.csr_matrix(rng.poisson(rng.gamma(1.0, 1.0, size=(4, n_genes))[kind] * 5 + 0.5).astype(np.float32))
     parent = np.repeat(np.arange(n), n_nuc)
@@ -407,26 +403,14 @@ def test_nan_gradient_with_a_finite_loss_stops_before_the_step():
 # ---------------------------------------------------------------------------------------------
 # tl.fit: trainer_kwargs, the interrupt-and-resume bar on her2st C3, reproducibility across processes
 # ---------------------------------------------------------------------------------------------
-TINY = "tiny_reliability"
+TINY = TINY_ENCODER
 FIT = {"encoder": TINY, "embed_dim": 8, "hidden_dim": 16, "n_genes": 20, "batch_size": 16, "seed": 0}
-
-
-def _tiny_cnn(**kwargs):
-    # A fixed random 32-px patchifier: dense features in milliseconds instead of EfficientNet's seconds.
-    import torch
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 32, stride=32), torch.nn.ReLU())
-    return sg.pp.encoder_from_module(net, id=TINY, feature_map=lambda m, x: m(x))
 
 
 @pytest.fixture(scope="module")
 def tiny_fit_encoder():
-    from sigmma_sc.pp import _encoders
-
-    sg.pp.register_encoder(TINY, _tiny_cnn)
-    yield TINY
-    _encoders._REGISTRY.pop(TINY, None)
+    with tiny_patch_registered() as name:
+        yield name
 
 
 @pytest.fixture
@@ -435,20 +419,6 @@ def cachedir(tmp_path):
     sg.settings.cachedir = tmp_path / "cache"
     yield sg.settings.cachedir
     sg.settings.cachedir = old
-
-
-def _bad_inputs():
-    """tests/test_bad_inputs.py as a module: its deep snapshot of a SpatialData and its helpers."""
-    import sys
-
-    if "_bad_inputs_helpers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "_bad_inputs_helpers", Path(__file__).parent / "test_bad_inputs.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["_bad_inputs_helpers"] = module
-    return sys.modules["_bad_inputs_helpers"]
 
 
 class _StopAt:
@@ -467,8 +437,6 @@ class _StopAt:
 
 def test_trainer_kwargs_callbacks_logger_and_options_reach_lightning(tiny_fit_encoder, cachedir, tmp_path, monkeypatch):
     from lightning.pytorch.loggers import CSVLogger
-
-    _must_not_run = _bad_inputs()._must_not_run
 
     sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
     counter = _Count()
@@ -503,13 +471,12 @@ def test_trainer_kwargs_callbacks_logger_and_options_reach_lightning(tiny_fit_en
 
 def _interrupt_resume_and_compare(sdata, kw: dict, cachedir: Path) -> None:
     """Ctrl+C (a callback) in epoch 2 of ``tl.fit``: ``sdata`` unchanged; ``resume=True`` then equals a fit from scratch."""
-    helpers = _bad_inputs()
-    before = helpers.snapshot(sdata)
+    before = snapshot(sdata)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt, match=r"interrupted in epoch 2; .*continue with resume=.*resume=True\)"):
         sg.tl.fit(sdata, **kw, trainer_kwargs={"callbacks": [_StopAt(2)]})
     assert signal.getsignal(signal.SIGINT) is handler
-    helpers.assert_unchanged(sdata, before)  # no nuclei, graph, hierarchy, features or embeddings
+    assert_unchanged(sdata, before)  # no nuclei, graph, hierarchy, features or embeddings
     assert len(list(cachedir.glob("checkpoints/*/last.ckpt"))) == 1  # kept for the resume
 
     model = sg.tl.fit(sdata, **kw, resume=True)  # the same call, resumed: epochs 3 and 4
@@ -541,12 +508,13 @@ _REPRO = """
 import sys, numpy as np, torch
 import sigmma_sc as sg
 sys.path.insert(0, {tests!r})
-from test_reliability import _tiny_cnn, TINY, FIT
+from _shared import tiny_patch_encoder
+from test_reliability import TINY, FIT
 torch.set_num_threads(1)
 sg.settings.progress_bar = False
 sg.settings.verbosity = 0
 sg.settings.cachedir = {cache!r}
-sg.pp.register_encoder(TINY, _tiny_cnn)
+sg.pp.register_encoder(TINY, tiny_patch_encoder)
 sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
 model = sg.tl.fit(sdata, max_epochs=2, **FIT)
 loaded = sg.Sigmma.load({model!r})
@@ -656,8 +624,8 @@ def test_a_model_saved_with_another_encoder_under_the_same_name_is_refused(tiny_
     try:
         with pytest.raises(
             ValueError,
-            match=r"registered here as 'tiny_reliability' gives 16 features, but the model was trained on \[8\]",
+            match=rf"registered here as '{TINY}' gives 16 features, but the model was trained on \[8\]",
         ):
             sg.Sigmma.load(tmp_path / "model")
     finally:
-        sg.pp.register_encoder(TINY, _tiny_cnn)
+        sg.pp.register_encoder(TINY, tiny_patch_encoder)

@@ -13,15 +13,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
+from _shared import TINY_ENCODER, _assert_equal, assert_unchanged, quiet_single_thread, snapshot, tiny_patch_registered
 
 import sigmma_sc as sg
 from sigmma_sc import _logging
 from sigmma_sc._constants import Keys
 
-ENCODER = "tiny_scverse"
+ENCODER = TINY_ENCODER
 ONE_EPOCH = {
     "max_epochs": 1,
     "batch_size": 16,
@@ -33,79 +32,10 @@ ONE_EPOCH = {
 }
 
 
-def _tiny_encoder(**kwargs):
-    # A fixed random 32-px patchifier: dense features in milliseconds instead of EfficientNet's seconds.
-    import torch
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 32, stride=32), torch.nn.ReLU())
-    return sg.pp.encoder_from_module(net, id=ENCODER, feature_map=lambda m, x: m(x))
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_single_thread():
-    import torch
-
-    sg.pp.register_encoder(ENCODER, _tiny_encoder)
-    n = torch.get_num_threads()
-    bar = sg.settings.progress_bar
-    torch.set_num_threads(1)
-    sg.settings.progress_bar = False
-    yield
-    torch.set_num_threads(n)
-    sg.settings.progress_bar = bar
-
-
-# ---------------------------------------------------------------------------------------------
-# a deep snapshot of a SpatialData, to prove an object is exactly as before
-# ---------------------------------------------------------------------------------------------
-def _assert_equal(a, b, where: str) -> None:
-    if isinstance(a, dict) or isinstance(b, dict):
-        assert isinstance(a, dict) and isinstance(b, dict), where
-        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}[{k!r}]")
-    elif sp.issparse(a) or sp.issparse(b):
-        assert sp.issparse(a) and sp.issparse(b) and a.shape == b.shape and a.dtype == b.dtype, where
-        assert (a != b).nnz == 0, where
-    elif isinstance(a, pd.DataFrame):
-        pd.testing.assert_frame_equal(a, b, obj=where)
-    elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.shape == b.shape and a.dtype == b.dtype, where
-        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def snapshot(sdata) -> dict:
-    """Copies of everything sigmma-sc could touch: element names, shapes, and every table slot."""
-    tables = {}
-    for name, t in sdata.tables.items():
-        t = t.copy()
-        tables[name] = {
-            "obs": t.obs,
-            "var": t.var,
-            "X": t.X,
-            "layers": dict(t.layers),
-            "obsm": dict(t.obsm),
-            "obsp": dict(t.obsp),
-            "varm": dict(t.varm),
-            "uns": dict(t.uns),
-        }
-    return {
-        "names": {kind: sorted(getattr(sdata, kind)) for kind in ("images", "labels", "points", "shapes", "tables")},
-        "shapes": {k: v.copy() for k, v in sdata.shapes.items()},
-        "tables": tables,
-    }
-
-
-def assert_unchanged(sdata, before: dict) -> None:
-    after = snapshot(sdata)
-    assert after["names"] == before["names"]
-    for k, v in before["shapes"].items():
-        pd.testing.assert_frame_equal(pd.DataFrame(after["shapes"][k]), pd.DataFrame(v))
-    _assert_equal(after["tables"], before["tables"], "tables")
+    with quiet_single_thread(), tiny_patch_registered():
+        yield
 
 
 def _synthetic():

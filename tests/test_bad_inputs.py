@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from _shared import (
     TINY_ENCODER,
     _must_not_run,
@@ -401,6 +402,24 @@ def test_query_lacking_genes_of_a_saved_model(synth, model, tmp_path):
     assert sg.tl.predict_expression(loaded, query, k=5).shape == (table.n_obs, len(loaded.genes))
 
 
+def test_one_device_rule_for_features_and_training(monkeypatch):
+    """With one visible GPU (simulated): auto / gpu / cuda:0 pick it; a second device is refused at once, by both paths."""
+    from sigmma_sc._utils import torch_device
+    from sigmma_sc.model._core import resolve_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert torch_device("auto") == torch_device("gpu") == torch_device("cuda:0") == "cuda:0"
+    assert torch_device("cpu", 4) == "cpu"
+    for accelerator, devices in (("gpu", 2), ("cuda:1", "auto"), ("gpu", [1])):
+        with pytest.raises(ValueError, match=r"asks for more GPUs than the 1 torch sees"):
+            torch_device(accelerator, devices)
+        with pytest.raises(ValueError, match=r"asks for more GPUs than the 1 torch sees"):
+            resolve_accelerator(accelerator, devices)
+    with pytest.raises(ValueError, match=r"accelerator must be one of \('auto', 'cpu', 'gpu', 'cuda'\)"):
+        torch_device("tpu")
+
+
 def test_bad_options_fail_before_any_work(synth, model, monkeypatch):
     monkeypatch.setattr(sg.pp, "ensure_hierarchy", _must_not_run)
     monkeypatch.setattr("sigmma_sc.pp._features.ensure_hierarchy", _must_not_run)
@@ -420,6 +439,17 @@ def test_bad_options_fail_before_any_work(synth, model, monkeypatch):
         ValueError,
         r"stain_normalize must be None or one of \('macenko', 'reinhard'\), got 'vahadane'",
     )
+    if not torch.cuda.is_available():
+        refused(
+            "GPU asked for, none visible",
+            sdata,
+            {
+                "fit": lambda s: sg.tl.fit(s, **FAST, accelerator="gpu"),
+                "image_features": lambda s: sg.pp.image_features(s, encoder=ENCODER, device="cuda"),
+            },
+            ValueError,
+            r"asks for a GPU, but torch .* sees none .* pass accelerator='auto' or 'cpu'",
+        )
     monkeypatch.undo()
     # predict_expression and evaluate cache the query's hierarchy and features: bad options come first.
     refused(

@@ -174,6 +174,8 @@ class Choices:
     FEATURE_NORMS: Final = ("section", "global")
     # tl.fit(coarse_targets=...): how the coarse (macro) InfoNCE treats overlapping regions.
     COARSE_TARGETS: Final = ("hard", "soft", "disjoint", "soft+disjoint")
+    # tl.fit(accelerator=...) / pp.image_features(device=...): Lightning's accelerator names.
+    ACCELERATORS: Final = ("auto", "cpu", "gpu", "cuda")
 
 
 # Legacy Spatial Transcriptomics and 10x Visium geometry.

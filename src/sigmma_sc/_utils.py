@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from sigmma_sc._constants import Choices
+
 #: Libraries whose versions shape the package's results (recorded with every model and evaluation).
 VERSIONED = (
     "sigmma-sc",
@@ -143,3 +145,52 @@ def image_digest(levels: list[Any], *, samples: int = 1 << 20) -> str:
     sample = np.asarray(coarse[index])
     shapes = [(tuple(int(x) for x in lv.shape), np.dtype(lv.dtype).str) for lv in levels]
     return array_digest(sample, extra=(shapes, stride))
+
+
+def torch_device(accelerator: str = "auto", devices: Any = "auto") -> str:
+    """Return the torch device one process computes on, from Lightning's ``accelerator`` and ``devices``.
+
+    The one device rule of the package: :func:`sigmma_sc.tl.fit` trains and
+    :func:`sigmma_sc.pp.image_features` encodes where this says. ``"auto"``: the first CUDA device
+    when torch sees one, else the CPU. ``"gpu"`` / ``"cuda"`` (or ``"cuda:1"``) without a visible
+    GPU, or more GPUs than are visible, fail at once, naming the fix.
+
+    Examples
+    --------
+    >>> torch_device("cpu")
+    'cpu'
+    >>> torch_device("tpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: accelerator must be one of ('auto', 'cpu', 'gpu', 'cuda') (or 'cuda:<index>'), got 'tpu'.
+    """
+    name = str(accelerator)
+    index = None
+    if name.startswith("cuda:") and name[5:].isdigit():
+        name, index = "cuda", int(name[5:])
+    if name not in Choices.ACCELERATORS:
+        raise ValueError(f"accelerator must be one of {Choices.ACCELERATORS} (or 'cuda:<index>'), got {accelerator!r}.")
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "auto":
+        name = "cuda" if available else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if not available:
+        raise ValueError(
+            f"accelerator={accelerator!r} asks for a GPU, but torch {torch.__version__} sees none "
+            "(torch.cuda.is_available() is False): pass accelerator='auto' or 'cpu', or install a CUDA build of torch."
+        )
+    wanted = (
+        len(devices)
+        if isinstance(devices, list | tuple)
+        else (1 if devices in ("auto", -1) or index is not None else int(devices))
+    )
+    first = index if index is not None else (int(devices[0]) if isinstance(devices, list | tuple) and devices else 0)
+    if wanted > available or first >= available:
+        raise ValueError(
+            f"devices={devices!r} (accelerator={accelerator!r}) asks for more GPUs than the {available} torch sees: "
+            f"pass devices=<= {available} or 'auto'."
+        )
+    return f"cuda:{first}"

@@ -27,6 +27,7 @@ import torch
 from sigmma_sc._constants import Levels
 from sigmma_sc._logging import logger
 from sigmma_sc._settings import settings
+from sigmma_sc._utils import torch_device
 
 from ._config import NonFiniteLossError, TrainConfig
 from ._data import MAX_MICRO_PAIRS, ExpressionSource, LevelInput, SubgraphBatcher, expression_stats
@@ -48,12 +49,18 @@ def resolve_accelerator(accelerator: str, devices: Any) -> tuple[str, Any, str, 
     """``(accelerator, devices, strategy, precision)`` for Lightning from the user's choice.
 
     CUDA when present under ``"auto"``, bf16 mixed precision on GPU, DDP when more than one device.
+    Unknown names, an absent GPU or more devices than visible fail at once
+    (:func:`sigmma_sc._utils.torch_device`, the rule image features follow too).
 
     Examples
     --------
     >>> resolve_accelerator("cpu", "auto")
     ('cpu', 1, 'auto', '32-true')
     """
+    torch_device(accelerator, devices)
+    accelerator = str(accelerator)
+    if accelerator.startswith("cuda:"):
+        accelerator, devices = "gpu", [int(accelerator[5:])]
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda"):

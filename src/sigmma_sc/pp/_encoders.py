@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sigmma_sc._logging import logger
+from sigmma_sc._utils import torch_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -97,10 +98,10 @@ class Encoder:
         return self.module is None
 
     def to(self, device: str = "auto") -> Encoder:
-        """Move the module to ``device`` (``"auto"``: CUDA when available), in eval mode and channels-last."""
+        """Move the module to ``device`` (see :func:`sigmma_sc._utils.torch_device`), in eval mode and channels-last."""
         import torch
 
-        device = resolve_device(device)
+        device = torch_device(device)
         if self.module is not None and self._device != device:
             self.module = self.module.to(device).eval().to(memory_format=torch.channels_last)
             for p in self.module.parameters():
@@ -223,21 +224,6 @@ def available_encoders() -> list[str]:
     True
     """
     return sorted(_REGISTRY)
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; other values pass through.
-
-    Examples
-    --------
-    >>> resolve_device("cpu")
-    'cpu'
-    """
-    if device != "auto":
-        return str(device)
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _module_digest(module: Any) -> str:

@@ -20,6 +20,7 @@ from scipy import sparse
 from sigmma_sc._constants import Choices, Defaults, Keys
 from sigmma_sc._logging import logger
 from sigmma_sc._settings import settings
+from sigmma_sc._utils import torch_device
 from sigmma_sc.io import get_table
 
 from ._encoders import DENSE_STRIDE, Encoder, get_encoder
@@ -498,6 +499,7 @@ def image_features(
             stain_id = f"{stain_normalize}-{stain_target_id(stain_normalize, stain_reference)}"
     if method_used == "dense" and downsample != 1:
         method_used = f"dense{int(downsample)}x"
+    device = torch_device(device)  # an absent GPU fails here, before the hierarchy is built
     work, slide, hier, levels = features_target(
         sdata, table_key=table_key, levels=levels, require_image=not enc.precomputed
     )

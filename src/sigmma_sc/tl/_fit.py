@@ -11,6 +11,7 @@ from sigmma_sc import pp
 from sigmma_sc._constants import Choices, Defaults, Keys, Levels
 from sigmma_sc._logging import logger, timed
 from sigmma_sc._settings import settings
+from sigmma_sc._utils import torch_device
 from sigmma_sc.io import get_table, validate
 from sigmma_sc.model import Sigmma, TrainConfig, select_genes
 from sigmma_sc.pp import light_copy
@@ -160,8 +161,9 @@ def fit(
     intra_layers, inter_layers, heads, dropout
         GNN depth (cells inside a subgraph, subgraph graph), attention heads, dropout.
     accelerator, devices, precision
-        Lightning options; ``"auto"`` uses CUDA when present. Precision defaults to
-        ``"bf16-mixed"`` on GPU and ``"32-true"`` on CPU.
+        Lightning options, for training and the image features alike; ``"auto"`` uses CUDA when
+        present. Asking for a GPU that torch does not see (or more than it sees) fails at once,
+        before any work. Precision defaults to ``"bf16-mixed"`` on GPU and ``"32-true"`` on CPU.
     seed
         Random seed (default ``sigmma_sc.settings.seed``).
     feature_method, stain_normalize
@@ -288,6 +290,7 @@ def fit(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
     )
+    device = torch_device(accelerator, devices)  # an absent GPU fails here, before any work
     work = light_copy(sdata, table_key=table_key)
     _, hier = pp.ensure_hierarchy(work, table_key=table_key, require_image=False, **(hierarchy_kwargs or {}))
     with timed("image features"):
@@ -298,6 +301,7 @@ def fit(
             method=feature_method,
             levels=[lv for lv in config.levels if lv in hier.levels],
             stain_normalize=stain_normalize,
+            device=device,
         )
     with timed("training and embedding"):
         model, emb = Sigmma.train(

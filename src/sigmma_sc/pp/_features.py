@@ -454,7 +454,9 @@ def image_features(
     batch_size
         Crops per forward pass (the dense path runs ``batch_size // 16`` tiles of 1,280 px).
     device
-        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
+        ``"auto"`` (the first CUDA device when torch sees one), ``"cpu"``, ``"gpu"`` / ``"cuda"``
+        or ``"cuda:<index>"``; the rule of ``tl.fit(accelerator=...)``. A GPU that torch does not
+        see fails at once, before the hierarchy is built.
     downsample
         Dense path only: compute the maps on the image downsampled this many times (see
         :func:`section_features`); part of the cache key.

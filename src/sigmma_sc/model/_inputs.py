@@ -58,16 +58,44 @@ def feature_scaling(train: np.ndarray, *, std_floor: float = 0.1) -> tuple[np.nd
     >>> mu.tolist(), sd.tolist()
     ([1.0, 1.0], [1.0, 0.1])
     """
-    train = np.asarray(train, dtype=np.float64)
-    mu = train.mean(axis=0)
-    sd = train.std(axis=0)
+    train = np.asarray(train)
+    if train.size <= _EXACT_ELEMENTS:
+        train = train.astype(np.float64, copy=False)
+        mu, sd = train.mean(axis=0), train.std(axis=0)
+    else:
+        mu, sd = _chunked_mean_std(train)
     positive = sd[sd > 0]
     floor = std_floor * float(np.median(positive)) if positive.size else 1.0
     return mu, np.maximum(sd, max(floor, 1e-12))
 
 
+# Up to this many values (512 MB as float64) the statistics come from numpy's exact-order mean /
+# std (the figures in benchmarks/README.md); larger inputs (whole Xenium / Visium HD slides at
+# 1,280 channels) are read in row blocks so memory stays at one block.
+_EXACT_ELEMENTS = 1 << 26
+_BLOCK_ROWS = 16_384
+
+
+def _chunked_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Two passes in float64 (mean, then squared deviations): as accurate as numpy's, one block in memory.
+    n = x.shape[0]
+    total = np.zeros(x.shape[1], dtype=np.float64)
+    for r0 in range(0, n, _BLOCK_ROWS):
+        total += np.asarray(x[r0 : r0 + _BLOCK_ROWS], dtype=np.float64).sum(axis=0)
+    mu = total / n
+    sq = np.zeros_like(mu)
+    for r0 in range(0, n, _BLOCK_ROWS):
+        sq += ((np.asarray(x[r0 : r0 + _BLOCK_ROWS], dtype=np.float64) - mu) ** 2).sum(axis=0)
+    return mu, np.sqrt(sq / n)
+
+
 def apply_feature_scaling(
-    x: np.ndarray, mean: np.ndarray, std: np.ndarray, *, clip: float | None = Defaults.FEATURE_Z_CLIP
+    x: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    *,
+    clip: float | None = Defaults.FEATURE_Z_CLIP,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Z-scores of features under saved statistics, clipped to ``[-clip, clip]``.
 
@@ -79,6 +107,9 @@ def apply_feature_scaling(
         ``(d,)`` statistics from :func:`feature_scaling`.
     clip
         Absolute clip of the z-scores (``None``: no clip).
+    out
+        ``(m, d)`` float32 array to write into (default: a new one). Rows are scaled by blocks, so
+        the temporaries are one block, never the whole input.
 
     Returns
     -------
@@ -90,10 +121,14 @@ def apply_feature_scaling(
     >>> apply_feature_scaling(np.array([[3.0, 100.0]]), np.zeros(2), np.ones(2)).tolist()
     [[3.0, 5.0]]
     """
-    z = (np.asarray(x, dtype=np.float64) - mean) / std
-    if clip is not None:
-        z = np.clip(z, -clip, clip)
-    return z.astype(np.float32)
+    if out is None:
+        out = np.empty(np.shape(x), dtype=np.float32)
+    for r0 in range(0, len(out), _BLOCK_ROWS):
+        z = (np.asarray(x[r0 : r0 + _BLOCK_ROWS], dtype=np.float64) - mean) / std
+        if clip is not None:
+            z = np.clip(z, -clip, clip)
+        out[r0 : r0 + _BLOCK_ROWS] = z
+    return out
 
 
 def apply_section_scaling(
@@ -140,13 +175,19 @@ def apply_section_scaling(
     out = np.empty(np.shape(x), dtype=np.float32)
     small = []
     for code in np.unique(section):
-        rows = section == code
-        if rows.sum() >= min_nodes:
-            mu, sd = feature_scaling(x[rows])
+        rows = np.flatnonzero(section == code)
+        # One section (a whole slide): scaled in place of a copy, block by block.
+        whole = rows.size == len(x)
+        part = x if whole else x[rows]
+        if rows.size >= min_nodes:
+            mu, sd = feature_scaling(part)
         else:
             mu, sd = fallback
             small.append(int(code))
-        out[rows] = apply_feature_scaling(x[rows], mu, sd, clip=clip)
+        if whole:
+            apply_feature_scaling(part, mu, sd, clip=clip, out=out)
+        else:
+            out[rows] = apply_feature_scaling(part, mu, sd, clip=clip)
     return out, small
 
 

@@ -525,6 +525,20 @@ def test_interrupt_during_features(synth, model, monkeypatch):
     )
 
 
+def test_interrupt_after_nuclei_segmentation_leaves_no_nuclei(c3, monkeypatch):
+    """her2st C3: the nuclei (12 s of segmentation) reach sdata with the hierarchy, not before."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    sdata = fresh(c3)
+    before = snapshot(sdata)
+    monkeypatch.setattr("sigmma_sc.pp._hierarchy.spot_hierarchy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sg.pp.build_hierarchy(sdata)
+    assert_unchanged(sdata, before)  # no "C3_nuclei", no graph, no hierarchy
+
+
 def test_interrupt_during_training(synth, model, monkeypatch):
     from sigmma_sc.model._losses import ContrastiveLoss
 

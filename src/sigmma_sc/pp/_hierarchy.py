@@ -9,7 +9,7 @@ arrays and sparse matrices, built section by section, so no edge or region cross
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from ._graphs import (
     write_unit_graph,
 )
 from ._nuclei import load_nuclei, nuclei_key, segment_nuclei
+from ._workcopy import light_copy
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -773,6 +774,7 @@ def _build_hierarchy(
                 raise ValueError(f"{level}_fov_um must be a positive number of microns, got {val!r}.")
             fovs[level] = float(val)
     new_graph = None
+    new_nuclei: dict[str, Any] = {}
     if connectivity_key is not None:
         adj = read_unit_graph(slide.table, connectivity_key, slide.unit_section)
         graph_key = graph_keys(connectivity_key)[0]
@@ -796,9 +798,14 @@ def _build_hierarchy(
                     "the images or pass nuclei=False for a hierarchy without the micro level."
                 )
             if missing:
+                # Into a working copy: the nuclei reach sdata with the hierarchy, at the end, or not at all.
+                work = light_copy(sdata, table_key=table_key)
                 with timed("nuclei segmentation"):
-                    segment_nuclei(sdata, table_key=table_key, section=missing, **(nuclei_kwargs or {}))
-            nuc = load_nuclei(slide)
+                    segment_nuclei(work, table_key=table_key, section=missing, **(nuclei_kwargs or {}))
+                new_nuclei = {nuclei_key(s): work.shapes[nuclei_key(s)] for s in missing}
+                nuc = load_nuclei(replace(slide, sdata=work))
+            else:
+                nuc = load_nuclei(slide)
         h = spot_hierarchy(
             slide.xy_um,
             slide.unit_section,
@@ -822,6 +829,8 @@ def _build_hierarchy(
     stored = h.to_uns()
     stored[_UNIT_GRAPH] = graph_key
     # Everything is computed; now the writes.
+    for name, element in new_nuclei.items():
+        sdata.shapes[name] = element
     if new_graph is not None:
         adj, dst, graph_uns, key = new_graph
         write_unit_graph(slide.table, adj, dst, graph_uns, key=key)

@@ -629,3 +629,18 @@ def test_a_model_saved_with_another_encoder_under_the_same_name_is_refused(tiny_
             sg.Sigmma.load(tmp_path / "model")
     finally:
         sg.pp.register_encoder(TINY, tiny_patch_encoder)
+
+
+def test_num_workers_build_the_same_batches(tiny_fit_encoder):
+    """settings.num_workers=2: batches built in worker processes, every epoch's shuffle kept: the same bits."""
+    runs = []
+    for workers in (0, 2):
+        sg.settings.num_workers = workers
+        try:
+            sdata = sg.datasets.synthetic(300, n_genes=40, seed=0)
+            model = sg.tl.fit(sdata, max_epochs=3, **FIT)
+        finally:
+            sg.settings.num_workers = 0
+        runs.append((sdata["table"].obsm[Keys.X_SIGMMA], model.history["train_loss"].to_numpy()))
+    np.testing.assert_array_equal(runs[1][1], runs[0][1])
+    np.testing.assert_array_equal(runs[1][0], runs[0][0])

@@ -28,7 +28,9 @@ class Settings:
     progress_bar
         Show tqdm / Lightning progress bars.
     num_workers
-        Worker threads for image reading and feature pooling.
+        Worker processes that build the training and validation subgraph batches (a PyTorch
+        ``DataLoader``'s ``num_workers``); 0: in the main process. The batches, and so the model,
+        are the same for every value.
     cachedir
         Folder for what must survive an interrupted run: the checkpoints of a :func:`sigmma_sc.tl.fit`
         without ``checkpoint_dir`` (so ``resume=True`` finds them) and the per-section image features

@@ -502,8 +502,6 @@ def train(
     init_val = initial_losses(module, val_data) if val_data is not None else {}
     row0 = {"epoch": 0.0, **{f"train_{k}": v for k, v in init.items()}, **{f"val_{k}": v for k, v in init_val.items()}}
 
-    from torch.utils.data import DataLoader
-
     root = checkpoint_dir or tempfile.mkdtemp(prefix="sigmma_")
     last_ckpt, best_ckpt = _checkpoint_callbacks(root, with_validation=val_data is not None)
     guard = _guard_callback(config, precision)
@@ -548,8 +546,8 @@ def train(
                 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(
                 module,
-                train_dataloaders=DataLoader(train_data, batch_size=None, shuffle=False),
-                val_dataloaders=None if val_data is None else DataLoader(val_data, batch_size=None, shuffle=False),
+                train_dataloaders=_loader(train_data, accelerator),
+                val_dataloaders=None if val_data is None else _loader(val_data, accelerator),
                 ckpt_path=resume_from,
             )
         seconds = time.perf_counter() - t0
@@ -593,6 +591,25 @@ def train(
         f"{history['train_loss'].iloc[0]:.3f} -> {history['train_loss'].iloc[-1]:.3f}"
     )
     return module, history, expr_stats, seconds
+
+
+def _loader(data: SubgraphBatches, accelerator: str) -> Any:
+    """Return a DataLoader of whole subgraph batches, built by ``settings.num_workers`` worker processes.
+
+    Workers are started for each epoch (not persistent), so each gets the epoch's shuffle that
+    ``on_train_epoch_start`` has just set; batches are the same as with ``num_workers=0``.
+    """
+    from torch.utils.data import DataLoader
+
+    workers = max(int(settings.num_workers), 0)
+    return DataLoader(
+        data,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=accelerator == "gpu",
+        persistent_workers=False,
+    )
 
 
 def _node_batches(

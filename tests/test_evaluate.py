@@ -38,11 +38,11 @@ def split():
 
 def test_predict_expression_he_only_equals_with_counts(split):
     model, _, test = split
-    with_counts = sg.tl.predict_expression(model, test, k=10)
-    he_only = sg.tl.predict_expression(model, _he_only(test), k=10)
+    with_counts = sg.tl.predict_expression(model, test, method="knn", k=10, temperature=0.1)
+    he_only = sg.tl.predict_expression(model, _he_only(test), method="knn", k=10, temperature=0.1)
     np.testing.assert_allclose(he_only.X, with_counts.X, rtol=1e-5, atol=1e-6)
     # The image embedding does not depend on the expression being embedded alongside (no leak in evaluate).
-    from sigmma_sc.tl._predict import weighted_average
+    from sigmma_sc.tl._readout import weighted_average
 
     emb = model.get_embeddings(test)
     ref = model.reference

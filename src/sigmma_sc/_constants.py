@@ -57,6 +57,10 @@ class Keys:
     X_SIGMMA: Final = "X_sigmma"  # obsm: joint embedding
     X_SIGMMA_IMG: Final = "X_sigmma_img"  # obsm: image-side embedding
     X_SIGMMA_EXPR: Final = "X_sigmma_expr"  # obsm: expression-side embedding
+    VALIDATION: Final = "sigmma_validation"  # obs of model.reference: unit held out of training (validation)
+    # Written by tl.predict_expression into the AnnData it returns.
+    HELDOUT_R: Final = "sigmma_heldout_r"  # var: held-out Pearson r of the gene on the reference
+    CONFIDENCE: Final = "sigmma_confidence"  # obs: mean cosine to the nearest reference units
 
     @staticmethod
     def level_embedding(level: str, modality: str) -> str:
@@ -99,6 +103,19 @@ class Defaults:
     # 453 at 1%, prediction r 0.131 -> 0.159; benchmarks/README.md).
     MIN_DETECTED: Final = 0.1
     MIN_DETECTED_CELL: Final = 0.01
+    # Readout of tl.predict_expression / tl.evaluate, chosen on held-out reference units (tl._readout):
+    # retrieval over these k and softmax temperatures, or a ridge head on the image embedding with these
+    # penalties (times the mean diagonal of the Gram matrix). K / TEMPERATURE: the retrieval used when
+    # nothing can be held out (one group), the former fixed defaults.
+    READOUT_K: Final = 50
+    READOUT_TEMPERATURE: Final = 0.1
+    READOUT_KS: Final = (10, 30, 100, 300, 1000)
+    READOUT_TEMPERATURES: Final = (0.05, 0.1, 0.3, 1.0)
+    READOUT_ALPHAS: Final = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    READOUT_HELDOUT_UNITS: Final = 1000
+    # Fewer validation units than this (small references): any reference unit may be held out.
+    READOUT_MIN_HELDOUT: Final = 20
+    CONFIDENCE_NEIGHBOURS: Final = 10
     # Largest share of the model's genes a query table may lack before its expression side is refused
     # (missing genes are embedded as zeros): a section loaded on its own drops genes without counts.
     MAX_MISSING_GENES: Final = 0.1
@@ -174,6 +191,8 @@ class Choices:
     FEATURE_NORMS: Final = ("section", "global")
     # tl.fit(coarse_targets=...): how the coarse (macro) InfoNCE treats overlapping regions.
     COARSE_TARGETS: Final = ("hard", "soft", "disjoint", "soft+disjoint")
+    # tl.predict_expression(method=...): chosen on held-out reference units, retrieval, or a ridge head.
+    READOUTS: Final = ("auto", "knn", "ridge")
     # tl.fit(accelerator=...) / pp.image_features(device=...): Lightning's accelerator names.
     ACCELERATORS: Final = ("auto", "cpu", "gpu", "cuda")
 

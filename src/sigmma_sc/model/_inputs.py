@@ -556,12 +556,19 @@ def model_genes(
     return genes
 
 
-def build_reference(slide: SlideData, genes: list[str], emb: dict[str, np.ndarray | None]) -> AnnData:
-    """Return the training units as a retrieval reference: expression of ``genes`` (log1p) and the embeddings."""
+def build_reference(
+    slide: SlideData, genes: list[str], emb: dict[str, np.ndarray | None], *, validation: np.ndarray | None = None
+) -> AnnData:
+    """Return the training units as a retrieval reference: expression of ``genes`` (log1p) and the embeddings.
+
+    ``validation``: units of the subgraphs training held out, kept in ``obs["sigmma_validation"]``.
+    """
     import anndata as ad
 
     obs = pd.DataFrame(index=pd.Index(slide.table.obs_names.astype(str)))
     obs[Keys.SECTION] = pd.Categorical(np.asarray(slide.sections, dtype=object)[slide.unit_section])
+    if validation is not None:
+        obs[Keys.VALIDATION] = np.asarray(validation, dtype=bool)
     ref = ad.AnnData(
         X=slide.expression(genes).astype(np.float32),
         obs=obs,

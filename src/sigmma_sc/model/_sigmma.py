@@ -523,7 +523,7 @@ class Sigmma:
         # _core imports torch and lightning at its top: loaded on first training / embedding.
         import torch
 
-        from ._core import train
+        from ._core import split_nodes, train
 
         # Bit-identical reruns need the same thread count (CPU reductions split by thread): recorded.
         base["torch_threads"] = int(torch.get_num_threads())
@@ -549,7 +549,11 @@ class Sigmma:
             history=history,
         )
         emb = model._embed(slide, hier, levels, expression)
-        model.reference = build_reference(slide, genes, emb)
+        # train() held these meso subgraphs out (never in a gradient step): their units are the honest
+        # queries when a readout is chosen on the reference.
+        _, val_nodes = split_nodes(levels[Levels.MESO].n, config.val_fraction, config.seed)
+        validation = np.isin(hier.unit_nodes(Levels.MESO), val_nodes)
+        model.reference = build_reference(slide, genes, emb, validation=validation)
         return model, emb
 
     def to_uns(self) -> dict[str, Any]:

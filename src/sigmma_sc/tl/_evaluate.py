@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from ._metrics import (
     subsample,
     top_expressed_genes,
 )
-from ._predict import DEFAULT_TEMPERATURE, reference_expression, split_genes, weighted_average
+from ._predict import check_readout_options, readout_record, reference_expression, reference_readout, split_genes
 from ._retrieve import read_only
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,12 +39,18 @@ if TYPE_CHECKING:  # pragma: no cover
 # Missing genes listed by name in the protocol (the count is always there).
 _GENES_LISTED = 20
 
+#: Detection rule of each most-variable evaluation set, pinned so results stay comparable whatever
+#: the model's gene rule: the spot-era set (>= 10% of training units) and the sparse-unit set (>= 1%).
+HVG_DETECTED: dict[str, float] = {"hvg": 0.1, "hvg_det1": 0.01}
+
 #: Columns of the evaluation table, in order (``n_genes=50`` and ``ks=(1, 5, 10)``).
 METRICS: tuple[str, ...] = (
     "pcc_hvg50",
     "pcc_heg50",
+    "pcc_hvg50_det1",
     "pcc_hvg50_per_slide",
     "pcc_heg50_per_slide",
+    "pcc_hvg50_det1_per_slide",
     "r1_img2expr",
     "r5_img2expr",
     "r10_img2expr",
@@ -62,11 +68,11 @@ METRICS: tuple[str, ...] = (
 def gene_sets(
     model: Sigmma, train_expression: Any, *, n_genes: int = 50, genes: Sequence[str] | None = None
 ) -> dict[str, list[str]]:
-    """Pick the evaluation genes: ``hvg`` (most variable) and ``heg`` (most expressed) among ``model.genes``.
+    """Pick the evaluation genes: most variable (``hvg``, ``hvg_det1``) and most expressed (``heg``) model genes.
 
     ``hvg``: the highest variance of log1p(normalize_total) among genes detected in at least 10% of
-    the training units (the model's own gene rule, :func:`sigmma_sc.model._data.select_genes`);
-    ``heg``: the highest mean log1p expression.
+    the training units (:func:`sigmma_sc.model.select_genes`); ``hvg_det1``: the same among genes
+    detected in at least 1% (:data:`HVG_DETECTED`); ``heg``: the highest mean log1p expression.
 
     Parameters
     ----------
@@ -82,7 +88,7 @@ def gene_sets(
 
     Returns
     -------
-    ``{"hvg": [...], "heg": [...]}`` gene names, best first.
+    ``{"hvg": [...], "heg": [...], "hvg_det1": [...]}`` gene names, best first.
 
     Examples
     --------
@@ -91,9 +97,18 @@ def gene_sets(
     (5, 5, True)
     """
     genes = list(model.genes) if genes is None else list(genes)
-    hvg = select_genes(train_expression, genes, n_genes=n_genes, log_normalized=True)
+    hvg = {
+        name: select_genes(train_expression, genes, n_genes=n_genes, log_normalized=True, min_detected=share)
+        for name, share in HVG_DETECTED.items()
+    }
     heg = [genes[i] for i in top_expressed_genes(train_expression, n=n_genes)]
-    return {"hvg": hvg, "heg": heg}
+    return {"hvg": hvg["hvg"], "heg": heg, "hvg_det1": hvg["hvg_det1"]}
+
+
+def _pcc_column(name: str, n_genes: int) -> str:
+    # "hvg" -> "pcc_hvg50", "hvg_det1" -> "pcc_hvg50_det1"
+    base, _, rule = name.partition("_")
+    return f"pcc_{base}{n_genes}" + (f"_{rule}" if rule else "")
 
 
 def scores_from_predictions(
@@ -110,7 +125,8 @@ def scores_from_predictions(
     Parameters
     ----------
     predictions
-        ``{"hvg": (n_test, n_genes), "heg": ...}`` predicted log1p expression of each gene set.
+        ``{"hvg": (n_test, n_genes), "heg": ..., "hvg_det1": ...}`` predicted log1p expression of each
+        gene set (any of these names).
     observed
         Same keys: observed log1p expression.
     groups
@@ -136,10 +152,10 @@ def scores_from_predictions(
     (1.0, 1.0)
     """
     row: dict[str, float] = {}
-    for name in ("hvg", "heg"):
-        row[f"pcc_{name}{n_genes}"] = mean_pearson(observed[name], predictions[name])
-    for name in ("hvg", "heg"):
-        row[f"pcc_{name}{n_genes}_per_slide"] = mean_pearson(observed[name], predictions[name], groups=groups)
+    for name in predictions:
+        row[_pcc_column(name, n_genes)] = mean_pearson(observed[name], predictions[name])
+    for name in predictions:
+        row[_pcc_column(name, n_genes) + "_per_slide"] = mean_pearson(observed[name], predictions[name], groups=groups)
     summaries = {d: retrieval_summary(sim, ks=ks) for d, sim in (("img2expr", similarity), ("expr2img", similarity.T))}
     for direction, summary in summaries.items():
         for k in ks:
@@ -169,8 +185,10 @@ def evaluate(
     train_sdata: SpatialData | None = None,
     baselines: Sequence[str] = BASELINES,
     seed: int = 0,
-    k: int = 50,
-    temperature: float = DEFAULT_TEMPERATURE,
+    method: str = "auto",
+    k: int | None = None,
+    temperature: float | None = None,
+    readouts: Mapping[str, Mapping[str, Any]] | None = None,
     n_genes: int = 50,
     max_units: int = 1000,
     ks: Sequence[int] = (1, 5, 10),
@@ -185,8 +203,9 @@ def evaluate(
     Protocol (also written to ``df.attrs["protocol"]``):
 
     - Genes: the ``n_genes`` most variable (``hvg``: variance of log1p(normalize_total) among genes
-      detected in >= 10% of the training units) and most expressed (``heg``: mean log1p) genes of
-      the training units, among the model genes the test table holds (and ``train_sdata``, when
+      detected in >= 10% of the training units; ``hvg_det1``: the same among genes detected in >= 1%,
+      the set that sparse units such as fine bins and cells need) and most expressed (``heg``: mean
+      log1p) genes of the training units, among the model genes the test table holds (and ``train_sdata``, when
       given). A test section loaded on its own lacks the genes without counts in it: they are left
       out of the scores (a warning, and ``n_genes_missing`` / ``genes_missing`` in the protocol) and
       embedded as zeros on the expression side (up to ``max_missing_genes`` of the model's genes).
@@ -195,7 +214,8 @@ def evaluate(
       units, averaged over genes (genes constant in the test data or in a prediction are left out),
       pooled over all test units (``pcc_*``) and averaged over test slides (``pcc_*_per_slide``).
       SIGMMA and ``single_scale`` predict with :func:`~sigmma_sc.tl.predict_expression` from their
-      own training units (``k`` neighbours, softmax ``temperature``).
+      own training units (readout ``method``, ``k``, ``temperature``); ``readouts`` adds rows of the
+      same SIGMMA model read out otherwise.
     - Retrieval: over a fixed seeded subsample of ``max_units`` test units (all when fewer), each
       unit's image queries the expression of every unit in the subsample (``img2expr``) and the
       reverse (``expr2img``); Recall@k (ties at their worst rank), chance ``k / n`` and median
@@ -220,10 +240,13 @@ def evaluate(
         Any of ``"ridge"``, ``"ridge_cv"``, ``"single_scale"``.
     seed
         Seed of the retrieval subsample, the ridge subsample and the ``single_scale`` fit.
-    k
-        Neighbours averaged by retrieval-based prediction.
-    temperature
-        Softmax temperature of retrieval-based prediction.
+    method, k, temperature
+        Readout of the predictions, as in :func:`~sigmma_sc.tl.predict_expression` (``"auto"``:
+        chosen on held-out training units).
+    readouts
+        Extra rows: name -> ``{"method": ..., "k": ..., "temperature": ...}`` (any subset), the same
+        SIGMMA embeddings read out that way, e.g. ``{"sigmma_knn50": {"method": "knn", "k": 50,
+        "temperature": 0.1}}`` for the fixed retrieval of earlier versions.
     n_genes
         Size of the ``hvg`` and ``heg`` gene sets.
     max_units
@@ -282,13 +305,21 @@ def evaluate(
     if not 0.0 <= max_missing_genes <= 1.0:
         raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
     # Cheap checks before anything is embedded (embedding builds the hierarchy and features when missing).
-    for name, value in (("k", k), ("n_genes", n_genes), ("max_units", max_units), ("max_train_units", max_train_units)):
+    for name, value in (("n_genes", n_genes), ("max_units", max_units), ("max_train_units", max_train_units)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}.")
     if not len(ks) or any(int(c) < 1 for c in ks):
         raise ValueError(f"ks must be recall cut-offs >= 1, got {ks!r}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+    check_readout_options(method, k, temperature)
+    extra = {str(name): dict(spec) for name, spec in (readouts or {}).items()}
+    for name, spec in extra.items():
+        unknown_opts = sorted(set(spec) - {"method", "k", "temperature"})
+        if unknown_opts or name in ("sigmma", *BASELINES):
+            raise ValueError(
+                f"readouts[{name!r}] must be a new row name with keys among ('method', 'k', 'temperature'), "
+                f"got {sorted(spec)}."
+            )
+        check_readout_options(spec.get("method", "auto"), spec.get("k"), spec.get("temperature"))
     test = validate(test_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
     # Everything below reads (and caches into) these, never the user's objects unless inplace=True.
     test_sdata = read_only(test_sdata, table_key=table_key, inplace=inplace)
@@ -349,16 +380,26 @@ def evaluate(
         rows[name] = fn()
         seconds[name] = round(time.perf_counter() - t0, 2)
 
-    def embedding_method(m: Sigmma) -> dict[str, float]:
-        emb = m.get_embeddings(test_sdata, table_key=table_key, max_missing_genes=max_missing_genes)
-        ref_emb, ref_expr = reference_expression(m, None)
-        pred = weighted_average(emb["img"], ref_emb, ref_expr, k=k, temperature=temperature)
-        m_genes = pd.Index(list(m.genes))
-        preds = {name: pred[:, m_genes.get_indexer(names)] for name, names in sets.items()}
-        sim = cosine_similarity(emb["img"][retrieval_units], emb["expr"][retrieval_units])
-        return scores_from_predictions(preds, observed, groups, sim, n_genes=n_genes, ks=ks)
+    chosen: dict[str, dict[str, Any]] = {}
 
-    run("sigmma", lambda: embedding_method(model))
+    def embedding_method(m: Sigmma, name: str, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+        emb = m.get_embeddings(test_sdata, table_key=table_key, max_missing_genes=max_missing_genes)
+        ref = reference_expression(m, None)
+        sim = cosine_similarity(emb["img"][retrieval_units], emb["expr"][retrieval_units])
+        m_genes = pd.Index(list(m.genes))
+        out = {}
+        for row, spec in {name: {"method": method, "k": k, "temperature": temperature}, **specs}.items():
+            readout = reference_readout(ref, **{"method": "auto", "k": None, "temperature": None, **spec}, seed=seed)
+            chosen[row] = readout_record(readout, arrays=False)
+            pred = readout.predict(emb["img"], ref.expr_emb, ref.expression)
+            preds = {s_name: pred[:, m_genes.get_indexer(names)] for s_name, names in sets.items()}
+            out[row] = scores_from_predictions(preds, observed, groups, sim, n_genes=n_genes, ks=ks)
+        return out
+
+    t0 = time.perf_counter()
+    logger.info("evaluate: sigmma")
+    rows.update(embedding_method(model, "sigmma", extra))
+    seconds["sigmma"] = round(time.perf_counter() - t0, 2)
 
     ridge_train = subsample(len(y_train), max_n=max_train_units, seed=seed)
 
@@ -383,11 +424,16 @@ def evaluate(
                     fitted[key] = ridge_cv(x_tr, y_tr[:, idx], x_te)
             preds[target], alphas[name][target] = fitted[key]
         sim = profile_similarity(preds["all"][retrieval_units], y_test[retrieval_units])
-        return scores_from_predictions(preds, observed, groups, sim, n_genes=n_genes, ks=ks)
+        return scores_from_predictions({s: preds[s] for s in sets}, observed, groups, sim, n_genes=n_genes, ks=ks)
 
     for name in baselines:
         if name == "single_scale":
-            run(name, lambda: embedding_method(fit_single_scale(model, train_sdata, seed=seed, **(fit_kwargs or {}))))
+            run(
+                name,
+                lambda: embedding_method(
+                    fit_single_scale(model, train_sdata, seed=seed, **(fit_kwargs or {})), "single_scale", {}
+                )["single_scale"],
+            )
         else:
             run(name, lambda name=name: ridge_method(name))
 
@@ -396,6 +442,7 @@ def evaluate(
     df.attrs["protocol"] = {
         "genes_hvg": sets["hvg"],
         "genes_heg": sets["heg"],
+        "genes_hvg_det1": sets["hvg_det1"],
         "n_genes": n_genes,
         "n_model_genes": len(model.genes),
         "n_genes_scored": len(genes),
@@ -404,6 +451,7 @@ def evaluate(
         "n_genes_missing_train": len(missing_train),
         "max_missing_genes": float(max_missing_genes),
         "gene_rule_hvg": "variance of log1p(normalize_total) among genes detected in >= 10% of training units",
+        "gene_rule_hvg_det1": "variance of log1p(normalize_total) among genes detected in >= 1% of training units",
         "gene_rule_heg": "mean log1p(normalize_total) over training units",
         "train_sections": train_sections,
         "test_sections": list(test.sections),
@@ -411,8 +459,7 @@ def evaluate(
         "n_test_units": int(len(y_test)),
         "n_retrieval_units": int(len(retrieval_units)),
         "ks": list(ks),
-        "k_neighbours": int(k),
-        "temperature": float(temperature),
+        "readouts": chosen,
         "seed": int(seed),
         "encoder": str(model.encoder),
         "feature_key": str(model.feature_key),

@@ -1,7 +1,11 @@
-"""Gene-expression prediction from H&E by retrieval of reference expression embeddings (BLEEP / Loki style)."""
+"""Gene-expression prediction from H&E, by retrieval (BLEEP / Loki style) or a ridge head on the image embedding.
+
+Whichever predicts held-out reference units better is used (:mod:`sigmma_sc.tl._readout`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,92 +16,12 @@ from .._constants import Defaults, Keys
 from .._logging import logger
 from ..io import get_table, log1p_normalize, validate
 from ..model import Sigmma
-from ._retrieve import embeddings_of, nearest, read_only
+from ._readout import Readout, check_readout_options, choose_readout, heldout_groups, support
+from ._retrieve import embeddings_of, read_only
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
-
-#: Softmax temperature on cosine similarities of the k retrieved reference units.
-DEFAULT_TEMPERATURE: float = 0.1
-
-
-def neighbour_weights(scores: np.ndarray, *, temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
-    """Weights of the retrieved reference units: softmax over ``cosine / temperature`` per query.
-
-    A small temperature trusts the closest matches; a large one approaches the plain mean of the
-    ``k`` neighbours (BLEEP's average). Weights are positive and sum to one per row.
-
-    Parameters
-    ----------
-    scores
-        ``(n, k)`` cosine similarities of each query's neighbours.
-    temperature
-        Softmax temperature, > 0.
-
-    Returns
-    -------
-    ``(n, k)`` float64 weights.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> neighbour_weights(np.array([[0.5, 0.5]]))
-    array([[0.5, 0.5]])
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
-    logits = np.asarray(scores, dtype=np.float64) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    w = np.exp(logits)
-    return w / w.sum(axis=1, keepdims=True)
-
-
-def weighted_average(
-    queries: np.ndarray,
-    ref_embeddings: np.ndarray,
-    ref_expression: np.ndarray,
-    *,
-    k: int,
-    temperature: float = DEFAULT_TEMPERATURE,
-) -> np.ndarray:
-    """Similarity-weighted mean expression of the ``k`` nearest reference units of each query.
-
-    Parameters
-    ----------
-    queries
-        ``(n, d)`` image embeddings of the query units.
-    ref_embeddings
-        ``(m, d)`` expression embeddings of the reference units.
-    ref_expression
-        ``(m, n_genes)`` log1p expression of the reference units (dense or sparse).
-    k
-        Neighbours averaged (capped at ``m``).
-    temperature
-        See :func:`neighbour_weights`.
-
-    Returns
-    -------
-    ``(n, n_genes)`` float32 predictions on the reference's log1p scale.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> ref = np.eye(3)
-    >>> weighted_average(np.array([[1.0, 0.0, 0.0]]), ref, 10 * ref, k=1)
-    array([[10.,  0.,  0.]], dtype=float32)
-    """
-    k = int(min(k, len(ref_embeddings)))
-    idx, scores = nearest(queries, ref_embeddings, k)
-    w = neighbour_weights(scores, temperature=temperature)
-    ref = sp.csr_matrix(ref_expression) if sp.issparse(ref_expression) else np.asarray(ref_expression)
-    out = np.zeros((len(idx), ref.shape[1]), dtype=np.float64)
-    # One pass per neighbour rank keeps memory at (n, n_genes) instead of (n, k, n_genes).
-    for j in range(k):
-        rows = ref[idx[:, j]]
-        rows = rows.toarray() if sp.issparse(rows) else rows
-        out += w[:, j, None] * rows
-    return out.astype(np.float32)
 
 
 def split_genes(genes: Any, var_names: Any) -> tuple[list[str], list[str]]:
@@ -188,14 +112,54 @@ def take_columns(mat: Any, pos: np.ndarray) -> Any:
     return mat[:, pos]
 
 
+_RIDGE_NEEDS_IMAGES = (
+    "method='ridge' fits a head on the reference's image embeddings, and the reference AnnData has no "
+    f"obsm[{Keys.X_SIGMMA_IMG!r}]: pass model.reference, a table written by tl.fit, or a SpatialData."
+)
+
+
+@dataclass
+class ReferenceData:
+    """A prediction reference as the readouts use it.
+
+    Attributes
+    ----------
+    expr_emb
+        ``(m, d)`` expression-side embeddings (the retrieval gallery).
+    img_emb
+        ``(m, d)`` image-side embeddings (queries of the held-out choice and the ridge's inputs), or
+        ``None`` for an AnnData reference without ``obsm["X_sigmma_img"]``.
+    expression
+        ``(m, n_genes)`` log1p expression over ``model.genes`` (dense or sparse).
+    groups
+        ``(m,)`` hold-out groups (:func:`sigmma_sc.tl._readout.heldout_groups`).
+    validation
+        ``(m,)`` units training held out (``obs["sigmma_validation"]`` of ``model.reference``), or ``None``.
+    """
+
+    expr_emb: np.ndarray
+    img_emb: np.ndarray | None
+    expression: Any
+    groups: np.ndarray
+    validation: np.ndarray | None = None
+
+
+def _anndata_groups(adata: AnnData) -> np.ndarray:
+    sections = adata.obs[Keys.SECTION].to_numpy() if Keys.SECTION in adata.obs else None
+    xy = np.asarray(adata.obsm[Keys.SPATIAL], dtype=np.float64) if Keys.SPATIAL in adata.obsm else None
+    if sections is None and xy is None:
+        return np.zeros(adata.n_obs, np.int64)
+    return heldout_groups(sections, xy)
+
+
 def reference_expression(
     model: Sigmma,
     reference: Any,
     *,
     table_key: str = Keys.TABLE,
     max_missing_genes: float = Defaults.MAX_MISSING_GENES,
-) -> tuple[np.ndarray, Any]:
-    """Expression embeddings and log1p expression over ``model.genes`` of a prediction reference.
+) -> ReferenceData:
+    """Embeddings, log1p expression over ``model.genes`` and hold-out groups of a prediction reference.
 
     Parameters
     ----------
@@ -203,9 +167,10 @@ def reference_expression(
         Fitted model.
     reference
         ``None`` (``model.reference``: the training units), an AnnData embedded by the model
-        (``obsm["X_sigmma_expr"]``; ``X`` log1p-normalised, or raw counts when its
-        ``uns["sigmma_dataset"]`` says ``log_normalized=False``, as in a table written by
-        :func:`sigmma_sc.tl.fit`), or a SpatialData with counts (embedded now).
+        (``obsm["X_sigmma_expr"]``, and ``obsm["X_sigmma_img"]`` for the held-out choice of the
+        readout; ``X`` log1p-normalised, or raw counts when its ``uns["sigmma_dataset"]`` says
+        ``log_normalized=False``, as in a table written by :func:`sigmma_sc.tl.fit`), or a
+        SpatialData with counts (embedded now).
     table_key
         Table of a SpatialData reference.
     max_missing_genes
@@ -213,13 +178,13 @@ def reference_expression(
 
     Returns
     -------
-    ``(embeddings (m, d), expression (m, n_genes))``.
+    :class:`ReferenceData`.
 
     Examples
     --------
-    >>> emb, expr = reference_expression(model, None)  # the training units
-    >>> emb.shape, expr.shape
-    ((200, 48), (200, 40))
+    >>> ref = reference_expression(model, None)  # the training units
+    >>> ref.expr_emb.shape, ref.expression.shape, ref.img_emb.shape
+    ((200, 48), (200, 40), (200, 48))
     """
     from anndata import AnnData
 
@@ -231,19 +196,89 @@ def reference_expression(
         emb = embeddings_of(
             model, reference, "expr", table_key=table_key, what="reference", max_missing_genes=max_missing_genes
         )
+        img = embeddings_of(model, reference, "img", table_key=table_key, what="reference")
         # Genes the reference lacks (checked by the embedding) have no counts: zeros.
         present, _ = split_genes(genes, slide.table.var_names)
         pos = pd.Index(present).get_indexer(genes)
-        return emb, take_columns(slide.expression(present), pos)
+        sections = np.asarray(slide.sections, dtype=object)[slide.unit_section]
+        return ReferenceData(
+            emb, img, take_columns(slide.expression(present), pos), heldout_groups(sections, slide.xy_um)
+        )
     emb = embeddings_of(model, reference, "expr", what="reference")
+    img = np.asarray(reference.obsm[Keys.X_SIGMMA_IMG], np.float32) if Keys.X_SIGMMA_IMG in reference.obsm else None
     check_missing_genes(genes, reference.var_names, max_missing_genes=max_missing_genes, what="the reference AnnData")
     pos = pd.Index(reference.var_names).get_indexer(genes)
     info = reference.uns.get(Keys.DATASET, {})
     if isinstance(info, dict) and Keys.LOG_NORMALIZED in info and not bool(info[Keys.LOG_NORMALIZED]):
         counts = reference.layers[Keys.COUNTS_LAYER] if Keys.COUNTS_LAYER in reference.layers else reference.X
         # Totals over every gene of the table, as in training, before keeping the model genes.
-        return emb, take_columns(log1p_normalize(sp.csr_matrix(counts)), pos)
-    return emb, take_columns(reference.X, pos)
+        expression = take_columns(log1p_normalize(sp.csr_matrix(counts)), pos)
+    else:
+        expression = take_columns(reference.X, pos)
+    validation = reference.obs[Keys.VALIDATION].to_numpy(dtype=bool) if Keys.VALIDATION in reference.obs else None
+    return ReferenceData(emb, img, expression, _anndata_groups(reference), validation)
+
+
+def reference_readout(
+    ref: ReferenceData,
+    *,
+    method: str = "auto",
+    k: int | None = None,
+    temperature: float | None = None,
+    seed: int = Defaults.SEED,
+) -> Readout:
+    """Choose the readout of a reference (:func:`sigmma_sc.tl._readout.choose_readout` on its held-out units).
+
+    A reference without image embeddings cannot hold units out: retrieval with ``k`` (default
+    ``Defaults.READOUT_K``) and ``temperature`` (default ``Defaults.READOUT_TEMPERATURE``).
+
+    Examples
+    --------
+    >>> reference_readout(reference_expression(model, None)).method in ("knn", "ridge")
+    True
+    """
+    check_readout_options(method, k, temperature)
+    if ref.img_emb is None:
+        if method == "ridge":
+            raise ValueError(_RIDGE_NEEDS_IMAGES)
+        return Readout(
+            method="knn",
+            k=int(k or Defaults.READOUT_K),
+            temperature=float(temperature or Defaults.READOUT_TEMPERATURE),
+            gene_r=np.full(ref.expression.shape[1], np.nan),
+        )
+    return choose_readout(
+        ref.img_emb,
+        ref.expr_emb,
+        ref.expression,
+        ref.groups,
+        method=method,
+        k=k,
+        temperature=temperature,
+        eligible=ref.validation,
+        seed=seed,
+    )
+
+
+def readout_record(readout: Readout, *, arrays: bool = True) -> dict[str, Any]:
+    """Return the ``uns["sigmma"]["params"]`` entries of a readout: its parameters and every candidate's held-out r.
+
+    Examples
+    --------
+    >>> readout_record(Readout(method="knn", k=50, temperature=0.1))["k"]
+    50
+    """
+    out = readout.params()
+    if len(readout.candidates):
+        c = readout.candidates
+        names = [
+            f"knn k={int(r.k)} T={r.temperature:g}" if r.method == "knn" else f"ridge alpha={r.alpha:.3g}"
+            for r in c.itertuples()
+        ]
+        r = c["heldout_r"].to_numpy(dtype=np.float64)
+        # Arrays for uns (anndata writes them), lists for JSON protocols.
+        out["candidates"] = {"name": names, "heldout_r": r if arrays else [float(v) for v in r]}
+    return out
 
 
 def predict_expression(
@@ -251,18 +286,30 @@ def predict_expression(
     sdata: SpatialData,
     *,
     reference: AnnData | SpatialData | None = None,
-    k: int = 50,
-    temperature: float = DEFAULT_TEMPERATURE,
+    method: str = "auto",
+    k: int | None = None,
+    temperature: float | None = None,
     table_key: str = Keys.TABLE,
     max_missing_genes: float = Defaults.MAX_MISSING_GENES,
     inplace: bool = False,
 ) -> AnnData:
     """Predict gene expression of every unit of a slide from its H&E alone.
 
-    The query's image views are embedded by the model; the ``k`` reference units whose expression
-    embeddings are most similar (cosine) are retrieved and their log1p expression averaged with
-    softmax weights ``exp(cosine / temperature)`` (normalised per query). The query needs no
-    counts and no genes: any it has are ignored.
+    The query's image views are embedded by the model and read out into expression in one of two
+    ways, chosen on the reference itself (``method="auto"``): up to 1,000 reference units are held
+    out by section (by spatial quadrant for a one-section reference), predicted from the other
+    units with each candidate, and scored by the mean per-gene Pearson r.
+
+    - ``"knn"``: the ``k`` reference units whose expression embeddings are most similar (cosine)
+      are retrieved and their log1p expression averaged with softmax weights
+      ``exp(cosine / temperature)``; ``k`` in (10, 30, 100, 300, 1000) and ``temperature`` in
+      (0.05, 0.1, 0.3, 1) unless given.
+    - ``"ridge"``: a linear head from the image embedding to expression, fitted on the reference's
+      image-side embeddings (penalty chosen the same way).
+
+    Sharp retrieval wins on spots (her2st); fine, noisy bins favour averaging many units (Visium
+    HD kidney): see ``benchmarks/README.md``. The query needs no counts and no genes: any it has
+    are ignored.
 
     Parameters
     ----------
@@ -272,12 +319,16 @@ def predict_expression(
         Query slide(s): H&E image(s) and the units to predict (table ``table_key``).
     reference
         Expression library: ``None`` for ``model.reference`` (the training units), an AnnData
-        embedded by the model (``obsm["X_sigmma_expr"]`` plus expression over ``model.genes``), or a
-        SpatialData with counts (embedded now).
+        embedded by the model (``obsm["X_sigmma_expr"]`` plus expression over ``model.genes``;
+        without ``obsm["X_sigmma_img"]`` nothing can be held out and retrieval with ``k=50``,
+        ``temperature=0.1`` is used), or a SpatialData with counts (embedded now).
+    method
+        ``"auto"``, ``"knn"`` or ``"ridge"``.
     k
-        Reference units averaged per query.
+        Reference units averaged per query (fixes the retrieval's ``k`` instead of choosing it).
     temperature
-        Softmax temperature on cosine similarities (> 0); large values approach the plain mean.
+        Softmax temperature on cosine similarities (> 0; fixed instead of chosen); large values
+        approach the plain mean.
     table_key
         Table of ``sdata``.
     max_missing_genes
@@ -292,9 +343,13 @@ def predict_expression(
     Returns
     -------
     AnnData: query units x ``model.genes``, ``X`` = predicted log1p(normalize_total) expression
-    (float32), ``obs`` copied from the query table, ``obsm["spatial"]`` copied (microns),
-    ``uns["sigmma_dataset"]`` copied with ``log_normalized=True`` and the parameters in
-    ``uns["sigmma"]["params"]``.
+    (float32), ``obs`` copied from the query table plus ``obs["sigmma_confidence"]`` (mean cosine
+    similarity of the unit's image embedding to its 10 nearest reference expression embeddings:
+    low values mean no reference unit resembles it), ``var["sigmma_heldout_r"]`` (the gene's
+    Pearson r on the held-out reference units: how far to trust that gene's prediction; NaN when
+    it could not be measured), ``obsm["spatial"]`` copied (microns), ``uns["sigmma_dataset"]``
+    copied with ``log_normalized=True``, and the readout (method, ``k`` / ``temperature`` or
+    ``alpha``, every candidate's held-out r) in ``uns["sigmma"]["params"]``.
 
     Examples
     --------
@@ -304,22 +359,21 @@ def predict_expression(
     >>> train = sg.datasets.her2st(sections=["C2", "C3", "C4", "C5"])  # doctest: +SKIP
     >>> query = sg.datasets.her2st(sections=["C6"])  # doctest: +SKIP
     >>> model = sg.tl.fit(train)  # doctest: +SKIP
-    >>> pred = sg.tl.predict_expression(model, query, k=50)  # doctest: +SKIP
+    >>> pred = sg.tl.predict_expression(model, query)  # doctest: +SKIP
     >>> pred[:, "ERBB2"].X[:5]  # doctest: +SKIP
 
     With ``model`` fitted on 200 synthetic cells, predicting ``test``, 200 other cells (see
     :class:`sigmma_sc.Sigmma`):
 
-    >>> pred = sg.tl.predict_expression(model, test, k=10)
+    >>> pred = sg.tl.predict_expression(model, test, method="knn", k=10)
     >>> pred.shape, pred.X.dtype, pred.uns["sigmma"]["params"]["n_reference"]
     ((200, 40), dtype('float32'), 200)
+    >>> "sigmma_heldout_r" in pred.var, "sigmma_confidence" in pred.obs
+    (True, True)
     """
     import anndata as ad
 
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+    check_readout_options(method, k, temperature)
     if not 0.0 <= max_missing_genes <= 1.0:
         raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
     table = get_table(sdata, table_key)
@@ -334,38 +388,45 @@ def predict_expression(
     else:
         ref_table = model.reference if reference is None else reference
         embeddings_of(model, ref_table, "expr", what="reference")  # an AnnData: the embedding must be in obsm
+        if method == "ridge" and Keys.X_SIGMMA_IMG not in ref_table.obsm:
+            raise ValueError(_RIDGE_NEEDS_IMAGES)
     if len(split_genes(model.genes, ref_table.var_names)[1]) > max_missing_genes * len(model.genes):
         check_missing_genes(model.genes, ref_table.var_names, max_missing_genes=max_missing_genes, what="the reference")
     queries = embeddings_of(
         model, read_only(sdata, table_key=table_key, inplace=inplace), "img", table_key=table_key, what="query"
     )
     reference = None if reference is None else read_only(reference, table_key=table_key, inplace=inplace)
-    ref_emb, ref_expr = reference_expression(model, reference, table_key=table_key, max_missing_genes=max_missing_genes)
-    if ref_emb.shape[1] != queries.shape[1]:
+    ref = reference_expression(model, reference, table_key=table_key, max_missing_genes=max_missing_genes)
+    if ref.expr_emb.shape[1] != queries.shape[1]:
         raise ValueError(
-            f"The reference embeddings have {ref_emb.shape[1]} dimensions but the model embeds {queries.shape[1]}; "
-            "embed the reference with the same model."
+            f"The reference embeddings have {ref.expr_emb.shape[1]} dimensions but the model embeds "
+            f"{queries.shape[1]}; embed the reference with the same model."
         )
-    if k > len(ref_emb):
-        logger.warning(f"k={k} exceeds the {len(ref_emb)} reference units; averaging all of them.")
-    pred = weighted_average(queries, ref_emb, ref_expr, k=k, temperature=temperature)
+    if k is not None and k > len(ref.expr_emb):
+        logger.warning(f"k={k} exceeds the {len(ref.expr_emb)} reference units; averaging all of them.")
+    readout = reference_readout(ref, method=method, k=k, temperature=temperature)
+    logger.info(
+        "predict_expression: "
+        + ", ".join(
+            f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in readout.params().items()
+        )
+    )
+    pred = readout.predict(queries, ref.expr_emb, ref.expression)
 
-    uns: dict[str, Any] = {
-        Keys.UNS: {
-            Keys.PARAMS: {
-                "k": int(min(k, len(ref_emb))),
-                "temperature": float(temperature),
-                "n_reference": len(ref_emb),
-            }
-        }
-    }
+    uns: dict[str, Any] = {Keys.UNS: {Keys.PARAMS: {**readout_record(readout), "n_reference": len(ref.expr_emb)}}}
     info = table.uns.get(Keys.DATASET)
     if isinstance(info, dict):
         uns[Keys.DATASET] = {**info, Keys.LOG_NORMALIZED: True}
+    obs = table.obs.copy()
+    obs[Keys.CONFIDENCE] = support(queries, ref.expr_emb)
     out = ad.AnnData(
         X=pred,
-        obs=table.obs.copy(),
-        var=pd.DataFrame(index=pd.Index(list(model.genes), dtype=str)),
+        obs=obs,
+        var=pd.DataFrame(
+            {Keys.HELDOUT_R: np.asarray(readout.gene_r, dtype=np.float64)},
+            index=pd.Index(list(model.genes), dtype=str),
+        ),
         uns=uns,
     )
     if Keys.SPATIAL in table.obsm:

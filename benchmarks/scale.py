@@ -200,7 +200,7 @@ def _stage(stage: str, size: int, work: Path, extra: dict) -> dict:
             sdata, table_key=Keys.TABLE, levels=config.levels, encoder=Defaults.ENCODER
         )
         matrix = expression_matrix(slide)
-        min_detected = default_min_detected(slide.unit_kind)
+        min_detected = default_min_detected(matrix)
         genes = model_genes(slide, matrix, n_genes=Defaults.N_GENES, min_detected=min_detected)
         expression = ExpressionSource.from_counts(
             matrix, slide.table.var_names.get_indexer(genes), log_normalized=slide.log_normalized

@@ -168,14 +168,23 @@ def test_min_detected_picks_the_modelled_genes(split, caplog, monkeypatch):
     assert base.genes == strict.genes
 
 
-def test_default_detection_rule_follows_the_unit_kind(split):
+def test_default_detection_rule_follows_the_units_sparsity(split):
     from sigmma_sc.model import default_min_detected, select_genes
 
     _, train, _ = split
     table = train[Keys.TABLE]
-    assert table.uns[Keys.DATASET][Keys.UNIT_KIND] == "cell"
+    counts = table.layers[Keys.COUNTS_LAYER] if Keys.COUNTS_LAYER in table.layers else table.X
     model = sg.tl.fit(train, max_epochs=1, n_genes=40, seed=0, batch_size=8)
-    # Cells are sparse units: 1% of them, not the 10% of spots, decides which genes are modelled.
-    assert model.params["min_detected"] == default_min_detected("cell") == 0.01
-    assert default_min_detected("spot") == 0.1
-    assert model.genes == select_genes(table.X, table.var_names, n_genes=40, min_detected=0.01)
+    # The rule is read from the counts: the 40 genes asked for are detected in >= 10% of these cells.
+    detected = np.asarray((counts != 0).mean(axis=0)).ravel()
+    assert (detected >= 0.1).sum() >= 40
+    assert model.params["min_detected"] == default_min_detected(counts, n_genes=40) == 0.1
+    assert model.genes == select_genes(counts, table.var_names, n_genes=40, min_detected=0.1)
+    # Spot-like counts keep 10%; bin-like counts get the share at which the 500th gene is detected.
+    rng = np.random.default_rng(0)
+    assert default_min_detected(rng.poisson(3.0, size=(300, 800))) == 0.1
+    bins = rng.poisson(np.linspace(0.005, 0.2, 800), size=(4000, 800))
+    share = default_min_detected(bins)
+    detected = (bins > 0).mean(axis=0)
+    assert 0.01 < share < 0.1 and (detected >= share).sum() >= 500 > (detected > share).sum()
+    assert default_min_detected(rng.poisson(0.001, size=(2000, 800))) == 0.01

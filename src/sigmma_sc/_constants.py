@@ -98,11 +98,13 @@ class Defaults:
     NUCLEUS_MAX_AREA_UM2: Final = 300.0
     NUCLEUS_MARGIN_UM: Final = 15.0
     N_GENES: Final = 1000
-    # Genes must be non-zero in this fraction of training units to be modelled: 10% for spots, 1% for
-    # cells and fine bins, whose units are sparse (Visium HD kidney, 16 um bins: 17 genes pass at 10%,
-    # 453 at 1%, prediction r 0.131 -> 0.159; benchmarks/README.md).
+    # Genes must be non-zero in this fraction of training units to be modelled: 10%, lowered for sparse
+    # units (cells, fine bins) until MIN_DETECTED_GENES genes pass, never below MIN_DETECTED_FLOOR
+    # (model.default_min_detected). Visium HD kidney, 16 um bins: 17 genes pass at 10%, 453 at 1%,
+    # prediction r 0.131 -> 0.159 (benchmarks/README.md).
     MIN_DETECTED: Final = 0.1
-    MIN_DETECTED_CELL: Final = 0.01
+    MIN_DETECTED_FLOOR: Final = 0.01
+    MIN_DETECTED_GENES: Final = 500
     # Readout of tl.predict_expression / tl.evaluate, chosen on held-out reference units (tl._readout):
     # retrieval over these k and softmax temperatures, or a ridge head on the image embedding with these
     # penalties (times the mean diagonal of the Gram matrix). K / TEMPERATURE: the retrieval used when

@@ -479,7 +479,6 @@ class Sigmma:
         if not has_expression_matrix(slide.table):
             raise ValueError(f"table {table_key!r} holds no expression: training needs counts for its units.")
         unit_batch = unit_batch_codes(slide.table, slide.unit_section, config.batch_key)
-        min_detected = default_min_detected(slide.unit_kind) if min_detected is None else float(min_detected)
         base = {
             **jsonable(asdict(config)),
             "encoder": encoder if isinstance(encoder, str) else None,
@@ -509,6 +508,9 @@ class Sigmma:
 
         matrix = expression_matrix(slide)
         base["fingerprint"] = data_fingerprint(slide, matrix)
+        if min_detected is None:
+            min_detected = default_min_detected(matrix, n_genes=n_genes)
+        base["min_detected"] = float(min_detected)
         genes = model_genes(slide, matrix, n_genes=n_genes, min_detected=min_detected, genes=genes)
         gene_idx = slide.table.var_names.get_indexer(genes)
         expression = ExpressionSource.from_counts(matrix, gene_idx, log_normalized=slide.log_normalized)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -263,6 +264,7 @@ def multiscale_features(
     connectivities: sp.spmatrix | np.ndarray | None,
     *,
     rows: np.ndarray | None = None,
+    levels: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Per unit: features of every level (fine to coarse) concatenated, plus their neighbour mean.
 
@@ -277,6 +279,9 @@ def multiscale_features(
     rows
         Only these units (a training subsample: the full matrix of 150k Visium HD bins x 7,680
         columns does not fit in memory); ``None``: all.
+    levels
+        Only these levels (a model's ``levels``: a cache may hold more, e.g. from another fit of
+        the same slide); ``None``: every level the hierarchy and the features have.
 
     Returns
     -------
@@ -292,7 +297,8 @@ def multiscale_features(
     >>> multiscale_features(hier, feats, train["table"].obsp["spatial_connectivities"]).shape  # 3 levels x 1280 x 2
     (200, 7680)
     """
-    levels = [lv for lv in Levels.ALL if lv in hierarchy.levels and lv in features]
+    wanted = Levels.ALL if levels is None else tuple(levels)
+    levels = [lv for lv in Levels.ALL if lv in wanted and lv in hierarchy.levels and lv in features]
     own = np.concatenate([unit_level_features(hierarchy, features, lv) for lv in levels], axis=1)
     idx = np.arange(len(own)) if rows is None else np.asarray(rows, dtype=np.int64)
     if connectivities is None:
@@ -307,6 +313,7 @@ def baseline_features(
     feature_key: str | None,
     table_key: str = Keys.TABLE,
     rows: np.ndarray | None = None,
+    levels: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Return the unit features a ridge baseline reads from a SpatialData with hierarchy and features.
 
@@ -323,6 +330,8 @@ def baseline_features(
         Table holding the units.
     rows
         Only these units (``None``: all).
+    levels
+        ``"multiscale"``: only these levels (the model's), see :func:`multiscale_features`.
 
     Returns
     -------
@@ -348,7 +357,7 @@ def baseline_features(
         conn = table.obsp.get(key)
         if conn is None:
             logger.warning(f"Table {table_key!r} has no obsp[{key!r}]: ridge_cv runs without neighbour features.")
-        return multiscale_features(hierarchy, features, conn, rows=rows)
+        return multiscale_features(hierarchy, features, conn, rows=rows, levels=levels)
     raise ValueError(f"kind must be 'meso' or 'multiscale', got {kind!r}.")
 
 

@@ -171,11 +171,15 @@ def _features(
     model: Sigmma, sdata: SpatialData, kind: str, table_key: str, rows: np.ndarray | None = None
 ) -> np.ndarray:
     try:
-        return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key, rows=rows)
+        return baseline_features(
+            sdata, kind=kind, feature_key=model.feature_key, table_key=table_key, rows=rows, levels=model.levels
+        )
     except KeyError:
         # No hierarchy / features cached yet: embedding the image side computes and caches them (no genes needed).
         model.get_embeddings(sdata, table_key=table_key, expression=False)
-        return baseline_features(sdata, kind=kind, feature_key=model.feature_key, table_key=table_key, rows=rows)
+        return baseline_features(
+            sdata, kind=kind, feature_key=model.feature_key, table_key=table_key, rows=rows, levels=model.levels
+        )
 
 
 def evaluate(

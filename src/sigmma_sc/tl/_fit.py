@@ -114,11 +114,12 @@ def fit(
         Genes to model: the most variable (log1p-normalised variance among genes detected in at
         least ``min_detected`` of units); capped at the genes available.
     min_detected
-        Fraction of training units in which a gene must be non-zero to be modelled. Default: 10%
-        for spots, 1% for cells and fine bins (:func:`sigmma_sc.model.default_min_detected`):
-        sparse units leave few genes at 10% (17 of the Visium HD kidney's 16 µm bins), and 1%
-        gives the expression encoders hundreds (453), which raised the kidney's prediction r from
-        0.13 to 0.16 (``benchmarks/README.md``).
+        Fraction of training units in which a gene must be non-zero to be modelled. Default
+        (:func:`sigmma_sc.model.default_min_detected`): 10%, lowered for sparse units until 500
+        genes pass, never below 1%. It reads the counts, so spots keep 10% and fine bins and
+        cells get hundreds of genes without a keyword: the Visium HD kidney's 16 µm bins pass 17
+        genes at 10% and 453 at 1%, which raised its prediction r from 0.13 to 0.16
+        (``benchmarks/README.md``). The value used is in ``model.params["min_detected"]``.
     genes
         The genes to model instead of the rule above: a list of gene names, or the name of a
         boolean ``var`` column such as ``"highly_variable"`` (from

@@ -39,6 +39,11 @@ N_NEIGHBOURS = 15
 REPRESENTATIONS = ("expr_pca", "X_sigmma", "X_sigmma_expr", "X_sigmma_img")
 
 
+def epochs(args) -> dict[str, int]:
+    """``max_epochs`` of every fit when ``--epochs`` is given (else tl.fit's default)."""
+    return {} if args.epochs is None else {"max_epochs": int(args.epochs)}
+
+
 def expression_pca(table, *, seed: int) -> np.ndarray:
     """Expression alone: PCA (30) of log1p(normalize_total) counts on the highly variable genes."""
     import anndata as ad
@@ -77,7 +82,7 @@ def cluster_scores(rep: np.ndarray, truth: dict[str, np.ndarray], *, resolutions
 
 def clusters_part(seed: int, args) -> list[dict[str, Any]]:
     sdata = sg.datasets.synthetic(args.n_cells, n_genes=args.n_genes, seed=seed)
-    sg.tl.fit(sdata, seed=seed, max_epochs=args.epochs)
+    sg.tl.fit(sdata, seed=seed, **epochs(args))
     table = sdata.tables[Keys.TABLE]
     truth = {"niche": table.obs[Keys.NICHE].to_numpy(), "cell_type": table.obs[Keys.CELL_TYPE].to_numpy()}
     reps = {"expr_pca": expression_pca(table, seed=seed)}
@@ -99,7 +104,7 @@ def prediction_part(seed: int, args) -> list[dict[str, Any]]:
     out = []
     for variant, kwargs in (("micro+meso+macro", {}), ("meso+macro", {"levels": [Levels.MESO, Levels.MACRO]})):
         t0 = time.perf_counter()
-        model = sg.tl.fit(train, seed=seed, max_epochs=args.epochs, **kwargs)
+        model = sg.tl.fit(train, seed=seed, **epochs(args), **kwargs)
         df = sg.tl.evaluate(model, test, train_sdata=train, baselines=("ridge_cv",), seed=seed)
         row = df.loc["sigmma"]
         out.append(
@@ -120,7 +125,7 @@ def prediction_part(seed: int, args) -> list[dict[str, Any]]:
 
 def xenium_part(args) -> dict[str, Any]:
     sdata = sg.datasets.xenium_lung(args.xenium_data)
-    model = sg.tl.fit(sdata, seed=0, max_epochs=args.epochs)
+    model = sg.tl.fit(sdata, seed=0, **epochs(args))
     table = sdata.tables[Keys.TABLE]
     graph = table.obsp[Keys.CONNECTIVITIES]
     pred = sg.tl.predict_expression(model, sdata)

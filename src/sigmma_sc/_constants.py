@@ -97,6 +97,8 @@ class Defaults:
     NUCLEUS_MIN_AREA_UM2: Final = 12.0
     NUCLEUS_MAX_AREA_UM2: Final = 300.0
     NUCLEUS_MARGIN_UM: Final = 15.0
+    # pp.bins_to_cells: a bin joins a cell when within the nucleus radius plus this (bin2cell: ~2 bins of 2 um).
+    BIN_EXPAND_UM: Final = 4.0
     N_GENES: Final = 1000
     # Genes must be non-zero in this fraction of training units to be modelled: 10%, lowered for sparse
     # units (cells, fine bins) until MIN_DETECTED_GENES genes pass, never below MIN_DETECTED_FLOOR

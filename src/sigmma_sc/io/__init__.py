@@ -11,6 +11,8 @@ from ._anndata import from_anndata
 from ._build import (
     SectionArrays,
     build_sdata,
+    build_shapes,
+    build_table,
     level_shapes,
     pixel_index_to_um,
     pyramid_factors,
@@ -29,6 +31,8 @@ __all__ = [
     "log1p_normalize",
     "from_anndata",
     "build_sdata",
+    "build_shapes",
+    "build_table",
     "SectionArrays",
     "read_rgb",
     "read_rgb_pyramid",

@@ -302,7 +302,8 @@ def _image_element(arrays: SectionArrays) -> Any:
     return tree
 
 
-def _shapes_element(arrays: SectionArrays, ids: np.ndarray) -> Any:
+def build_shapes(arrays: SectionArrays, ids: np.ndarray) -> Any:
+    """Return the shapes element of a section's units (circles or squares of ``arrays.diameter_um``), in microns."""
     import geopandas as gpd
     import shapely
     from spatialdata.models import ShapesModel
@@ -410,26 +411,86 @@ def build_sdata(
     >>> sorted(sdata.images), sorted(sdata.shapes), sdata["table"].shape
     (['S0_he'], ['S0_cells'], (2, 2))
     """
-    import anndata as ad
     from spatialdata import SpatialData
-    from spatialdata.models import TableModel
 
     if not sections:
         raise ValueError("build_sdata needs at least one section.")
+    if drop_empty:
+        sections = [_without_empty_units(s) for s in sections]
+    image_keys = {s.section: f"{s.section}{IMAGE_SUFFIX}" for s in sections}
+    shapes_keys = {s.section: f"{s.section}{UNIT_SUFFIX[s.unit]}" for s in sections}
+    table = build_table(
+        sections,
+        image_keys=image_keys,
+        shapes_keys=shapes_keys,
+        technology=technology,
+        unit_kind=unit_kind,
+        unit_diameter_um=unit_diameter_um,
+        log_normalized=log_normalized,
+        drop_empty=drop_empty,
+    )
+    images = {image_keys[s.section]: _image_element(s) for s in sections}
+    shapes = {shapes_keys[s.section]: build_shapes(s, np.arange(s.n_units, dtype=np.int64)) for s in sections}
+    return SpatialData(images=images, shapes=shapes, tables={Keys.TABLE: table})
+
+
+def build_table(
+    sections: Sequence[SectionArrays],
+    *,
+    image_keys: dict[str, str],
+    shapes_keys: dict[str, str],
+    technology: str,
+    unit_kind: Literal["spot", "cell"],
+    unit_diameter_um: float,
+    log_normalized: bool = False,
+    drop_empty: bool = False,
+) -> Any:
+    """Build the table of units of some sections, annotating the shapes elements ``shapes_keys``.
+
+    The table half of :func:`build_sdata`, for steps that add units to an object whose images
+    exist already (:func:`sigmma_sc.pp.bins_to_cells`): ``SectionArrays.image`` is not read.
+    Unit ``i`` of section ``S`` is row ``"{S}_{i}"`` and instance ``i`` of ``shapes_keys[S]``.
+
+    Parameters
+    ----------
+    sections
+        One :class:`SectionArrays` per section (empty units already dropped when ``drop_empty``).
+    image_keys, shapes_keys
+        Section -> image element / shapes element names, written to ``uns["sigmma_dataset"]``.
+    technology, unit_kind, unit_diameter_um, log_normalized, drop_empty
+        As in :func:`build_sdata` (``drop_empty`` drops genes without counts here).
+
+    Returns
+    -------
+    AnnData parsed by spatialdata's ``TableModel``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import sparse
+    >>> arrays = SectionArrays(
+    ...     section="S0", image=None, mpp=1.0, xy_um=np.array([[10.0, 10.0]]),
+    ...     counts=sparse.csr_matrix(np.array([[1, 2]])), genes=["A", "B"], shape="circle",
+    ...     diameter_um=10.0, unit="cell",
+    ... )
+    >>> t = build_table([arrays], image_keys={"S0": "S0_he"}, shapes_keys={"S0": "S0_cells"},
+    ...     technology="custom", unit_kind="cell", unit_diameter_um=10.0)
+    >>> t.obs_names.tolist(), t.uns["spatialdata_attrs"]["region"]
+    (['S0_0'], ['S0_cells'])
+    """
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    if not sections:
+        raise ValueError("build_table needs at least one section.")
     names = [s.section for s in sections]
     if len(set(names)) != len(names):
         raise ValueError(f"section names must be unique, got {names}.")
 
-    if drop_empty:
-        sections = [_without_empty_units(s) for s in sections]
     genes = _union_genes(sections)
-    images: dict[str, Any] = {}
-    shapes: dict[str, Any] = {}
     blocks: list[sparse.csr_matrix] = []
     obs_parts: list[pd.DataFrame] = []
     xy_parts: list[np.ndarray] = []
-    image_keys: dict[str, str] = {}
-    shapes_keys: dict[str, str] = {}
     for s in sections:
         n = s.n_units
         xy = np.asarray(s.xy_um, dtype=np.float64)
@@ -444,10 +505,6 @@ def build_sdata(
                 "(e.g. anndata's var_names_make_unique)."
             )
         ids = np.arange(n, dtype=np.int64)
-        image_keys[s.section] = f"{s.section}{IMAGE_SUFFIX}"
-        shapes_keys[s.section] = f"{s.section}{UNIT_SUFFIX[s.unit]}"
-        images[image_keys[s.section]] = _image_element(s)
-        shapes[shapes_keys[s.section]] = _shapes_element(s, ids)
 
         blocks.append(_remap_columns(sparse.csr_matrix(s.counts), s.genes, genes))
         obs = pd.DataFrame(
@@ -504,4 +561,4 @@ def build_sdata(
         region_key=Keys.REGION,
         instance_key=Keys.INSTANCE,
     )
-    return SpatialData(images=images, shapes=shapes, tables={Keys.TABLE: table})
+    return table

@@ -3,6 +3,7 @@
 import warnings
 from typing import Any
 
+from ._bins import bins_to_cells
 from ._encoders import Encoder, available_encoders, encoder_from_module, get_encoder, register_encoder
 from ._features import FeatureKey, get_features, image_features, section_features
 from ._graphs import spatial_graphs
@@ -19,6 +20,7 @@ __all__ = [
     "Hierarchy",
     "Level",
     "available_encoders",
+    "bins_to_cells",
     "build_hierarchy",
     "encoder_from_module",
     "ensure_hierarchy",

@@ -25,12 +25,14 @@ from ._baselines import (
 from ._metrics import (
     cosine_similarity,
     mean_pearson,
+    pearson_per_gene,
     profile_similarity,
     retrieval_summary,
     subsample,
     top_expressed_genes,
 )
 from ._predict import check_readout_options, readout_record, reference_expression, reference_readout, split_genes
+from ._readout import support
 from ._retrieve import read_only
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,6 +105,31 @@ def gene_sets(
     }
     heg = [genes[i] for i in top_expressed_genes(train_expression, n=n_genes)]
     return {"hvg": hvg["hvg"], "heg": heg, "hvg_det1": hvg["hvg_det1"]}
+
+
+def confidence_spearman(confidence: np.ndarray, observed: np.ndarray, predicted: np.ndarray) -> float:
+    """Spearman correlation between a unit's confidence and how well its profile is predicted.
+
+    The per-unit score is the Pearson r over genes between observed and predicted log1p
+    expression (units whose profiles are constant are left out): a confidence that means
+    something ranks well-predicted units first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.normal(size=(50, 20))
+    >>> noise = np.linspace(0.1, 3.0, 50)[:, None] * rng.normal(size=(50, 20))
+    >>> round(confidence_spearman(-np.linspace(0.1, 3.0, 50), y, y + noise), 1) > 0.5
+    True
+    """
+    from scipy.stats import spearmanr
+
+    per_unit = pearson_per_gene(np.asarray(observed, np.float64).T, np.asarray(predicted, np.float64).T)
+    ok = np.isfinite(per_unit) & np.isfinite(confidence)
+    if ok.sum() < 3:
+        return float("nan")
+    return float(spearmanr(np.asarray(confidence)[ok], per_unit[ok]).statistic)
 
 
 def _pcc_column(name: str, n_genes: int) -> str:
@@ -385,6 +412,7 @@ def evaluate(
         seconds[name] = round(time.perf_counter() - t0, 2)
 
     chosen: dict[str, dict[str, Any]] = {}
+    confidence_rho: dict[str, float] = {}
 
     def embedding_method(m: Sigmma, name: str, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         emb = m.get_embeddings(test_sdata, table_key=table_key, max_missing_genes=max_missing_genes)
@@ -397,6 +425,10 @@ def evaluate(
             chosen[row] = readout_record(readout, arrays=False)
             pred = readout.predict(emb["img"], ref.expr_emb, ref.expression)
             preds = {s_name: pred[:, m_genes.get_indexer(names)] for s_name, names in sets.items()}
+            if row == name:
+                confidence_rho[row] = confidence_spearman(
+                    support(emb["img"], ref.expr_emb), observed["hvg"], preds["hvg"]
+                )
             out[row] = scores_from_predictions(preds, observed, groups, sim, n_genes=n_genes, ks=ks)
         return out
 
@@ -464,6 +496,7 @@ def evaluate(
         "n_retrieval_units": int(len(retrieval_units)),
         "ks": list(ks),
         "readouts": chosen,
+        "confidence_spearman": confidence_rho,
         "seed": int(seed),
         "encoder": str(model.encoder),
         "feature_key": str(model.feature_key),

@@ -22,7 +22,7 @@ from .._constants import Defaults, Keys
 from .._logging import logger
 from .._settings import settings
 from ..io import SectionArrays, build_shapes, build_table, validate
-from ._nuclei import hematoxylin, measure_labels, segment_tile, tissue_threshold
+from ._nuclei import hematoxylin, label_tile, tissue_threshold
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -115,17 +115,7 @@ def _section_nuclei(
     parts = []
     for r0, c0 in tqdm(origins, desc=f"nuclei {section}", disable=not settings.progress_bar, leave=False):
         tile, top, left = read(int(r0), int(c0), tile_px, margin)
-        h = hematoxylin(tile)
-        if segmenter is None:
-            lab = segment_tile(h, um_per_px=upp, threshold=threshold, min_distance_um=min_distance_um)
-        else:
-            lab = np.asarray(segmenter(tile))
-            if lab.shape != h.shape or not np.issubdtype(lab.dtype, np.integer):
-                raise ValueError(
-                    f"segmenter returned {lab.dtype} {lab.shape} for a {tile.shape} tile; it must return an "
-                    "integer label image of the tile's height and width (0 = background)."
-                )
-        m = measure_labels(lab, h)
+        m = label_tile(tile, um_per_px=upp, threshold=threshold, segmenter=segmenter, min_distance_um=min_distance_um)
         row, col = m["row"] + top, m["col"] + left
         # A nucleus belongs to the tile that holds its centroid: those on the margin are another tile's.
         own = (row >= r0) & (row < r0 + tile_px) & (col >= c0) & (col < c0 + tile_px)

@@ -183,6 +183,39 @@ def segment_tile(
     return watershed(-score, markers, mask=mask).astype(np.int32)
 
 
+def label_tile(
+    tile: np.ndarray,
+    *,
+    um_per_px: float,
+    threshold: float | None,
+    segmenter: Callable[[np.ndarray], np.ndarray] | None = None,
+    min_distance_um: float = 3.0,
+) -> dict[str, np.ndarray]:
+    """Segment the nuclei of an RGB tile and measure them (:func:`segment_tile` or ``segmenter``).
+
+    Returns :func:`measure_labels`' dict, in the tile's pixels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> tile = np.full((40, 40, 3), 240, np.uint8)
+    >>> tile[10:20, 10:20] = (60, 30, 120)
+    >>> label_tile(tile, um_per_px=0.5, threshold=0.1)["area_px"].tolist()  # the smoothed edge is cut
+    [80.0]
+    """
+    h = hematoxylin(tile)
+    if segmenter is None:
+        lab = segment_tile(h, um_per_px=um_per_px, threshold=threshold, min_distance_um=min_distance_um)
+    else:
+        lab = np.asarray(segmenter(tile))
+        if lab.shape != h.shape or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(
+                f"segmenter returned {lab.dtype} {lab.shape} for a {tile.shape} tile; it must return an "
+                "integer label image of the tile's height and width (0 = background)."
+            )
+    return measure_labels(lab, h)
+
+
 def measure_labels(labels: np.ndarray, h: np.ndarray) -> dict[str, np.ndarray]:
     """Per-label centroid, area, eccentricity and mean hematoxylin, vectorised over labels.
 
@@ -272,18 +305,9 @@ def _segment_section(
     px_area_um2 = abs(np.linalg.det(img.um_from_px[:2, :2]))
     rows = []
     for j in tqdm(range(len(cr)), desc=f"nuclei {section}", disable=not settings.progress_bar, leave=False):
-        tile = window(j)
-        h = hematoxylin(tile)
-        if segmenter is None:
-            lab = segment_tile(h, um_per_px=upp, threshold=threshold, min_distance_um=min_distance_um)
-        else:
-            lab = np.asarray(segmenter(tile))
-            if lab.shape != h.shape or not np.issubdtype(lab.dtype, np.integer):
-                raise ValueError(
-                    f"segmenter returned {lab.dtype} {lab.shape} for a {tile.shape} tile; it must return an "
-                    "integer label image of the tile's height and width (0 = background)."
-                )
-        m = measure_labels(lab, h)
+        m = label_tile(
+            window(j), um_per_px=upp, threshold=threshold, segmenter=segmenter, min_distance_um=min_distance_um
+        )
         m["unit"] = np.full(len(m["row"]), j)
         m["row"] += cr[j, 1] - half
         m["col"] += cr[j, 0] - half

@@ -105,13 +105,13 @@ def prediction_part(seed: int, args) -> list[dict[str, Any]]:
     for variant, kwargs in (("micro+meso+macro", {}), ("meso+macro", {"levels": [Levels.MESO, Levels.MACRO]})):
         t0 = time.perf_counter()
         model = sg.tl.fit(train, seed=seed, **epochs(args), **kwargs)
-        df = sg.tl.evaluate(model, test, train_sdata=train, baselines=("ridge_cv",), seed=seed)
+        df = sg.tl.evaluate(model, test, train_sdata=train, baselines=tuple(args.baselines), seed=seed)
         row = df.loc["sigmma"]
         out.append(
             {
                 "seed": seed,
                 "variant": variant,
-                "ridge_cv_pcc_hvg50": float(df.loc["ridge_cv", "pcc_hvg50"]),
+                **{f"{b}_pcc_hvg50": float(df.loc[b, "pcc_hvg50"]) for b in args.baselines},
                 "pcc_hvg50": float(row["pcc_hvg50"]),
                 "pcc_hvg50_det1": float(row["pcc_hvg50_det1"]),
                 "r10_img2expr": float(row["r10_img2expr"]),
@@ -169,11 +169,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epochs", type=int, default=None, help="max_epochs of every fit (default: tl.fit's)")
     p.add_argument("--resolutions", default="0.25,0.5,1.0")
     p.add_argument("--skip-prediction", action="store_true")
+    p.add_argument("--baselines", default="", help="tl.evaluate baselines of the prediction part, e.g. ridge_cv")
     p.add_argument("--xenium", action="store_true", help="also run the Xenium lung end to end")
     p.add_argument("--xenium-data", default=None)
     p.add_argument("--out", default="results_cells.json")
     args = p.parse_args(argv)
     args.resolutions = [float(r) for r in args.resolutions.split(",") if r]
+    args.baselines = [b for b in args.baselines.split(",") if b]
     sg.settings.progress_bar = False
     t_start = time.perf_counter()
     result: dict[str, Any] = {

@@ -57,12 +57,13 @@ METRIC_KEYS = (
     "r10_expr2img",
 )
 GAIN_KEYS = ("pcc_hvg50", "pcc_hvg50_det1", "pcc_heg50", "r5_img2expr", "r5_expr2img", "r10_img2expr")
-# Ablation rows of every SIGMMA fit: the fixed retrieval of earlier versions, and each readout kind alone
-# (the "sigmma" row uses tl.predict_expression's default, chosen on held-out training units).
+# Ablation rows of every SIGMMA fit: the fixed retrieval of earlier versions, each readout kind alone and
+# the kind chosen on held-out units ("auto"); the "sigmma" row uses tl.predict_expression's default.
 DEFAULT_READOUTS: dict[str, dict[str, Any]] = {
     "sigmma_knn50": {"method": "knn", "k": 50, "temperature": 0.1},
     "sigmma_knn": {"method": "knn"},
     "sigmma_ridge": {"method": "ridge"},
+    "sigmma_auto": {"method": "auto"},
 }
 METHOD_ORDER = ("sigmma", "single_scale", "ridge", "ridge_cv")
 QUICK_EPOCHS = 5

@@ -32,7 +32,7 @@ from ._metrics import (
     top_expressed_genes,
 )
 from ._predict import check_readout_options, readout_record, reference_expression, reference_readout, split_genes
-from ._readout import support
+from ._readout import default_readout, support
 from ._retrieve import read_only
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -216,7 +216,7 @@ def evaluate(
     train_sdata: SpatialData | None = None,
     baselines: Sequence[str] = BASELINES,
     seed: int = 0,
-    method: str = "auto",
+    method: str | None = None,
     k: int | None = None,
     temperature: float | None = None,
     readouts: Mapping[str, Mapping[str, Any]] | None = None,
@@ -272,8 +272,8 @@ def evaluate(
     seed
         Seed of the retrieval subsample, the ridge subsample and the ``single_scale`` fit.
     method, k, temperature
-        Readout of the predictions, as in :func:`~sigmma_sc.tl.predict_expression` (``"auto"``:
-        chosen on held-out training units).
+        Readout of the predictions, as in :func:`~sigmma_sc.tl.predict_expression` (``None``: the
+        default kind for the model's units, parameters chosen on held-out training units).
     readouts
         Extra rows: name -> ``{"method": ..., "k": ..., "temperature": ...}`` (any subset), the same
         SIGMMA embeddings read out that way, e.g. ``{"sigmma_knn50": {"method": "knn", "k": 50,
@@ -341,6 +341,8 @@ def evaluate(
             raise ValueError(f"{name} must be >= 1, got {value!r}.")
     if not len(ks) or any(int(c) < 1 for c in ks):
         raise ValueError(f"ks must be recall cut-offs >= 1, got {ks!r}.")
+    kind = default_readout(str(model.params.get("unit_kind", "spot")))
+    method = kind if method is None else method
     check_readout_options(method, k, temperature)
     extra = {str(name): dict(spec) for name, spec in (readouts or {}).items()}
     for name, spec in extra.items():
@@ -350,7 +352,7 @@ def evaluate(
                 f"readouts[{name!r}] must be a new row name with keys among ('method', 'k', 'temperature'), "
                 f"got {sorted(spec)}."
             )
-        check_readout_options(spec.get("method", "auto"), spec.get("k"), spec.get("temperature"))
+        check_readout_options(spec.get("method", kind), spec.get("k"), spec.get("temperature"))
     test = validate(test_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
     # Everything below reads (and caches into) these, never the user's objects unless inplace=True.
     test_sdata = read_only(test_sdata, table_key=table_key, inplace=inplace)
@@ -421,7 +423,7 @@ def evaluate(
         m_genes = pd.Index(list(m.genes))
         out = {}
         for row, spec in {name: {"method": method, "k": k, "temperature": temperature}, **specs}.items():
-            readout = reference_readout(ref, **{"method": "auto", "k": None, "temperature": None, **spec}, seed=seed)
+            readout = reference_readout(ref, **{"method": kind, "k": None, "temperature": None, **spec}, seed=seed)
             chosen[row] = readout_record(readout, arrays=False)
             pred = readout.predict(emb["img"], ref.expr_emb, ref.expression)
             preds = {s_name: pred[:, m_genes.get_indexer(names)] for s_name, names in sets.items()}

@@ -16,7 +16,7 @@ from .._constants import Defaults, Keys
 from .._logging import logger
 from ..io import get_table, log1p_normalize, validate
 from ..model import Sigmma
-from ._readout import Readout, check_readout_options, choose_readout, heldout_groups, support
+from ._readout import Readout, check_readout_options, choose_readout, default_readout, heldout_groups, support
 from ._retrieve import embeddings_of, read_only
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -286,7 +286,7 @@ def predict_expression(
     sdata: SpatialData,
     *,
     reference: AnnData | SpatialData | None = None,
-    method: str = "auto",
+    method: str | None = None,
     k: int | None = None,
     temperature: float | None = None,
     table_key: str = Keys.TABLE,
@@ -296,9 +296,10 @@ def predict_expression(
     """Predict gene expression of every unit of a slide from its H&E alone.
 
     The query's image views are embedded by the model and read out into expression in one of two
-    ways, chosen on the reference itself (``method="auto"``): up to 1,000 reference units are held
-    out by section (by spatial quadrant for a one-section reference), predicted from the other
-    units with each candidate, and scored by the mean per-gene Pearson r.
+    ways, whose parameters are chosen on the reference itself: up to 1,000 reference units that
+    training held out are predicted from the reference units of the other sections (the other
+    spatial quadrants for a one-section reference) with each candidate, and scored by the mean
+    per-gene Pearson r.
 
     - ``"knn"``: the ``k`` reference units whose expression embeddings are most similar (cosine)
       are retrieved and their log1p expression averaged with softmax weights
@@ -307,9 +308,12 @@ def predict_expression(
     - ``"ridge"``: a linear head from the image embedding to expression, fitted on the reference's
       image-side embeddings (penalty chosen the same way).
 
-    Sharp retrieval wins on spots (her2st); fine, noisy bins favour averaging many units (Visium
-    HD kidney): see ``benchmarks/README.md``. The query needs no counts and no genes: any it has
-    are ignored.
+    ``method=None`` takes the kind measured best for the model's units
+    (:func:`sigmma_sc.tl._readout.default_readout`: retrieval for spots, where her2st
+    leave-one-section-out gives r 0.460 vs 0.438 for the ridge); ``"auto"`` lets the held-out
+    units choose the kind too, which is noisier (on her2st it chose the ridge in 4 of 5 folds, r
+    0.441): see ``benchmarks/README.md``, "Readout". The query needs no counts and no genes: any it
+    has are ignored.
 
     Parameters
     ----------
@@ -323,7 +327,7 @@ def predict_expression(
         without ``obsm["X_sigmma_img"]`` nothing can be held out and retrieval with ``k=50``,
         ``temperature=0.1`` is used), or a SpatialData with counts (embedded now).
     method
-        ``"auto"``, ``"knn"`` or ``"ridge"``.
+        ``None`` (by the model's unit kind), ``"knn"``, ``"ridge"`` or ``"auto"``.
     k
         Reference units averaged per query (fixes the retrieval's ``k`` instead of choosing it).
     temperature
@@ -373,6 +377,7 @@ def predict_expression(
     """
     import anndata as ad
 
+    method = default_readout(str(model.params.get("unit_kind", "spot"))) if method is None else method
     check_readout_options(method, k, temperature)
     if not 0.0 <= max_missing_genes <= 1.0:
         raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")

@@ -245,6 +245,20 @@ def support(queries: np.ndarray, ref_embeddings: np.ndarray, *, k: int = Default
     return np.nan_to_num(scores, nan=-1.0).mean(axis=1).astype(np.float32)
 
 
+def default_readout(unit_kind: str) -> str:
+    """Return the readout kind used when none is asked for: by the model's unit kind (spots, or cells and bins).
+
+    The retrieval's ``k`` and temperature, or the ridge's penalty, are still chosen on held-out
+    reference units; what differs is which kind. Measured in ``benchmarks/README.md`` ("Readout").
+
+    Examples
+    --------
+    >>> default_readout("spot")
+    'knn'
+    """
+    return str(Defaults.READOUT_SPOT if unit_kind == "spot" else Defaults.READOUT_CELL)
+
+
 def check_readout_options(method: str, k: int | None, temperature: float | None) -> None:
     """Refuse an unknown readout, ``k < 1`` or a non-positive temperature, naming the argument.
 

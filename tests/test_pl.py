@@ -498,13 +498,15 @@ def test_evaluation_readable_panels_and_chance(tmp_path):
     assert pcc_ticks == [
         "top-50 HVG",
         "top-50 expressed genes",
+        "top-50 HVG detected in ≥ 1%",
         "top-50 HVG (per slide)",
         "top-50 expressed genes (per slide)",
+        "top-50 HVG detected in ≥ 1% (per slide)",
     ]
     assert recall_ticks[:3] == ["H&E → expression, k = 1", "H&E → expression, k = 5", "H&E → expression, k = 10"]
     assert not any("_" in t for t in pcc_ticks + recall_ticks)  # no raw column names; no median ranks either
     # One bar per method and metric; chance (k / n) as one dashed line per recall metric, none for r.
-    assert sum(p.get_height() != 0 for p in axes["Pearson r"].patches) == 3 * 4
+    assert sum(p.get_height() != 0 for p in axes["Pearson r"].patches) == 3 * 6
     assert not [c for c in axes["Pearson r"].collections if c.get_gid() == "chance"]
     chance = [c.get_segments()[0][0][1] for c in axes["Recall@k"].collections if c.get_gid() == "chance"]
     np.testing.assert_allclose(chance, [k / 180 for k in (1, 5, 10)] * 2)
@@ -520,6 +522,10 @@ def test_evaluation_readable_panels_and_chance(tmp_path):
         sg.pl.evaluation(df, metrics=["nope"])
     ax = sg.pl.evaluation(df, metrics=["pcc_hvg50"], metric_names={"pcc_hvg50": "HVG"})
     assert [t.get_text() for t in ax.get_xticklabels()] == ["HVG"]
+    # tl.evaluate's confidence score (SIGMMA only, NaN for baselines) gets its own labelled panel.
+    fig = sg.pl.evaluation(df.assign(confidence_spearman=[0.3, np.nan, np.nan]))
+    assert [a.get_ylabel() for a in fig.axes] == ["Pearson r", "Recall@k", "Spearman ρ"]
+    assert [t.get_text() for t in fig.axes[-1].get_xticklabels()] == ["confidence vs per-unit r"]
 
 
 def test_evaluation_error_bars_from_seeds():

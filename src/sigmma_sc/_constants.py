@@ -112,9 +112,10 @@ class Defaults:
     # penalties (times the mean diagonal of the Gram matrix). K / TEMPERATURE: the retrieval used when
     # nothing can be held out (one group), the former fixed defaults.
     # Default readout kind by unit kind (tl.predict_expression(method=None)); "auto" (chosen on held-out
-    # units across kinds) picked the ridge on her2st where retrieval predicts better (benchmarks/README.md).
+    # units across kinds) picked the ridge on her2st where retrieval predicts better; on the kidney's
+    # 16 um bins the ridge head beats retrieval by 0.013 r (benchmarks/README.md, "Readout").
     READOUT_SPOT: Final = "knn"
-    READOUT_CELL: Final = "knn"
+    READOUT_CELL: Final = "ridge"
     READOUT_K: Final = 50
     READOUT_TEMPERATURE: Final = 0.1
     READOUT_KS: Final = (10, 30, 100, 300, 1000)

@@ -203,7 +203,7 @@ def history(
 # evaluation
 # ---------------------------------------------------------------------------------------------
 # Column names of tl.evaluate / benchmarks/quality.py, read as words.
-_PCC = re.compile(r"pcc_(?P<set>hvg|heg)(?P<n>\d+)(?P<per_slide>_per_slide)?")
+_PCC = re.compile(r"pcc_(?P<set>hvg|heg)(?P<n>\d+)(?P<det>_det1)?(?P<per_slide>_per_slide)?")
 _RECALL = re.compile(r"r(?P<k>\d+)_(?P<dir>img2expr|expr2img)")
 _RANK = re.compile(r"median_rank_(?P<dir>img2expr|expr2img)")
 _CHANCE_COL = re.compile(r"chance_r(?P<k>\d+)")
@@ -214,6 +214,7 @@ _KINDS = {
     "pcc": ("Pearson r", "Expression prediction"),
     "recall": ("Recall@k", "Cross-modal retrieval"),
     "rank": ("Median rank", "Retrieval rank"),
+    "spearman": ("Spearman ρ", "Confidence as a guide"),
     "other": ("score", ""),
 }
 
@@ -225,11 +226,14 @@ def metric_label(metric: str) -> tuple[str, str, str]:
     --------
     >>> metric_label("pcc_hvg50_per_slide")
     ('pcc', 'Pearson r, top-50 HVG (per slide)', 'top-50 HVG (per slide)')
+    >>> metric_label("pcc_hvg50_det1")[2]
+    'top-50 HVG detected in ≥ 1%'
     >>> metric_label("r5_img2expr")[1]
     'Recall@5, H&E → expression'
     """
     if m := _PCC.fullmatch(metric):
-        short = f"top-{m['n']} {_GENE_SETS[m['set']]}" + (" (per slide)" if m["per_slide"] else "")
+        short = f"top-{m['n']} {_GENE_SETS[m['set']]}" + (" detected in ≥ 1%" if m["det"] else "")
+        short += " (per slide)" if m["per_slide"] else ""
         return "pcc", f"Pearson r, {short}", short
     if m := _RECALL.fullmatch(metric):
         direction = _DIRECTIONS[m["dir"]]
@@ -237,6 +241,8 @@ def metric_label(metric: str) -> tuple[str, str, str]:
     if m := _RANK.fullmatch(metric):
         direction = _DIRECTIONS[m["dir"]]
         return "rank", f"Median rank, {direction}", direction
+    if metric == "confidence_spearman":
+        return "spearman", "Spearman ρ, confidence vs per-unit r", "confidence vs per-unit r"
     return "other", metric, metric
 
 
@@ -428,7 +434,10 @@ def evaluation(
     all_metrics = list(dict.fromkeys(long["metric"]))
     if metrics is None:
         # Scores on another scale (median ranks, counts) would flatten the bars: keep [-1, 1] metrics.
-        in_unit = long.groupby("metric", sort=False)["value"].apply(lambda v: bool((v.abs() <= 1.0 + 1e-9).all()))
+        # Missing values (a score only SIGMMA has, NaN for the baselines) do not count against a metric.
+        in_unit = long.groupby("metric", sort=False)["value"].apply(
+            lambda v: bool(v.notna().any() and (v.dropna().abs() <= 1.0 + 1e-9).all())
+        )
         metrics = [m for m in all_metrics if in_unit[m]] or all_metrics
         dropped = [m for m in all_metrics if m not in metrics]
         if dropped:

@@ -327,7 +327,9 @@ def predict_expression(
         without ``obsm["X_sigmma_img"]`` nothing can be held out and retrieval with ``k=50``,
         ``temperature=0.1`` is used), or a SpatialData with counts (embedded now).
     method
-        ``None`` (by the model's unit kind), ``"knn"``, ``"ridge"`` or ``"auto"``.
+        ``None`` (by the model's unit kind: retrieval for spots, the ridge head for cells and
+        bins; retrieval when the reference has no image embeddings), ``"knn"``, ``"ridge"`` or
+        ``"auto"`` (the kind chosen on the held-out units too).
     k
         Reference units averaged per query (fixes the retrieval's ``k`` instead of choosing it).
     temperature
@@ -377,6 +379,7 @@ def predict_expression(
     """
     import anndata as ad
 
+    asked = method
     method = default_readout(str(model.params.get("unit_kind", "spot"))) if method is None else method
     check_readout_options(method, k, temperature)
     if not 0.0 <= max_missing_genes <= 1.0:
@@ -393,7 +396,7 @@ def predict_expression(
     else:
         ref_table = model.reference if reference is None else reference
         embeddings_of(model, ref_table, "expr", what="reference")  # an AnnData: the embedding must be in obsm
-        if method == "ridge" and Keys.X_SIGMMA_IMG not in ref_table.obsm:
+        if asked == "ridge" and Keys.X_SIGMMA_IMG not in ref_table.obsm:
             raise ValueError(_RIDGE_NEEDS_IMAGES)
     if len(split_genes(model.genes, ref_table.var_names)[1]) > max_missing_genes * len(model.genes):
         check_missing_genes(model.genes, ref_table.var_names, max_missing_genes=max_missing_genes, what="the reference")
@@ -409,6 +412,10 @@ def predict_expression(
         )
     if k is not None and k > len(ref.expr_emb):
         logger.warning(f"k={k} exceeds the {len(ref.expr_emb)} reference units; averaging all of them.")
+    if ref.img_emb is None and asked is None and method == "ridge":
+        # The default ridge head learns from the reference's image embeddings; without them, retrieval.
+        logger.info("predict_expression: the reference has no image embeddings; reading out by retrieval.")
+        method = "knn"
     readout = reference_readout(ref, method=method, k=k, temperature=temperature)
     logger.info(
         "predict_expression: "

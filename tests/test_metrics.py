@@ -173,6 +173,32 @@ def test_ridge_cv_with_more_units_than_features_matches_sklearn_default_gcv():
     np.testing.assert_allclose(pred, ref.predict(x[500:]), atol=1e-8)
 
 
+def test_ridge_cv_sets_share_one_decomposition_and_match_sklearn_per_set():
+    """Several gene sets, accumulated in chunks, collinear columns: each set as RidgeCV alone."""
+    from sklearn.linear_model import RidgeCV
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(900, 60))
+    x[:, 7] = 3 * x[:, 6]  # a rank-deficient design (neighbour-mean columns can be)
+    signal = x[:, :5] @ rng.normal(size=(5, 8))
+    y = signal + rng.normal(size=(900, 8)) * np.r_[0.2, 0.2, 0.2, 0.2, 20, 20, 20, 20]  # clean / noisy genes
+    sets = {"clean": np.arange(4), "noisy": np.arange(4, 8), "all": np.arange(8)}
+    out = bl.ridge_cv_sets(x[:800], y[:800], x[800:], sets, chunk=128)
+    for name, cols in sets.items():
+        ref = RidgeCV(alphas=bl.RIDGE_CV_ALPHAS, fit_intercept=True, gcv_mode="svd").fit(x[:800], y[:800, cols])
+        assert out[name][1] == ref.alpha_, name
+        np.testing.assert_allclose(out[name][0], ref.predict(x[800:]).reshape(100, -1), atol=1e-8)
+    assert out["noisy"][1] > out["clean"][1]  # one penalty per set, not one for all
+    # Fewer units than features: sklearn's kernel form, same answers.
+    small = bl.ridge_cv_sets(x[:40], y[:40], x[800:], {"all": np.arange(8)})["all"]
+    ref = RidgeCV(alphas=bl.RIDGE_CV_ALPHAS, fit_intercept=True).fit(x[:40], y[:40])
+    np.testing.assert_allclose(small[0], ref.predict(x[800:]), atol=1e-8)
+    with pytest.raises(ValueError, match="alphas"):
+        bl.ridge_cv_sets(x[:800], y[:800], x[800:], sets, alphas=np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="x_test has 59 features"):
+        bl.ridge_cv_sets(x[:800], y[:800], x[800:, :59], sets)
+
+
 def test_neighbour_mean_isolated_unit_keeps_its_own_value():
     a = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]]))
     v = np.array([[1.0], [2.0], [4.0], [8.0]])

@@ -18,7 +18,7 @@ from ._baselines import (
     BASELINES,
     baseline_features,
     fit_single_scale,
-    ridge_cv,
+    ridge_cv_sets,
     ridge_probe,
     standardized_pair,
 )
@@ -342,6 +342,8 @@ def evaluate(
     if not len(ks) or any(int(c) < 1 for c in ks):
         raise ValueError(f"ks must be recall cut-offs >= 1, got {ks!r}.")
     kind = default_readout(str(model.params.get("unit_kind", "spot")))
+    if method is None and (k is not None or temperature is not None):
+        method = "knn"  # the retrieval's parameters, as in predict_expression
     method = kind if method is None else method
     check_readout_options(method, k, temperature)
     extra = {str(name): dict(spec) for name, spec in (readouts or {}).items()}
@@ -423,7 +425,8 @@ def evaluate(
         m_genes = pd.Index(list(m.genes))
         out = {}
         for row, spec in {name: {"method": method, "k": k, "temperature": temperature}, **specs}.items():
-            readout = reference_readout(ref, **{"method": kind, "k": None, "temperature": None, **spec}, seed=seed)
+            default = "knn" if spec.get("k") is not None or spec.get("temperature") is not None else kind
+            readout = reference_readout(ref, **{"method": default, "k": None, "temperature": None, **spec}, seed=seed)
             chosen[row] = readout_record(readout, arrays=False)
             pred = readout.predict(emb["img"], ref.expr_emb, ref.expression)
             preds = {s_name: pred[:, m_genes.get_indexer(names)] for s_name, names in sets.items()}
@@ -452,15 +455,18 @@ def evaluate(
         alphas[name] = {}
         # One fit per target set, as HEST does (its alpha depends on the number of targets); sets that
         # coincide (a panel with fewer than n_genes detected genes) are fitted once.
-        fitted: dict[tuple[int, ...], tuple[np.ndarray, float]] = {}
-        for target, idx in (*pos.items(), ("all", np.arange(len(genes)))):
-            key = tuple(int(i) for i in idx)
-            if key not in fitted:
-                if name == "ridge":
-                    fitted[key] = ridge_probe(x_tr, y_tr[:, idx], x_te, seed=seed)
-                else:
-                    fitted[key] = ridge_cv(x_tr, y_tr[:, idx], x_te)
-            preds[target], alphas[name][target] = fitted[key]
+        targets = {**pos, "all": np.arange(len(genes))}
+        if name == "ridge_cv":
+            fitted = ridge_cv_sets(x_tr, y_tr, x_te, targets)
+            for target in targets:
+                preds[target], alphas[name][target] = fitted[target]
+        else:
+            probes: dict[tuple[int, ...], tuple[np.ndarray, float]] = {}
+            for target, idx in targets.items():
+                key = tuple(int(i) for i in idx)
+                if key not in probes:
+                    probes[key] = ridge_probe(x_tr, y_tr[:, idx], x_te, seed=seed)
+                preds[target], alphas[name][target] = probes[key]
         sim = profile_similarity(preds["all"][retrieval_units], y_test[retrieval_units])
         return scores_from_predictions({s: preds[s] for s in sets}, observed, groups, sim, n_genes=n_genes, ks=ks)
 

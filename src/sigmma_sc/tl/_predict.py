@@ -328,8 +328,9 @@ def predict_expression(
         ``temperature=0.1`` is used), or a SpatialData with counts (embedded now).
     method
         ``None`` (by the model's unit kind: retrieval for spots, the ridge head for cells and
-        bins; retrieval when the reference has no image embeddings), ``"knn"``, ``"ridge"`` or
-        ``"auto"`` (the kind chosen on the held-out units too).
+        bins; retrieval when the reference has no image embeddings, or when ``k`` or
+        ``temperature`` is given), ``"knn"``, ``"ridge"`` or ``"auto"`` (the kind chosen on the
+        held-out units too).
     k
         Reference units averaged per query (fixes the retrieval's ``k`` instead of choosing it).
     temperature
@@ -379,6 +380,8 @@ def predict_expression(
     """
     import anndata as ad
 
+    if method is None and (k is not None or temperature is not None):
+        method = "knn"  # k and temperature are the retrieval's: asking for them asks for retrieval
     asked = method
     method = default_readout(str(model.params.get("unit_kind", "spot"))) if method is None else method
     check_readout_options(method, k, temperature)

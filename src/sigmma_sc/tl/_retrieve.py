@@ -16,8 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Retrieval directions: the query modality first.
 DIRECTIONS: tuple[str, ...] = ("img2expr", "expr2img")
-# Bytes one block of the search may hold: its float32 similarities plus argpartition's int64
-# positions (12 bytes per query x gallery pair), whatever the gallery size.
+# Bytes one block of the search may hold: its float64 products, their float32 rounding and argpartition's int64
+# positions (20 bytes per query x gallery pair), whatever the gallery size.
 _BLOCK_BYTES = 256 * 2**20
 # At most this many queries per block (more gallery per block when there are fewer).
 _MAX_QUERY_BLOCK = 1024
@@ -74,7 +74,8 @@ def nearest(
     k
         Neighbours per query, ``1 <= k <= m``.
     block_bytes
-        Memory one block may hold (float32 similarities and int64 positions: 12 bytes a pair).
+        Memory one block may hold (float64 products, their float32 rounding and int64 positions:
+        20 bytes a pair).
 
     Returns
     -------
@@ -95,7 +96,7 @@ def nearest(
     if not 1 <= k <= gallery.shape[0]:
         raise ValueError(f"k must be between 1 and the gallery size {gallery.shape[0]}, got k={k}.")
     k = int(k)
-    (n, m), pairs = (queries.shape[0], gallery.shape[0]), max(1, int(block_bytes) // 12)
+    (n, m), pairs = (queries.shape[0], gallery.shape[0]), max(1, int(block_bytes) // 20)
     q, g = _unit_rows(queries), _unit_rows(gallery)
     # Queries per block leave room for k running candidates; the gallery block fills the rest.
     bq = max(1, min(n, _MAX_QUERY_BLOCK, pairs // (2 * k)))
@@ -103,11 +104,14 @@ def nearest(
     idx = np.empty((n, k), dtype=np.int64)
     scores = np.empty((n, k), dtype=np.float64)
     for q0 in range(0, n, bq):
-        qb = q[q0 : q0 + bq]
+        qb = q[q0 : q0 + bq].astype(np.float64)
         best_i = np.empty((len(qb), 0), dtype=np.int64)
         best_s = np.empty((len(qb), 0), dtype=np.float32)
         for g0 in range(0, m, bg):
-            s = qb @ g[g0 : g0 + bg].T
+            # Products accumulated in float64, then rounded to float32: BLAS picks kernels by block
+            # shape and position, and in float32 two copies of one gallery row could score an ulp
+            # apart, breaking "ties to the lower index"; float64 noise does not survive the rounding.
+            s = (qb @ g[g0 : g0 + bg].T.astype(np.float64)).astype(np.float32)
             np.copyto(s, -np.inf, where=np.isnan(s))  # NaN (an infinite input) ranks last
             pos = _top_positions(s, k)
             blk_s, blk_i = np.take_along_axis(s, pos, axis=1), pos + g0

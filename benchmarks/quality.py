@@ -297,6 +297,36 @@ def fold_wins(runs: list[dict[str, Any]], baseline: str, metric: str = "pcc_hvg5
     return int((diff > 0).sum()), int(len(diff))
 
 
+def merge_runs(paths: list[str], *, sigmma_row: str | None = None) -> dict[str, Any]:
+    """Join the runs of several result files (folds or seeds run apart with ``--folds`` / ``--seeds``).
+
+    ``sigmma_row`` names the readout row to report as SIGMMA (e.g. ``sigmma_ridge`` when the files
+    were written under different default readouts); the files' own ``sigmma`` rows are then dropped.
+    A (fold, seed, method) present in two files is refused.
+    """
+    runs: list[dict[str, Any]] = []
+    folds: list[dict[str, Any]] = []
+    seen: dict[tuple[int, int, str], str] = {}
+    for path in paths:
+        protocol = json.loads(Path(path).read_text())["protocol"]
+        for run in protocol["runs"]:
+            if sigmma_row is not None and run["method"] == "sigmma":
+                continue
+            run = dict(run, method="sigmma") if run["method"] == sigmma_row else dict(run)
+            key = (int(run["fold"]), int(run["seed"]), str(run["method"]))
+            if key in seen:
+                raise ValueError(f"fold {key[0]}, seed {key[1]}, {key[2]!r} is in both {seen[key]} and {path}.")
+            seen[key] = str(path)
+            runs.append(run)
+        folds += protocol["folds"]
+    if not runs:
+        raise ValueError(f"no runs in {paths}.")
+    return {
+        "protocol": {"merged_from": [str(p) for p in paths], "sigmma_row": sigmma_row, "folds": folds, "runs": runs},
+        "methods": aggregate(runs),
+    }
+
+
 def print_report(methods: dict[str, dict[str, float]], runs: list[dict[str, Any]], wall_s: float) -> None:
     cols = list(METRIC_KEYS)
     header = f"{'method':<14}" + "".join(f"{c:>22}" for c in cols)
@@ -321,7 +351,14 @@ def print_report(methods: dict[str, dict[str, float]], runs: list[dict[str, Any]
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("her2st", "kidney"), required=True)
+    p.add_argument("--dataset", choices=("her2st", "kidney"))
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="join these result files (run apart with --folds / --seeds) into --out and report them",
+    )
+    p.add_argument("--sigmma-row", default=None, help="with --merge: the readout row reported as SIGMMA")
     p.add_argument("--data", default=None, help="dataset folder (default: sigmma_sc.datasets path resolution)")
     p.add_argument("--train", default="", help="her2st: training sections, comma-separated")
     p.add_argument("--test", default="", help="her2st: test sections, comma-separated")
@@ -350,6 +387,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "sigmma_sc" / "benchmarks"))
     p.add_argument("--out", default="results.json")
     args = p.parse_args(argv)
+    if args.merge:
+        merged = merge_runs(args.merge, sigmma_row=args.sigmma_row)
+        Path(args.out).write_text(json.dumps(merged, indent=2, default=str))
+        print_report(merged["methods"], merged["protocol"]["runs"], 0.0)
+        print(f"results: {args.out}")
+        return merged
+    if args.dataset is None:
+        p.error("--dataset is required (or --merge result files)")
 
     t_start = time.perf_counter()
     sg.settings.progress_bar = False

@@ -224,18 +224,12 @@ def ridge_cv(
 
     Features are expected standardised already (``ridge_cv`` in :func:`sigmma_sc.tl.evaluate`
     uses :func:`sigmma_sc.pp.standardize_features`); one alpha is chosen for all genes
-    (:func:`ridge_cv_sets` with one set).
+    (:func:`ridge_cv_sets` with one set: every column of ``y_train``).
 
     Parameters
     ----------
-    x_train
-        ``(n_train, n_features)`` standardised features.
-    y_train
-        ``(n_train, n_genes)`` log1p expression.
-    x_test
-        ``(n_test, n_features)`` standardised features.
-    alphas
-        Penalties searched.
+    x_train, y_train, x_test, alphas
+        As in :func:`ridge_cv_sets`.
 
     Returns
     -------

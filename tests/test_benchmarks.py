@@ -1,0 +1,64 @@
+"""benchmarks/quality.py: joining result files of a protocol run apart (--folds / --seeds, --merge)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("_sigmma_quality", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _file(tmp_path, name, rows):
+    runs = []
+    for fold, seed, method, r in rows:
+        run = {"fold": fold, "seed": seed, "method": method, "chance_r5": 0.005}
+        run.update({key: r for key in ("pcc_hvg50", "pcc_hvg50_det1", "pcc_heg50", "pcc_hvg50_per_slide")})
+        run.update({key: r / 10 for key in ("r1_img2expr", "r5_img2expr", "r10_img2expr")})
+        run.update({key: r / 10 for key in ("r1_expr2img", "r5_expr2img", "r10_expr2img")})
+        runs.append(run)
+    path = tmp_path / name
+    path.write_text(json.dumps({"protocol": {"runs": runs, "folds": [{"fold": f} for f in {r[0] for r in rows}]}}))
+    return str(path)
+
+
+def test_merge_joins_folds_and_seeds_and_reports_the_chosen_readout(quality, tmp_path):
+    # Seed 0 in two files (folds 0 and 1), the baseline once per fold; seed 1 in a third file.
+    a = _file(tmp_path, "a.json", [(0, 0, "sigmma", 0.9), (0, 0, "sigmma_ridge", 0.3), (0, 0, "ridge_cv", 0.2)])
+    b = _file(tmp_path, "b.json", [(1, 0, "sigmma", 0.9), (1, 0, "sigmma_ridge", 0.5), (1, 0, "ridge_cv", 0.1)])
+    c = _file(tmp_path, "c.json", [(0, 1, "sigmma", 0.9), (0, 1, "sigmma_ridge", 0.4), (1, 1, "sigmma_ridge", 0.6)])
+    merged = quality.merge_runs([a, b, c], sigmma_row="sigmma_ridge")
+    methods = merged["methods"]
+    assert set(methods) == {"sigmma", "ridge_cv"}  # the files' own sigmma rows are dropped
+    # Mean over folds per seed (0.4 and 0.5), then over seeds; the baseline's only seed.
+    assert methods["sigmma"]["pcc_hvg50"] == pytest.approx(0.45)
+    assert methods["sigmma"]["pcc_hvg50_std"] == pytest.approx(np.std([0.4, 0.5], ddof=1))
+    assert methods["ridge_cv"]["pcc_hvg50"] == pytest.approx(0.15)
+    assert list(quality.fold_differences(merged["protocol"]["runs"], "ridge_cv").round(3)) == [0.15, 0.45]
+    assert merged["protocol"]["merged_from"] == [a, b, c]
+    # Without sigmma_row the files' sigmma rows stand.
+    assert quality.merge_runs([a, b])["methods"]["sigmma"]["pcc_hvg50"] == pytest.approx(0.9)
+    # The same fold, seed and method twice is refused, naming both files.
+    with pytest.raises(ValueError, match="both"):
+        quality.merge_runs([a, a])
+
+
+def test_merge_from_the_command_line(quality, tmp_path, capsys):
+    a = _file(tmp_path, "a.json", [(0, 0, "sigmma", 0.5), (0, 0, "single_scale", 0.4)])
+    out = tmp_path / "merged.json"
+    quality.main(["--merge", a, "--out", str(out)])
+    assert json.loads(out.read_text())["methods"]["sigmma"]["pcc_hvg50"] == pytest.approx(0.5)
+    assert "SIGMMA vs single_scale" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        quality.main(["--out", str(out)])  # neither --dataset nor --merge

@@ -113,7 +113,7 @@ class Defaults:
     # nothing can be held out (one group), the former fixed defaults.
     # Default readout kind by unit kind (tl.predict_expression(method=None)); "auto" (chosen on held-out
     # units across kinds) picked the ridge on her2st where retrieval predicts better; on the kidney's
-    # 16 um bins the ridge head beats retrieval by 0.013 r (benchmarks/README.md, "Readout").
+    # 16 um bins the ridge head beats retrieval by 0.012 r in every block (benchmarks/README.md, "Readout").
     READOUT_SPOT: Final = "knn"
     READOUT_CELL: Final = "ridge"
     READOUT_K: Final = 50

@@ -251,8 +251,8 @@ def default_readout(unit_kind: str) -> str:
     Retrieval averages whole reference spots, which suits spots (many cells each, a smooth
     expression profile); single cells and small bins are sparse, and averaging over the ``k``
     retrieved ones blurs the few genes each expresses, where a ridge head on the image embedding
-    predicts better (her2st spots: retrieval 0.460 vs ridge 0.438; kidney 16 µm bins: ridge 0.192
-    vs retrieval 0.179).
+    predicts better (her2st spots: retrieval 0.460 vs ridge 0.438; kidney 16 µm bins: ridge 0.198
+    vs retrieval 0.186).
 
     The retrieval's ``k`` and temperature, or the ridge's penalty, are still chosen on held-out
     reference units; what differs is which kind. Measured in ``benchmarks/README.md`` ("Readout").

@@ -306,6 +306,7 @@ def merge_runs(paths: list[str], *, sigmma_row: str | None = None) -> dict[str, 
     """
     runs: list[dict[str, Any]] = []
     folds: list[dict[str, Any]] = []
+    wall_s = 0.0
     seen: dict[tuple[int, int, str], str] = {}
     for path in paths:
         protocol = json.loads(Path(path).read_text())["protocol"]
@@ -319,10 +320,17 @@ def merge_runs(paths: list[str], *, sigmma_row: str | None = None) -> dict[str, 
             seen[key] = str(path)
             runs.append(run)
         folds += protocol["folds"]
+        wall_s += float(protocol.get("wall_time_s", 0.0))
     if not runs:
         raise ValueError(f"no runs in {paths}.")
     return {
-        "protocol": {"merged_from": [str(p) for p in paths], "sigmma_row": sigmma_row, "folds": folds, "runs": runs},
+        "protocol": {
+            "merged_from": [str(p) for p in paths],
+            "sigmma_row": sigmma_row,
+            "folds": folds,
+            "runs": runs,
+            "wall_time_s": round(wall_s, 1),
+        },
         "methods": aggregate(runs),
     }
 
@@ -390,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.merge:
         merged = merge_runs(args.merge, sigmma_row=args.sigmma_row)
         Path(args.out).write_text(json.dumps(merged, indent=2, default=str))
-        print_report(merged["methods"], merged["protocol"]["runs"], 0.0)
+        print_report(merged["methods"], merged["protocol"]["runs"], merged["protocol"]["wall_time_s"])
         print(f"results: {args.out}")
         return merged
     if args.dataset is None:

@@ -341,10 +341,7 @@ def evaluate(
             raise ValueError(f"{name} must be >= 1, got {value!r}.")
     if not len(ks) or any(int(c) < 1 for c in ks):
         raise ValueError(f"ks must be recall cut-offs >= 1, got {ks!r}.")
-    kind = default_readout(str(model.params.get("unit_kind", "spot")))
-    if method is None and (k is not None or temperature is not None):
-        method = "knn"  # the retrieval's parameters, as in predict_expression
-    method = kind if method is None else method
+    unit_kind = str(model.params.get("unit_kind", "spot"))
     check_readout_options(method, k, temperature)
     extra = {str(name): dict(spec) for name, spec in (readouts or {}).items()}
     for name, spec in extra.items():
@@ -354,7 +351,7 @@ def evaluate(
                 f"readouts[{name!r}] must be a new row name with keys among ('method', 'k', 'temperature'), "
                 f"got {sorted(spec)}."
             )
-        check_readout_options(spec.get("method", kind), spec.get("k"), spec.get("temperature"))
+        check_readout_options(spec.get("method"), spec.get("k"), spec.get("temperature"))
     test = validate(test_sdata, table_key=table_key, require_counts=True, allow_empty_genes=True)
     # Everything below reads (and caches into) these, never the user's objects unless inplace=True.
     test_sdata = read_only(test_sdata, table_key=table_key, inplace=inplace)
@@ -425,8 +422,12 @@ def evaluate(
         m_genes = pd.Index(list(m.genes))
         out = {}
         for row, spec in {name: {"method": method, "k": k, "temperature": temperature}, **specs}.items():
-            default = "knn" if spec.get("k") is not None or spec.get("temperature") is not None else kind
-            readout = reference_readout(ref, **{"method": default, "k": None, "temperature": None, **spec}, seed=seed)
+            spec = {"k": None, "temperature": None, **spec}
+            if spec.get("method") is None:
+                spec["method"] = default_readout(
+                    unit_kind, k=spec["k"], temperature=spec["temperature"], has_images=ref.img_emb is not None
+                )
+            readout = reference_readout(ref, **spec, seed=seed)
             chosen[row] = readout_record(readout, arrays=False)
             pred = readout.predict(emb["img"], ref.expr_emb, ref.expression)
             preds = {s_name: pred[:, m_genes.get_indexer(names)] for s_name, names in sets.items()}

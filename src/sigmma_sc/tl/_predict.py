@@ -380,10 +380,6 @@ def predict_expression(
     """
     import anndata as ad
 
-    if method is None and (k is not None or temperature is not None):
-        method = "knn"  # k and temperature are the retrieval's: asking for them asks for retrieval
-    asked = method
-    method = default_readout(str(model.params.get("unit_kind", "spot"))) if method is None else method
     check_readout_options(method, k, temperature)
     if not 0.0 <= max_missing_genes <= 1.0:
         raise ValueError(f"max_missing_genes must be a share between 0 and 1, got {max_missing_genes!r}.")
@@ -399,7 +395,7 @@ def predict_expression(
     else:
         ref_table = model.reference if reference is None else reference
         embeddings_of(model, ref_table, "expr", what="reference")  # an AnnData: the embedding must be in obsm
-        if asked == "ridge" and Keys.X_SIGMMA_IMG not in ref_table.obsm:
+        if method == "ridge" and Keys.X_SIGMMA_IMG not in ref_table.obsm:
             raise ValueError(_RIDGE_NEEDS_IMAGES)
     if len(split_genes(model.genes, ref_table.var_names)[1]) > max_missing_genes * len(model.genes):
         check_missing_genes(model.genes, ref_table.var_names, max_missing_genes=max_missing_genes, what="the reference")
@@ -415,10 +411,9 @@ def predict_expression(
         )
     if k is not None and k > len(ref.expr_emb):
         logger.warning(f"k={k} exceeds the {len(ref.expr_emb)} reference units; averaging all of them.")
-    if ref.img_emb is None and asked is None and method == "ridge":
-        # The default ridge head learns from the reference's image embeddings; without them, retrieval.
-        logger.info("predict_expression: the reference has no image embeddings; reading out by retrieval.")
-        method = "knn"
+    if method is None:
+        unit_kind = str(model.params.get("unit_kind", "spot"))
+        method = default_readout(unit_kind, k=k, temperature=temperature, has_images=ref.img_emb is not None)
     readout = reference_readout(ref, method=method, k=k, temperature=temperature)
     logger.info(
         "predict_expression: "

@@ -245,8 +245,13 @@ def support(queries: np.ndarray, ref_embeddings: np.ndarray, *, k: int = Default
     return np.nan_to_num(scores, nan=-1.0).mean(axis=1).astype(np.float32)
 
 
-def default_readout(unit_kind: str) -> str:
+def default_readout(
+    unit_kind: str, *, k: int | None = None, temperature: float | None = None, has_images: bool = True
+) -> str:
     """Return the readout kind used when none is asked for: by the model's unit kind (spots, or cells and bins).
+
+    Retrieval whatever the units when ``k`` or ``temperature`` is given (they are the retrieval's
+    parameters) or when the reference has no image embeddings (the ridge head learns from them).
 
     Retrieval averages whole reference spots, which suits spots (many cells each, a smooth
     expression profile); single cells and small bins are sparse, and averaging over the ``k``
@@ -261,20 +266,22 @@ def default_readout(unit_kind: str) -> str:
     --------
     >>> default_readout("spot")
     'knn'
-    >>> default_readout("cell")
-    'ridge'
+    >>> default_readout("cell"), default_readout("cell", k=30), default_readout("cell", has_images=False)
+    ('ridge', 'knn', 'knn')
     """
+    if k is not None or temperature is not None or not has_images:
+        return "knn"
     return str(Defaults.READOUT_SPOT if unit_kind == "spot" else Defaults.READOUT_CELL)
 
 
-def check_readout_options(method: str, k: int | None, temperature: float | None) -> None:
-    """Refuse an unknown readout, ``k < 1`` or a non-positive temperature, naming the argument.
+def check_readout_options(method: str | None, k: int | None, temperature: float | None) -> None:
+    """Refuse an unknown readout, ``k < 1`` or a non-positive temperature, naming the argument (``None``: the default kind).
 
     Examples
     --------
     >>> check_readout_options("auto", None, None)
     """
-    if method not in Choices.READOUTS:
+    if method is not None and method not in Choices.READOUTS:
         raise ValueError(f"method must be one of {Choices.READOUTS}, got {method!r}.")
     if k is not None and int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}.")

@@ -375,6 +375,42 @@ def test_section_scaling_standardises_each_section_and_falls_back_for_small_ones
         apply_section_scaling(x, section[:5], fallback)
 
 
+def test_scaled_features_are_the_eager_z_scores_bit_for_bit(monkeypatch):
+    from sigmma_sc.model import _inputs, apply_feature_scaling, feature_scaling, feature_stats
+    from sigmma_sc.model._inputs import ScaledFeatures, scale_features, section_statistics
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(300, 7)) * 3 + 1).astype(np.float32)
+    x[5, 2] = 400.0  # clipped
+    section = np.repeat([2, 0, 1], [150, 140, 10])
+    fallback = feature_stats(x)
+    ref = np.empty_like(x)
+    for code in (0, 2):
+        rows = section == code
+        ref[rows] = apply_feature_scaling(x[rows], *feature_scaling(x[rows]))
+    ref[section == 1] = apply_feature_scaling(x[section == 1], *fallback)
+    monkeypatch.setattr(ScaledFeatures, "_ROWS", 32)  # several blocks per read
+    lazy = scale_features(x, section, fallback, feature_norm="section", sections=["a", "b", "c"], level="meso")
+    assert isinstance(lazy, ScaledFeatures) and lazy.shape == x.shape and len(lazy) == 300
+    idx = rng.permutation(300)[:77]
+    assert np.array_equal(lazy[idx], ref[idx])
+    assert np.array_equal(np.asarray(lazy), ref) and np.array_equal(lazy[10:200:3], ref[10:200:3])
+    assert np.array_equal(lazy[section == 1], ref[section == 1]) and lazy[idx].dtype == np.float32
+    glob = scale_features(x, section, fallback, feature_norm="global", sections=["a", "b", "c"], level="meso")
+    assert np.array_equal(glob[idx], apply_feature_scaling(x, *fallback)[idx])
+    # large sections: statistics read by row blocks of the slide, no copy of the section
+    monkeypatch.setattr(_inputs, "_EXACT_ELEMENTS", 10)
+    monkeypatch.setattr(_inputs, "_BLOCK_ROWS", 16)
+    group, mean, std, small = section_statistics(x, section, fallback, min_nodes=30)
+    assert small == [1] and group.tolist() == np.searchsorted([0, 1, 2], section).tolist()
+    for i, code in ((0, 0), (2, 2)):
+        mu, sd = feature_scaling(x[section == code].astype(np.float64))
+        np.testing.assert_allclose(mean[i], mu, rtol=1e-12)
+        np.testing.assert_allclose(std[i], sd, rtol=1e-12)
+    with pytest.raises(ValueError, match="5 codes for 300"):
+        ScaledFeatures(x, section[:5], mean, std)
+
+
 # -- stain ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_normalize_stain_moves_towards_reference(kidney_image, method):

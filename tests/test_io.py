@@ -704,10 +704,44 @@ def test_section_image_from_plain_array_and_dask_path(monkeypatch):
     img = sg.io.SectionImage.from_element(lazy, section="s", name="lazy", coordinate_system="s", px_from_um=m)
     assert img._numpy_level(0) is None
     assert np.array_equal(img.read(-2, 50, 10, 80)[2:, :60], src[:50, 10:70])
+    # windows across chunk borders come from the shared chunk cache; chunks too large to cache: per window
+    assert np.array_equal(img.read(31, 65, 30, 33), src[31:65, 30:33])
+    assert any(isinstance(k, tuple) and k[1:] == (1, 0) for k in image_mod._shared_cache)
+    monkeypatch.setattr(image_mod, "_CHUNK_MAX_BYTES", 0)
+    assert image_mod._read_chunks(img.level_array(0), 0, 5, 0, 5) is None
+    assert np.array_equal(img.read(31, 95, -1, 33)[:59, 1:], src[31:90, 0:33])
     with pytest.raises(ValueError, match="singular"):
         sg.io.SectionImage.from_element(
             lazy, section="s", name="lazy", coordinate_system="s", px_from_um=np.zeros((3, 3))
         )
+
+
+def test_read_rgb_pyramid_cache_is_lazy_and_decoded_once(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sigmma_sc.io import _build
+
+    src = _image(300, 200)
+    path = tmp_path / "he.png"
+    Image.fromarray(src).save(path)
+    in_memory = sg.io.read_rgb_pyramid(path, cache=False)
+    assert all(isinstance(lv, np.ndarray) for lv in in_memory) and np.array_equal(in_memory[0], src)
+    lazy = sg.io.read_rgb_pyramid(path)
+    assert all(hasattr(lv, "dask") for lv in lazy)  # no pixels held in memory
+    assert [lv.shape for lv in lazy] == [lv.shape for lv in in_memory]
+    assert all(np.array_equal(a.compute(), b) for a, b in zip(lazy, in_memory))
+    stores = list((sg.settings.cachedir / "images").glob("he-*.zarr"))
+    assert len(stores) == 1
+    # the next load reads the store and decodes nothing
+    monkeypatch.setattr(_build, "_open_rgb", lambda p: pytest.fail("decoded again"))
+    assert np.array_equal(sg.io.read_rgb_pyramid(path)[1].compute(), in_memory[1])
+    monkeypatch.undo()
+    # an interrupted write (no completion mark) is rebuilt; a changed file gets its own store
+    (stores[0] / _build._STORE_DONE).unlink()
+    assert np.array_equal(sg.io.read_rgb_pyramid(path)[0].compute(), src)
+    Image.fromarray(src[::-1].copy()).save(path)
+    assert np.array_equal(sg.io.read_rgb_pyramid(path)[0].compute(), src[::-1])
+    assert len(list((sg.settings.cachedir / "images").glob("he-*.zarr"))) == 2
 
 
 def test_io_import_is_light():

@@ -194,3 +194,33 @@ def torch_device(accelerator: str = "auto", devices: Any = "auto") -> str:
             f"pass devices=<= {available} or 'auto'."
         )
     return f"cuda:{first}"
+
+
+_LIBC: Any = None
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    The encoder's activations (0.7 GB for a 1,536 px tile) are freed after every forward pass, but
+    glibc keeps the freed pages in its per-thread arenas, so a process that encodes tiles of
+    varying shapes grows by gigabytes over a slide without holding any more data. Trimming after
+    each batch keeps the resident size at the working set; it costs well under a millisecond.
+
+    Examples
+    --------
+    >>> release_memory()
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name) if name else False
+            _LIBC = lib if lib and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -124,16 +125,24 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(_open_rgb(path))
 
 
-def read_rgb_pyramid(path: str | os.PathLike) -> list[np.ndarray]:
+def read_rgb_pyramid(path: str | os.PathLike, *, cache: bool = True) -> list[Any]:
     """Read an image file as the RGB ``uint8`` pyramid :func:`build_sdata` stores.
 
-    PIL decodes JPEGs with libjpeg-turbo (about 1 s for a 92 Mpx her2st slide) and its ``reduce``
-    computes the 2x2 means in C: the whole pyramid costs about a third of the decoding.
+    JPEG and PNG cannot be read by window: the whole image is decoded once (PIL, libjpeg-turbo:
+    about 1 s for a 92 Mpx her2st slide) and its ``reduce`` computes the 2x2 means in C. With
+    ``cache`` the decoded levels are then written to a chunked zarr store in
+    ``settings.cachedir / "images"`` and returned as lazy dask arrays over it, so a loaded slide
+    holds no pixels in memory (readers decompress the chunks a window touches) and the next load
+    of the same file skips the decoding. The store is keyed by the file's path, size and
+    modification time; deleting it is safe (the next load writes it again).
 
     Parameters
     ----------
     path
         Image file (JPEG, PNG, TIFF, ...).
+    cache
+        ``True``: lazy levels over the on-disk store (memory does not grow with the slide).
+        ``False``: numpy levels in memory (nothing written to disk).
 
     Returns
     -------
@@ -147,9 +156,70 @@ def read_rgb_pyramid(path: str | os.PathLike) -> list[np.ndarray]:
     >>> [level.shape for level in read_rgb_pyramid(folder / "test_img.jpg")]
     [(1717, 950, 3), (858, 475, 3)]
     """
+    if not cache:
+        return _decoded_pyramid(path)
+    store = _pyramid_store(path)
+    if not (store / _STORE_DONE).is_file():
+        _write_pyramid_store(_decoded_pyramid(path), store)
+    return _open_pyramid_store(store)
+
+
+# Written last into a finished store: a store without it is an interrupted write and is rebuilt.
+_STORE_DONE = "complete"
+# Bump when the store's layout changes, so stores of older versions are not read.
+_STORE_VERSION = 1
+
+
+def _decoded_pyramid(path: str | os.PathLike) -> list[np.ndarray]:
     im = _open_rgb(path)
     w, h = im.size
     return _reduce_chain(im, level_shapes(h, w, len(pyramid_factors(h, w)) + 1))
+
+
+def _pyramid_store(path: str | os.PathLike) -> Path:
+    import hashlib
+
+    from sigmma_sc._settings import settings
+
+    src = Path(path).resolve()
+    stat = src.stat()
+    key = hashlib.sha256(f"{src}|{stat.st_size}|{stat.st_mtime_ns}|{_STORE_VERSION}".encode()).hexdigest()[:24]
+    return Path(settings.cachedir) / "images" / f"{src.stem}-{key}.zarr"
+
+
+def _write_pyramid_store(levels: list[np.ndarray], store: Path) -> None:
+    import shutil
+
+    import zarr
+
+    # Written beside the final name and renamed: a reader never sees a half-written store.
+    tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex}")
+    try:
+        group = zarr.open_group(tmp, mode="w")
+        for i, level in enumerate(levels):
+            arr = group.create_array(
+                str(i), shape=level.shape, dtype=np.uint8, chunks=(IMAGE_CHUNK_PX, IMAGE_CHUNK_PX, 3)
+            )
+            arr[...] = level
+        (tmp / _STORE_DONE).write_text(f"{len(levels)}\n")
+        if (store / _STORE_DONE).is_file():  # another process finished the same store meanwhile
+            return
+        shutil.rmtree(store, ignore_errors=True)  # an interrupted write's leftovers
+        tmp.rename(store)
+    except OSError:
+        if not (store / _STORE_DONE).is_file():  # another process finished the same store first: use it
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_pyramid_store(store: Path) -> list[Any]:
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(store, mode="r")
+    n = int((store / _STORE_DONE).read_text())
+    return [da.from_zarr(group[str(i)]) for i in range(n)]
 
 
 def _reduce_chain(im: Any, shapes: list[tuple[int, int]]) -> list[np.ndarray]:

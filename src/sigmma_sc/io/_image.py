@@ -20,12 +20,15 @@ if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
 
 # Levels up to this size are read into memory once and then sliced as numpy: later code reads
-# thousands of small windows and a dask graph per window costs ~1 ms.
-_CACHE_MAX_BYTES = 768 * 2**20
-# Computed levels are shared between SectionImages of the same dask array (every public function
-# validates again; the pyramid should be computed once), least recently used first out.
-_SHARED_CACHE_BYTES = 2 * 2**30
-_shared_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+# thousands of small windows and a dask graph per window costs ~1 ms. Larger (lazy) levels are
+# read chunk by chunk, so memory follows the windows read, not the slide.
+_CACHE_MAX_BYTES = 64 * 2**20
+# Computed levels and chunks are shared between SectionImages of the same dask array (every public
+# function validates again), least recently used first out.
+_SHARED_CACHE_BYTES = 256 * 2**20
+_shared_cache: OrderedDict[Any, np.ndarray] = OrderedDict()
+# A lazy level whose chunks are larger than this is read window by window instead (no chunk cache).
+_CHUNK_MAX_BYTES = 64 * 2**20
 
 WHITE = 255
 
@@ -177,10 +180,10 @@ def _numpy_source(arr: Any) -> np.ndarray | None:
     return src
 
 
-def _computed(data: Any) -> np.ndarray:
-    """Compute ``data`` to numpy once per dask array (keyed by its deterministic name)."""
-    name = getattr(data, "name", None)
-    if not hasattr(data, "compute") or not isinstance(name, str):
+def _computed(data: Any, key: Any = None) -> np.ndarray:
+    """Compute ``data`` to numpy once per dask array (keyed by its deterministic name, or ``key``)."""
+    name = getattr(data, "name", None) if key is None else key
+    if not hasattr(data, "compute") or name is None:
         return np.asarray(data)
     hit = _shared_cache.get(name)
     if hit is not None:
@@ -191,6 +194,28 @@ def _computed(data: Any) -> np.ndarray:
     _shared_cache[name] = out
     while sum(v.nbytes for v in _shared_cache.values()) > _SHARED_CACHE_BYTES and len(_shared_cache) > 1:
         _shared_cache.popitem(last=False)
+    return out
+
+
+def _read_chunks(data: Any, r0: int, r1: int, c0: int, c1: int) -> np.ndarray | None:
+    """Window ``[r0:r1, c0:c1]`` of a lazy ``(y, x, c)`` array assembled from its cached chunks.
+
+    Neighbouring windows (tiles with margins, crops of nearby units) share chunks, so each chunk is
+    read and decompressed about once. ``None`` when the chunks are too large to cache.
+    """
+    name = getattr(data, "name", None)
+    if name is None or not hasattr(data, "blocks"):
+        return None
+    ys, xs = np.cumsum((0, *data.chunks[0])), np.cumsum((0, *data.chunks[1]))
+    if max(np.diff(ys)) * max(np.diff(xs)) * data.shape[2] * data.dtype.itemsize > _CHUNK_MAX_BYTES:
+        return None
+    out = np.empty((r1 - r0, c1 - c0, data.shape[2]), dtype=data.dtype)
+    for i in range(np.searchsorted(ys, r0, "right") - 1, np.searchsorted(ys, r1, "left")):
+        for j in range(np.searchsorted(xs, c0, "right") - 1, np.searchsorted(xs, c1, "left")):
+            block = _computed(data.blocks[i, j], key=(name, i, j))
+            a0, a1 = max(r0, ys[i]), min(r1, ys[i + 1])
+            b0, b1 = max(c0, xs[j]), min(c1, xs[j + 1])
+            out[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = block[a0 - ys[i] : a1 - ys[i], b0 - xs[j] : b1 - xs[j]]
     return out
 
 
@@ -494,6 +519,9 @@ class SectionImage:
         src = self._numpy_level(level)
         if src is not None:
             block = src[r0:r1, c0:c1, :3]
+        elif (chunked := _read_chunks(self.level_array(level), r0, r1, c0, c1)) is not None:
+            out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = chunked
+            return out
         else:
             arr = self._levels[level]
             sub = arr.isel(y=slice(r0, r1), x=slice(c0, c1)).data

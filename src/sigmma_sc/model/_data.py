@@ -101,7 +101,8 @@ class LevelInput:
     parent
         ``(n,)`` index into the next coarser level of the hierarchy, or ``None``.
     features
-        ``(n, F)`` standardised image features, or ``None`` (the level then has no image input).
+        ``(n, F)`` standardised image features (an array, or a :class:`~sigmma_sc.model._inputs.ScaledFeatures`
+        that scales the rows a batch reads), or ``None`` (the level then has no image input).
     members
         ``(n, n_units)`` 0/1 CSR, or ``None`` for image-only levels.
     """
@@ -110,7 +111,7 @@ class LevelInput:
     n: int
     edges: np.ndarray
     parent: np.ndarray | None
-    features: np.ndarray | None
+    features: Any
     members: sp.csr_matrix | None
 
 

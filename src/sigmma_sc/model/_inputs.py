@@ -28,12 +28,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Fewer modelled genes than this leave the expression encoders little to align: warn and name the fix.
 FEW_GENES = 50
+#: Floor of a channel's standard deviation, relative to its median over channels (:func:`feature_scaling`).
+STD_FLOOR = 0.1
 
 
 # ---------------------------------------------------------------------------------------------
 # image-feature scaling (pure numpy)
 # ---------------------------------------------------------------------------------------------
-def feature_scaling(train: np.ndarray, *, std_floor: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+def feature_scaling(train: np.ndarray, *, std_floor: float = STD_FLOOR) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and floored standard deviation of training features.
 
     A channel that barely varies in the training units gets a tiny standard deviation, and new
@@ -64,9 +66,13 @@ def feature_scaling(train: np.ndarray, *, std_floor: float = 0.1) -> tuple[np.nd
         mu, sd = train.mean(axis=0), train.std(axis=0)
     else:
         mu, sd = _chunked_mean_std(train)
+    return mu, _floored(sd, std_floor)
+
+
+def _floored(sd: np.ndarray, std_floor: float) -> np.ndarray:
     positive = sd[sd > 0]
     floor = std_floor * float(np.median(positive)) if positive.size else 1.0
-    return mu, np.maximum(sd, max(floor, 1e-12))
+    return np.maximum(sd, max(floor, 1e-12))
 
 
 # Up to this many values (512 MB as float64) the statistics come from numpy's exact-order mean /
@@ -76,16 +82,22 @@ _EXACT_ELEMENTS = 1 << 26
 _BLOCK_ROWS = 16_384
 
 
-def _chunked_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Two passes in float64 (mean, then squared deviations): as accurate as numpy's, one block in memory.
-    n = x.shape[0]
+def _chunked_mean_std(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    # Two passes in float64 (mean, then squared deviations): as accurate as numpy's, one block in
+    # memory. ``rows``: statistics of those rows only, read block by block (no copy of the subset).
+    n = x.shape[0] if rows is None else len(rows)
+
+    def block(r0: int) -> np.ndarray:
+        sel = slice(r0, r0 + _BLOCK_ROWS) if rows is None else rows[r0 : r0 + _BLOCK_ROWS]
+        return np.asarray(x[sel], dtype=np.float64)
+
     total = np.zeros(x.shape[1], dtype=np.float64)
     for r0 in range(0, n, _BLOCK_ROWS):
-        total += np.asarray(x[r0 : r0 + _BLOCK_ROWS], dtype=np.float64).sum(axis=0)
+        total += block(r0).sum(axis=0)
     mu = total / n
     sq = np.zeros_like(mu)
     for r0 in range(0, n, _BLOCK_ROWS):
-        sq += ((np.asarray(x[r0 : r0 + _BLOCK_ROWS], dtype=np.float64) - mu) ** 2).sum(axis=0)
+        sq += ((block(r0) - mu) ** 2).sum(axis=0)
     return mu, np.sqrt(sq / n)
 
 
@@ -131,6 +143,152 @@ def apply_feature_scaling(
     return out
 
 
+class ScaledFeatures:
+    """Image features z-scored on read: the model's input without a scaled copy of the slide.
+
+    Indexing returns float32 rows ``clip((raw[rows] - mean[g]) / std[g])`` with ``g`` the row's
+    group (its section, or one group for training statistics), computed in float64 block by block
+    as :func:`apply_feature_scaling` does, so the values are the same bit for bit. The batches of
+    training and inference scale only the rows they draw: memory follows the batch, and the raw
+    features (the table's cache) are the only per-node copy.
+
+    Parameters
+    ----------
+    raw
+        ``(n, d)`` raw features (not copied).
+    group
+        ``(n,)`` row of ``mean`` / ``std`` for each node.
+    mean, std
+        ``(n_groups, d)`` statistics.
+    clip
+        Absolute clip of the z-scores (``None``: no clip).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = ScaledFeatures(np.array([[0.0], [2.0], [10.0]]), np.array([0, 0, 1]), np.array([[1.0], [10.0]]), np.ones((2, 1)))
+    >>> x.shape, x[np.array([0, 2])].ravel().tolist(), np.asarray(x).ravel().tolist()
+    ((3, 1), [-1.0, 0.0], [-1.0, 1.0, 0.0])
+    """
+
+    _ROWS = 4096  # rows scaled at once: float64 temporaries of ~40 MB at 1,280 channels
+
+    def __init__(
+        self,
+        raw: np.ndarray,
+        group: np.ndarray,
+        mean: np.ndarray,
+        std: np.ndarray,
+        *,
+        clip: float | None = Defaults.FEATURE_Z_CLIP,
+    ) -> None:
+        self.raw = raw
+        self.group = np.asarray(group, dtype=np.intp).reshape(-1)
+        self.mean = np.atleast_2d(mean)
+        self.std = np.atleast_2d(std)
+        self.clip = clip
+        if len(self.group) != len(raw):
+            raise ValueError(f"group has {len(self.group)} codes for {len(raw)} feature rows.")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, d)``, as the raw features."""
+        return tuple(self.raw.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Always float32."""
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[slice(None)]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        n = len(self.raw)
+        if isinstance(idx, slice):
+            rows = np.arange(*idx.indices(n))
+        else:
+            rows = np.asarray(idx)
+            if rows.dtype == bool:
+                rows = np.flatnonzero(rows)
+            rows = rows.reshape(-1)
+        out = np.empty((len(rows), self.raw.shape[1]), dtype=np.float32)
+        for r0 in range(0, len(rows), self._ROWS):
+            sel = rows[r0 : r0 + self._ROWS]
+            x = np.asarray(self.raw[sel], dtype=np.float64)
+            g = self.group[sel]
+            codes = np.unique(g)
+            if len(codes) == 1:
+                z = (x - self.mean[codes[0]]) / self.std[codes[0]]
+            else:
+                z = np.empty_like(x)
+                for c in codes:
+                    m = g == c
+                    z[m] = (x[m] - self.mean[c]) / self.std[c]
+            if self.clip is not None:
+                z = np.clip(z, -self.clip, self.clip)
+            out[r0 : r0 + self._ROWS] = z
+        return out
+
+
+def section_statistics(
+    x: np.ndarray,
+    section: np.ndarray,
+    fallback: tuple[np.ndarray, np.ndarray],
+    *,
+    min_nodes: int = Defaults.FEATURE_NORM_MIN_NODES,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Each section's :func:`feature_scaling` statistics, read without copying the slide.
+
+    Parameters
+    ----------
+    x
+        ``(n, d)`` features.
+    section
+        ``(n,)`` section code of each row.
+    fallback
+        ``(mean, std)`` for sections with fewer than ``min_nodes`` rows (no reliable statistics).
+    min_nodes
+        Smallest section standardised on its own.
+
+    Returns
+    -------
+    ``(group, mean, std, small)``: ``(n,)`` row of each node into the ``(n_sections, d)`` statistics,
+    and the codes of the sections that used the fallback.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> group, mu, sd, small = section_statistics(np.array([[0.0], [2.0], [7.0]]), np.array([3, 3, 5]), (np.zeros(1), np.ones(1)), min_nodes=2)
+    >>> group.tolist(), mu.ravel().tolist(), sd.ravel().tolist(), small
+    ([0, 0, 1], [1.0, 0.0], [1.0, 1.0], [5])
+    """
+    section = np.asarray(section).reshape(-1)
+    if len(section) != len(x):
+        raise ValueError(f"section has {len(section)} codes for {len(x)} feature rows.")
+    codes, group = np.unique(section, return_inverse=True)
+    means, stds, small = [], [], []
+    for i, code in enumerate(codes):
+        rows = np.flatnonzero(group == i)
+        if rows.size < min_nodes:
+            mu, sd = fallback
+            small.append(int(code))
+        elif rows.size == len(x):
+            mu, sd = feature_scaling(x)
+        elif rows.size * x.shape[1] <= _EXACT_ELEMENTS:
+            mu, sd = feature_scaling(x[rows])
+        else:
+            mu, sd = _chunked_mean_std(x, rows)
+            sd = _floored(sd, STD_FLOOR)
+        means.append(mu)
+        stds.append(sd)
+    return group, np.stack(means), np.stack(stds), small
+
+
 def apply_section_scaling(
     x: np.ndarray,
     section: np.ndarray,
@@ -143,6 +301,7 @@ def apply_section_scaling(
 
     Every section is standardised with its own :func:`feature_scaling`; a section with fewer than
     ``min_nodes`` rows has no reliable statistics and uses ``fallback`` (the training statistics).
+    The model reads the same values lazily (:class:`ScaledFeatures`); this returns them as an array.
 
     Parameters
     ----------
@@ -169,30 +328,12 @@ def apply_section_scaling(
     >>> z.ravel().tolist(), small
     ([-1.0, 1.0, -1.0, 1.0], [])
     """
-    section = np.asarray(section).reshape(-1)
-    if len(section) != len(x):
-        raise ValueError(f"section has {len(section)} codes for {len(x)} feature rows.")
-    out = np.empty(np.shape(x), dtype=np.float32)
-    small = []
-    for code in np.unique(section):
-        rows = np.flatnonzero(section == code)
-        # One section (a whole slide): scaled in place of a copy, block by block.
-        whole = rows.size == len(x)
-        part = x if whole else x[rows]
-        if rows.size >= min_nodes:
-            mu, sd = feature_scaling(part)
-        else:
-            mu, sd = fallback
-            small.append(int(code))
-        if whole:
-            apply_feature_scaling(part, mu, sd, clip=clip, out=out)
-        else:
-            out[rows] = apply_feature_scaling(part, mu, sd, clip=clip)
-    return out, small
+    group, mean, std, small = section_statistics(x, section, fallback, min_nodes=min_nodes)
+    return np.asarray(ScaledFeatures(x, group, mean, std, clip=clip)), small
 
 
 def standardize_features(
-    train: np.ndarray, *others: np.ndarray, clip: float | None = Defaults.FEATURE_Z_CLIP, std_floor: float = 0.1
+    train: np.ndarray, *others: np.ndarray, clip: float | None = Defaults.FEATURE_Z_CLIP, std_floor: float = STD_FLOOR
 ) -> tuple[np.ndarray, ...]:
     """Z-score features with the training set's statistics, robust to near-constant channels.
 
@@ -280,30 +421,32 @@ def scale_features(
     feature_norm: str,
     sections: Sequence[str],
     level: str,
-) -> np.ndarray:
+) -> ScaledFeatures:
     """Model inputs from raw features: per-section z-scores (``"section"``) or the training statistics (``"global"``).
+
+    The z-scores are computed when rows are read (:class:`ScaledFeatures`), never for the whole slide.
 
     Examples
     --------
     >>> import numpy as np
     >>> x = np.arange(80, dtype=float).reshape(40, 2)
     >>> z = scale_features(x, np.zeros(40, int), (np.zeros(2), np.ones(2)), feature_norm="section", sections=["A"], level="meso")
-    >>> bool(abs(z.mean()) < 1e-6)
+    >>> bool(abs(np.asarray(z).mean()) < 1e-6)
     True
     """
     if feature_norm not in Choices.FEATURE_NORMS:
         raise ValueError(f"feature_norm must be one of {Choices.FEATURE_NORMS}, got {feature_norm!r}.")
-    if feature_norm == "global":
-        return apply_feature_stats(x, stats)
     check_channels(x, stats)
-    z, small = apply_section_scaling(x, section, stats)
+    if feature_norm == "global":
+        return ScaledFeatures(x, np.zeros(len(x), dtype=np.intp), stats[0], stats[1])
+    group, mean, std, small = section_statistics(x, section, stats)
     if small:
         names = [sections[c] for c in small]
         logger.warning(
             f"sections {names} have fewer than {Defaults.FEATURE_NORM_MIN_NODES} {level} nodes: their "
             "image features are standardised with the training statistics, not their own"
         )
-    return z
+    return ScaledFeatures(x, group, mean, std)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,6 +97,13 @@ class Encoder:
         """Whether features come from ``obsm`` instead of an image model."""
         return self.module is None
 
+    @property
+    def device(self) -> str:
+        """The device the module runs on (resolved from ``"auto"`` on first use)."""
+        if self._device is None:
+            self.to("auto")
+        return self._device or "cpu"
+
     def to(self, device: str = "auto") -> Encoder:
         """Move the module to ``device`` (see :func:`sigmma_sc._utils.torch_device`), in eval mode and channels-last."""
         import torch

@@ -62,3 +62,46 @@ def test_merge_from_the_command_line(quality, tmp_path, capsys):
     assert "SIGMMA vs single_scale" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         quality.main(["--out", str(out)])  # neither --dataset nor --merge
+
+
+# -- benchmarks/shift.py: the foreign section's fixed transforms ---------------------------------
+@pytest.fixture(scope="module")
+def shift():
+    path = QUALITY.with_name("shift.py")
+    spec = importlib.util.spec_from_file_location("_sigmma_shift", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_restain_is_the_identity_without_shift_and_moves_the_stains_with_it(shift, monkeypatch):
+    rng = np.random.default_rng(0)
+    # H&E-like pixels: white background plus mixtures of the two stains
+    hed_from_rgb, _ = shift.stain_matrices()
+    conc = rng.uniform(0, 0.6, (64, 64, 3)) * np.array([1.0, 1.0, 0.0])
+    m = shift.RGB_FROM_HED / np.linalg.norm(shift.RGB_FROM_HED, axis=1, keepdims=True)
+    rgb = np.clip(np.rint(256 * 10 ** (-(conc @ m)) - 1), 0, 255).astype(np.uint8)
+    shifted = shift.restain(rgb)
+    assert shifted.shape == rgb.shape and shifted.dtype == np.uint8
+    # the fixed transform: hematoxylin weaker, eosin stronger (deconvolved with the original vectors)
+    od = lambda x: -np.log10((x.astype(float) + 1) / 256)  # noqa: E731
+    before, after = od(rgb) @ hed_from_rgb, od(shifted) @ hed_from_rgb
+    assert after[..., 0].mean() < before[..., 0].mean() and after[..., 1].mean() > before[..., 1].mean()
+    assert np.abs(shifted.astype(int) - rgb).mean() > 3
+    monkeypatch.setattr(shift, "STAIN_ROTATION_DEG", 0.0)
+    monkeypatch.setattr(shift, "STAIN_SCALE", (1.0, 1.0, 1.0))
+    assert np.abs(shift.restain(rgb).astype(int) - rgb).max() <= 1  # float32 rounding only
+
+
+def test_thinning_reaches_the_target_median(shift):
+    from scipy import sparse
+
+    rng = np.random.default_rng(1)
+    counts = sparse.random(300, 500, density=0.3, random_state=2, data_rvs=lambda n: rng.integers(1, 40, n)).tocsr()
+    counts.data = counts.data.astype(np.int32)
+    thinned, p = shift.thin(counts, 650, np.random.default_rng(0))
+    med = np.median(np.asarray(thinned.sum(axis=1)).ravel())
+    assert 0 < p < 1 and abs(med - 650) < 0.05 * 650
+    assert (thinned.data > 0).all() and (thinned.toarray() <= counts.toarray()).all()
+    same, p1 = shift.thin(counts, 1e9, np.random.default_rng(0))
+    assert p1 == 1.0 and (same != counts).nnz == 0

@@ -120,6 +120,16 @@ def test_evaluate_table_and_protocol(split):
     assert list(alone.index) == ["sigmma"]
     with pytest.raises(ValueError, match="Unknown baseline"):
         sg.tl.evaluate(model, test, baselines=("knn",))
+    # Ridges on per-section z-scores (SIGMMA's own input scaling): SIGMMA's row is untouched.
+    per_sec = sg.tl.evaluate(
+        model, test, train_sdata=train, baselines=("ridge_cv",), n_genes=20, seed=0, baseline_feature_norm="model"
+    )
+    assert per_sec.attrs["protocol"]["baseline_feature_norm"] == model.params["feature_norm"] == "section"
+    assert df.attrs["protocol"]["baseline_feature_norm"] == "global"
+    pd.testing.assert_series_equal(per_sec.loc["sigmma"], df.loc["sigmma"])
+    assert per_sec.loc["ridge_cv", "pcc_hvg20"] != df.loc["ridge_cv", "pcc_hvg20"]
+    with pytest.raises(ValueError, match="baseline_feature_norm must be one of"):
+        sg.tl.evaluate(model, test, train_sdata=train, baseline_feature_norm="per_slide")
 
 
 @pytest.mark.slow

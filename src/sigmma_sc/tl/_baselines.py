@@ -31,7 +31,7 @@ from .. import pp
 from .._constants import Defaults, Keys, Levels
 from .._logging import logger
 from ..io import get_table
-from ..model import Sigmma, standardize_features
+from ..model import Sigmma, apply_section_scaling, feature_scaling, standardize_features
 from ._fit import fit, light_copy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -458,6 +458,22 @@ def standardized_pair(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarr
     ([1.0, 1.0, 1.0], 5.0)
     """
     return standardize_features(x_train, x_test)
+
+
+def per_section_z(x: np.ndarray, section: np.ndarray) -> np.ndarray:
+    """Z-score each section's rows with that section's own statistics, as SIGMMA scales its inputs by default.
+
+    Sections under ``Defaults.FEATURE_NORM_MIN_NODES`` rows use the statistics of all rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.concatenate([np.arange(40.0), 100 + 3 * np.arange(40.0)])[:, None]
+    >>> z = per_section_z(x, np.repeat([0, 1], 40))
+    >>> np.allclose(z[:40], z[40:])  # the shift and scale between the sections are gone
+    True
+    """
+    return apply_section_scaling(x, section, feature_scaling(x))[0]
 
 
 def fit_single_scale(model: Sigmma, train_sdata: SpatialData, *, seed: int, **fit_kwargs: Any) -> Sigmma:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Defaults, Keys
+from .._constants import Choices, Defaults, Keys
 from .._logging import logger
 from .._utils import versions
 from ..io import validate
@@ -18,6 +18,7 @@ from ._baselines import (
     BASELINES,
     baseline_features,
     fit_single_scale,
+    per_section_z,
     ridge_cv_sets,
     ridge_probe,
     standardized_pair,
@@ -227,6 +228,7 @@ def evaluate(
     fit_kwargs: dict[str, Any] | None = None,
     table_key: str = Keys.TABLE,
     max_missing_genes: float = Defaults.MAX_MISSING_GENES,
+    baseline_feature_norm: str = "global",
     inplace: bool = False,
 ) -> pd.DataFrame:
     """Score SIGMMA and baselines on held-out data: expression prediction and cross-modal retrieval.
@@ -294,6 +296,11 @@ def evaluate(
     max_missing_genes
         Largest share of the model's genes the test table may lack (see
         :meth:`sigmma_sc.Sigmma.get_embeddings`); more is an error.
+    baseline_feature_norm
+        How the ridge baselines scale image features before their own standardisation:
+        ``"global"`` (as published: the training units' statistics), ``"section"`` (each section
+        z-scored with its own statistics first, what SIGMMA's default ``feature_norm`` does: the fair
+        comparison on a slide with a stain or scanner shift) or ``"model"`` (the model's own).
     inplace
         Read only by default: ``test_sdata`` and ``train_sdata`` are left exactly as they were (the
         hierarchy and image features computed for the scores live on light copies and are
@@ -341,6 +348,12 @@ def evaluate(
             raise ValueError(f"{name} must be >= 1, got {value!r}.")
     if not len(ks) or any(int(c) < 1 for c in ks):
         raise ValueError(f"ks must be recall cut-offs >= 1, got {ks!r}.")
+    if baseline_feature_norm not in (*Choices.FEATURE_NORMS, "model"):
+        raise ValueError(
+            f"baseline_feature_norm must be one of {(*Choices.FEATURE_NORMS, 'model')}, got {baseline_feature_norm!r}."
+        )
+    if baseline_feature_norm == "model":
+        baseline_feature_norm = str(model.params.get("feature_norm", "global"))
     unit_kind = str(model.params.get("unit_kind", "spot"))
     check_readout_options(method, k, temperature)
     extra = {str(name): dict(spec) for name, spec in (readouts or {}).items()}
@@ -449,6 +462,9 @@ def evaluate(
         kind = "meso" if name == "ridge" else "multiscale"
         x_tr = _features(model, train_sdata, kind, table_key, rows=ridge_train)
         x_te = _features(model, test_sdata, kind, table_key)
+        if baseline_feature_norm == "section":
+            x_tr = per_section_z(x_tr, train.unit_section[ridge_train])
+            x_te = per_section_z(x_te, test.unit_section)
         if name == "ridge_cv":
             x_tr, x_te = standardized_pair(x_tr, x_te)
         y_tr = y_train[ridge_train]
@@ -495,6 +511,7 @@ def evaluate(
         "genes_missing": missing[:_GENES_LISTED],
         "n_genes_missing_train": len(missing_train),
         "max_missing_genes": float(max_missing_genes),
+        "baseline_feature_norm": baseline_feature_norm,
         "gene_rule_hvg": "variance of log1p(normalize_total) among genes detected in >= 10% of training units",
         "gene_rule_hvg_det1": "variance of log1p(normalize_total) among genes detected in >= 1% of training units",
         "gene_rule_heg": "mean log1p(normalize_total) over training units",

@@ -140,6 +140,34 @@ def test_batch_holds_targets_children_context_and_regions():
     assert len(meso) < levels["meso"].n / 2
 
 
+def test_training_augmentations_touch_training_batches_only():
+    levels, counts, var, _ = spot_levels()
+    src = ExpressionSource.from_counts(counts, np.arange(10), log_normalized=False)
+    kw = dict(use_levels=("micro", "meso", "macro"), expression=src, graph=True)
+    plain = SubgraphBatcher(levels, **kw)
+    aug = SubgraphBatcher(levels, **kw, depth_augment=0.8, feature_jitter=0.5)
+    ids = np.array([0, 55, 120])
+    ref = plain.batch(ids, seed=4)
+    # Without augment=True (validation, embeddings) the batch is exactly the plain one.
+    for key, value in aug.batch(ids, seed=4).items():
+        assert np.array_equal(np.asarray(value), np.asarray(ref[key])), key
+    a, b = aug.batch(ids, seed=4, augment=True), aug.batch(ids, seed=4, augment=True)
+    for key in ("meso_img", "micro_img", "macro_img", "meso_expr", "macro_expr"):
+        assert np.array_equal(a[key], b[key]), key  # seeded: a rerun draws the same augmentation
+        assert not np.array_equal(a[key], ref[key]), key
+    assert np.array_equal(a["meso_ids"], ref["meso_ids"]) and np.array_equal(a["micro_ids"], ref["micro_ids"])
+    # Thinned counts: fewer UMIs per node (before the log-normalisation, which rescales them)
+    keep = np.full(5, 0.3)
+    members = levels["meso"].members[:5]
+    thinned = src.node_expression(members, keep=keep, rng=np.random.default_rng(0))
+    full = src.node_expression(members)
+    assert thinned.shape == full.shape and (thinned > 0).sum() < (full > 0).sum()
+    with pytest.raises(ValueError, match="depth_augment"):
+        sg.model.TrainConfig(depth_augment=1.0)
+    with pytest.raises(ValueError, match="feature_jitter"):
+        sg.model.TrainConfig(feature_jitter=-0.1)
+
+
 def test_disjoint_macro_mask_selects_non_overlapping_regions():
     levels, counts, var, _ = spot_levels()
     src = ExpressionSource.from_counts(counts, np.arange(10), log_normalized=False)

@@ -141,6 +141,8 @@ class Defaults:
     INTER_LAYERS: Final = 1
     HEADS: Final = 4
     DROPOUT: Final = 0.1
+    DEPTH_AUGMENT: Final = 0.0
+    FEATURE_JITTER: Final = 0.0
     LR: Final = 1e-3
     WEIGHT_DECAY: Final = 1e-4
     BATCH_SIZE: Final = 64

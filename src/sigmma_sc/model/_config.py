@@ -37,6 +37,10 @@ class TrainConfig:
     inter_layers: int = Defaults.INTER_LAYERS
     heads: int = Defaults.HEADS
     dropout: float = Defaults.DROPOUT
+    #: Training batches see each node's counts thinned to a random share in ``[1 - depth_augment, 1]``.
+    depth_augment: float = Defaults.DEPTH_AUGMENT
+    #: Training batches see the image features with a random per-channel gain and offset of this sd.
+    feature_jitter: float = Defaults.FEATURE_JITTER
     lr: float = Defaults.LR
     weight_decay: float = Defaults.WEIGHT_DECAY
     batch_size: int = Defaults.BATCH_SIZE
@@ -95,6 +99,8 @@ class TrainConfig:
         if self.max_cells is not None:
             _integer("max_cells", self.max_cells, 1, why=" (or None for every cell)")
         _number("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        _number("depth_augment", self.depth_augment, 0.0, 1.0, high_open=True)
+        _number("feature_jitter", self.feature_jitter, 0.0, None)
         _number("lr", self.lr, 0.0, None, low_open=True)
         _number("weight_decay", self.weight_decay, 0.0, None)
         _number("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)

@@ -27,7 +27,7 @@ import torch
 from sigmma_sc._constants import Levels
 from sigmma_sc._logging import logger
 from sigmma_sc._settings import settings
-from sigmma_sc._utils import torch_device
+from sigmma_sc._utils import release_memory, torch_device
 
 from ._config import NonFiniteLossError, TrainConfig
 from ._data import MAX_MICRO_PAIRS, ExpressionSource, LevelInput, SubgraphBatcher, expression_stats
@@ -102,6 +102,8 @@ def make_batcher(
         expr_stats=expr_stats,
         disjoint_macro="disjoint" in config.coarse_targets,
         node_batch=node_batch,
+        depth_augment=config.depth_augment,
+        feature_jitter=config.feature_jitter,
     )
 
 
@@ -641,6 +643,8 @@ def _node_batches(
         for side in sides:
             for lv, emb in z[side].items():
                 yield lv, side, index[lv].cpu().numpy(), emb.float().cpu().numpy()
+        del batch, z
+        release_memory()  # batches differ in size: keep the heap at one batch (see SigmmaModule)
 
 
 def _sides(module: SigmmaModule, expression: bool) -> tuple[str, ...]:

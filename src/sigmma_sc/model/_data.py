@@ -65,8 +65,13 @@ class ExpressionSource:
             return cls(units=sub, library=None)
         return cls(units=sub, library=np.asarray(counts.sum(axis=1)).ravel().astype(np.float64))
 
-    def node_expression(self, members: sp.csr_matrix) -> np.ndarray:
+    def node_expression(
+        self, members: sp.csr_matrix, *, keep: np.ndarray | None = None, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         """log1p-normalised expression of nodes that sum the units in ``members`` rows.
+
+        ``keep``: ``(n_nodes,)`` share of each node's counts kept by binomial thinning (with ``rng``),
+        as if the node had been sequenced that much less deeply (raw counts only).
 
         Examples
         --------
@@ -82,6 +87,9 @@ class ExpressionSource:
             agg /= np.maximum(n, 1)[:, None]
             return np.log1p(agg).astype(np.float32)
         total = members @ self.library
+        if keep is not None and rng is not None:
+            agg = rng.binomial(np.rint(agg).astype(np.int64), keep[:, None]).astype(np.float64)
+            total = total * keep
         scale = np.divide(Defaults.TARGET_SUM, total, out=np.zeros_like(total), where=total > 0)
         return np.log1p(agg * scale[:, None]).astype(np.float32)
 
@@ -213,6 +221,10 @@ class SubgraphBatcher:
         Mark, per batch, a subset of macro regions whose meso members do not overlap (greedy, in a
         seeded random order) for the macro-level loss (``macro_loss_mask``, with the seed of the
         draw in ``macro_mask_seed``: under DDP the loss redraws the mask on the global batch).
+    depth_augment, feature_jitter
+        Augmentation of batches drawn with ``augment=True`` (training): counts thinned to a random
+        share in ``[1 - depth_augment, 1]`` per node, image features given a random per-channel gain
+        ``1 + feature_jitter * N(0, 1)`` and offset ``feature_jitter * N(0, 1)`` per batch and level.
     node_batch
         ``(n_meso,)`` int batch code of every meso node (its section, its patient: see
         :func:`node_batches`), or ``None``. When given, every batch carries the code of each loss
@@ -235,6 +247,8 @@ class SubgraphBatcher:
     expr_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     disjoint_macro: bool = False
     node_batch: np.ndarray | None = None
+    depth_augment: float = 0.0
+    feature_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if Levels.MESO not in self.use_levels:
@@ -277,8 +291,20 @@ class SubgraphBatcher:
             if lv in self.levels and self.has_expression(lv) and self.levels[lv].features is not None
         )
 
-    def _expr(self, level: str, nodes: np.ndarray) -> np.ndarray:
-        x = self.expression.node_expression(self.levels[level].members[nodes])
+    def _img(self, level: str, nodes: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        x = self.levels[level].features[nodes]
+        if rng is None or not self.feature_jitter:
+            return x
+        d = x.shape[1]
+        gain = 1.0 + self.feature_jitter * rng.standard_normal(d, dtype=np.float32)
+        offset = self.feature_jitter * rng.standard_normal(d, dtype=np.float32)
+        return (x * gain + offset).astype(np.float32, copy=False)
+
+    def _expr(self, level: str, nodes: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        keep = None
+        if rng is not None and self.depth_augment > 0:
+            keep = rng.uniform(1.0 - self.depth_augment, 1.0, size=len(nodes))
+        x = self.expression.node_expression(self.levels[level].members[nodes], keep=keep, rng=rng)
         if level in self.expr_stats:
             mean, std = self.expr_stats[level]
             x = np.clip((x - mean) / std, -10.0, 10.0)
@@ -292,19 +318,23 @@ class SubgraphBatcher:
         seed: int = 0,
         max_micro_pairs: int | None = MAX_MICRO_PAIRS,
         max_children: int | None = None,
+        augment: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Tensors for the subgraphs ``meso_ids`` (the loss targets come first in every meso array).
 
         ``micro_target`` lists every micro child of the targets, or a seeded random subset of
         ``max_micro_pairs`` of them (``None``: all, as for embedding). ``max_children`` keeps a
         seeded random subset of at most that many micro nodes per subgraph (training: a bag of
-        cells per subgraph, as in multiple-instance learning; ``None``: all).
+        cells per subgraph, as in multiple-instance learning; ``None``: all). ``augment``: apply
+        the batcher's training augmentations (``depth_augment``, ``feature_jitter``).
         """
         import torch
 
         meso_ids = np.asarray(meso_ids, dtype=np.int64)
         n_b = meso_ids.size
         out: dict[str, Any] = {"n_target": n_b}
+        aug = np.random.default_rng([seed, 2]) if augment and (self.depth_augment or self.feature_jitter) else None
+        img = lambda level, ids: self._img(level, ids, aug)  # noqa: E731
         # The inter-subgraph GNN of the targets reads their k-hop ball; regions pool the local
         # (pre-GNN) state of their members, which needs no neighbours: memory ~ batch x ball size.
         ctx = k_hop(self.meso_adj, meso_ids, self.inter_hops) if self.graph else np.unique(meso_ids)
@@ -319,11 +349,11 @@ class SubgraphBatcher:
         out["meso_ids"] = ctx
         meso = self.levels[Levels.MESO]
         if meso.features is not None:
-            out["meso_img"] = meso.features[ctx]
+            out["meso_img"] = img(Levels.MESO, ctx)
         if self.graph:
             out["meso_edges"] = subgraph_edges(self.meso_adj, ctx)
         if self.has_expression(Levels.MESO):
-            out["meso_expr"] = self._expr(Levels.MESO, ctx)
+            out["meso_expr"] = self._expr(Levels.MESO, ctx, aug)
         target_batch = None if self.node_batch is None else np.asarray(self.node_batch[meso_ids], dtype=np.int64)
         if target_batch is not None:
             out["meso_batch"] = target_batch
@@ -344,7 +374,7 @@ class SubgraphBatcher:
             out["micro_parent"] = micro_parent
             micro = self.levels[Levels.MICRO]
             if micro.features is not None:
-                out["micro_img"] = micro.features[micro_ids]
+                out["micro_img"] = img(Levels.MICRO, micro_ids)
             if self.graph:
                 out["micro_edges"] = subgraph_edges(self.micro_adj, micro_ids)
             target = np.flatnonzero(micro_parent < n_b)
@@ -355,7 +385,7 @@ class SubgraphBatcher:
             if target_batch is not None:
                 out["micro_batch"] = target_batch[micro_parent[target]]
             if self.has_expression(Levels.MICRO):
-                out["micro_expr"] = self._expr(Levels.MICRO, micro_ids)
+                out["micro_expr"] = self._expr(Levels.MICRO, micro_ids, aug)
 
         if self.use_macro:
             macro = self.levels[Levels.MACRO]
@@ -365,9 +395,9 @@ class SubgraphBatcher:
             out["region_src"] = src.astype(np.int64)
             out["region_dst"] = reg.row.astype(np.int64)
             if macro.features is not None:
-                out["macro_img"] = macro.features[macro_ids]
+                out["macro_img"] = img(Levels.MACRO, macro_ids)
             if self.has_expression(Levels.MACRO):
-                out["macro_expr"] = self._expr(Levels.MACRO, macro_ids)
+                out["macro_expr"] = self._expr(Levels.MACRO, macro_ids, aug)
             if target_batch is not None:
                 # A region is the parent of targets of one batch (regions never cross sections).
                 macro_batch = np.empty(macro_ids.size, dtype=np.int64)

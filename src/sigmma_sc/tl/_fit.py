@@ -56,6 +56,8 @@ def fit(
     inter_layers: int = Defaults.INTER_LAYERS,
     heads: int = Defaults.HEADS,
     dropout: float = Defaults.DROPOUT,
+    depth_augment: float = Defaults.DEPTH_AUGMENT,
+    feature_jitter: float = Defaults.FEATURE_JITTER,
     accelerator: str = Defaults.ACCELERATOR,
     devices: Any = Defaults.DEVICES,
     precision: str | None = None,
@@ -161,6 +163,15 @@ def fit(
         Weight of each level's InfoNCE (default 1 each).
     intra_layers, inter_layers, heads, dropout
         GNN depth (cells inside a subgraph, subgraph graph), attention heads, dropout.
+    depth_augment
+        Training augmentation for slides sequenced less deeply than the training data: every
+        training batch thins each node's counts binomially to a random share drawn from
+        ``[1 - depth_augment, 1]`` (0: off). Validation and embeddings read the counts as they are.
+    feature_jitter
+        Training augmentation for stain and scanner shifts left after the feature scaling: every
+        training batch multiplies each standardised image-feature channel by ``1 + feature_jitter * a``
+        and adds ``feature_jitter * b`` (``a``, ``b`` standard normal, one draw per batch and level;
+        0: off).
     accelerator, devices, precision
         Lightning options, for training and the image features alike; ``"auto"`` uses CUDA when
         present. Asking for a GPU that torch does not see (or more than it sees) fails at once,
@@ -273,6 +284,8 @@ def fit(
         inter_layers=int(inter_layers),
         heads=int(heads),
         dropout=float(dropout),
+        depth_augment=float(depth_augment),
+        feature_jitter=float(feature_jitter),
         lr=float(lr),
         weight_decay=float(weight_decay),
         batch_size=int(batch_size),

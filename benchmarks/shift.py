@@ -29,6 +29,7 @@ paired differences SIGMMA - ridge_cv and ratios SIGMMA / single_scale.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -162,23 +163,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--target-umi", type=float, default=TARGET_UMI)
     parser.add_argument("--fit", default="{}", help="extra tl.fit keywords (JSON), e.g. augmentation settings")
     parser.add_argument("--clean", action="store_true", help="also score the unshifted section (sigmma, ridge_cv)")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "sigmma_sc" / "benchmarks"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     sg.settings.progress_bar = False
     t_start = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     fit_kwargs = {"max_epochs": args.epochs, **json.loads(args.fit)}
-    folder = sg.datasets.resolve_dataset_dir("her2st", args.data)
+    folder = sg.datasets.resolve_dataset_dir("her2st", args.data).resolve()
     train_sections = [s for s in args.train.split(",") if s]
+    # Hierarchies and image features once per section, in quality.py's per-section cache (the same
+    # files, so a her2st protocol run before this one has already encoded the training sections).
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import prepare
 
-    train = sg.datasets.her2st(folder, sections=train_sections)
-    test, info = foreign_section(folder, args.test, target_umi=args.target_umi, seed=0)
-    clean = sg.datasets.her2st(folder, sections=[args.test]) if args.clean else None
-    # Hierarchies and image features once (cached in the tables), not once per seed.
-    for sdata in (train, test, clean):
-        if sdata is not None:
-            sg.pp.build_hierarchy(sdata)
-            sg.pp.image_features(sdata)
+    cache = Path(args.cache)
+    tag = f"her2st-{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
+
+    def load(sections: list[str]) -> Any:
+        return sg.datasets.her2st(folder, sections=sections)
+
+    train = prepare(load, tag, train_sections, cache)
+    foreign, info = foreign_section(folder, args.test, target_umi=args.target_umi, seed=0)
+    shift_tag = f"{tag}-foreign-umi{args.target_umi:g}-rot{STAIN_ROTATION_DEG:g}"
+    test = prepare(lambda _: foreign, shift_tag, [args.test], cache)
+    clean = prepare(load, tag, [args.test], cache) if args.clean else None
     res: dict[str, Any] = {
         "protocol": {
             "command": "benchmarks/shift.py " + " ".join(argv if argv is not None else sys.argv[1:]),

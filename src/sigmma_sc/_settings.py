@@ -35,8 +35,10 @@ class Settings:
         Folder for what must survive an interrupted run: the checkpoints of a :func:`sigmma_sc.tl.fit`
         without ``checkpoint_dir`` (so ``resume=True`` finds them) and the per-section image features
         of an unfinished :func:`sigmma_sc.pp.image_features`. Both are removed when their run
-        succeeds. Default: ``$SIGMMA_CACHE_DIR``, else ``$XDG_CACHE_HOME/sigmma_sc``
-        (``~/.cache/sigmma_sc``). Safe to delete between runs.
+        succeeds. Also the decoded image pyramids of the data-set loaders (``images/``, see
+        :func:`sigmma_sc.io.read_rgb_pyramid`), kept so loaded slides read their pixels lazily.
+        Default: ``$SIGMMA_CACHE_DIR``, else ``$XDG_CACHE_HOME/sigmma_sc``
+        (``~/.cache/sigmma_sc``). Safe to delete between runs (not while a loaded slide still reads from it).
 
     Examples
     --------

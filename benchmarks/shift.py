@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     fit_kwargs = {"max_epochs": args.epochs, **json.loads(args.fit)}
-    folder = sg.datasets.resolve_dataset_dir("her2st", args.data).resolve()
+    from sigmma_sc.datasets._paths import REQUIRED_FILES
+
+    folder = sg.datasets.resolve_dataset_dir("her2st", args.data, required=REQUIRED_FILES["her2st"]).resolve()
     train_sections = [s for s in args.train.split(",") if s]
     # Hierarchies and image features once per section, in quality.py's per-section cache (the same
     # files, so a her2st protocol run before this one has already encoded the training sections).

@@ -305,14 +305,8 @@ def apply_section_scaling(
 
     Parameters
     ----------
-    x
-        ``(n, d)`` features.
-    section
-        ``(n,)`` section code of each row.
-    fallback
-        ``(mean, std)`` for small sections.
-    min_nodes
-        Smallest section standardised on its own.
+    x, section, fallback, min_nodes
+        As in :func:`section_statistics`.
     clip
         Absolute clip of the z-scores (``None``: no clip).
 

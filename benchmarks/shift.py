@@ -44,10 +44,11 @@ from scipy import sparse
 
 import sigmma_sc as sg
 from sigmma_sc._constants import Keys
+from sigmma_sc.pp._stain import _HED_FROM_RGB, _RGB_FROM_HED
 
-# Ruifrok & Johnston (2001) optical-density vectors of hematoxylin, eosin and DAB (rows; as
-# scikit-image's ``rgb_from_hed``), normalised to unit length below.
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+# Ruifrok & Johnston (2001) unit optical-density vectors of hematoxylin, eosin and DAB (rows), the
+# package's own (pp.hed_jitter's colour space).
+RGB_FROM_HED, HED_FROM_RGB = _RGB_FROM_HED, _HED_FROM_RGB
 STAIN_ROTATION_DEG = 8.0
 STAIN_SCALE = (0.85, 1.15, 1.0)
 TARGET_UMI = 650
@@ -66,12 +67,12 @@ def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
 
 def stain_matrices() -> tuple[np.ndarray, np.ndarray]:
     """``(hed_from_rgb, shifted rgb_from_hed)``: deconvolution of the original stains, reconstruction with the shifted ones."""
-    m = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+    m = RGB_FROM_HED
     rot = _rotation(np.cross(m[0], m[1]), STAIN_ROTATION_DEG)
     shifted = m.copy()
     shifted[:2] = m[:2] @ rot.T  # both stain vectors turned by the same angle within their plane
     shifted[:2] /= np.linalg.norm(shifted[:2], axis=1, keepdims=True)
-    return np.linalg.inv(m), np.asarray(STAIN_SCALE)[:, None] * shifted
+    return HED_FROM_RGB, np.asarray(STAIN_SCALE)[:, None] * shifted
 
 
 def restain(rgb: np.ndarray) -> np.ndarray:

@@ -205,7 +205,8 @@ def release_memory() -> None:
     The encoder's activations (0.7 GB for a 1,536 px tile) are freed after every forward pass, but
     glibc keeps the freed pages in its per-thread arenas, so a process that encodes tiles of
     varying shapes grows by gigabytes over a slide without holding any more data. Trimming after
-    each batch keeps the resident size at the working set; it costs well under a millisecond.
+    each batch keeps the resident size at the working set; it costs a few milliseconds (measured:
+    4 ms with a 300 MB heap, under 1 ms with 5 GB once trimmed).
 
     Examples
     --------

@@ -180,21 +180,30 @@ def _numpy_source(arr: Any) -> np.ndarray | None:
     return src
 
 
-def _computed(data: Any, key: Any = None) -> np.ndarray:
-    """Compute ``data`` to numpy once per dask array (keyed by its deterministic name, or ``key``)."""
-    name = getattr(data, "name", None) if key is None else key
-    if not hasattr(data, "compute") or name is None:
-        return np.asarray(data)
-    hit = _shared_cache.get(name)
+def _cached(key: Any, build: Any) -> np.ndarray:
+    """Return the numpy value of the dask array ``build()`` under ``key``, computed on the first request only.
+
+    A hit costs a dictionary lookup (no dask graph is built); entries are shared between readers
+    and evicted least recently used first beyond ``_SHARED_CACHE_BYTES``.
+    """
+    hit = _shared_cache.get(key)
     if hit is not None:
-        _shared_cache.move_to_end(name)
+        _shared_cache.move_to_end(key)
         return hit
-    out = np.asarray(data.compute())
+    out = np.asarray(build().compute())
     out.setflags(write=False)  # shared between readers: nobody may write into it
-    _shared_cache[name] = out
+    _shared_cache[key] = out
     while sum(v.nbytes for v in _shared_cache.values()) > _SHARED_CACHE_BYTES and len(_shared_cache) > 1:
         _shared_cache.popitem(last=False)
     return out
+
+
+def _computed(data: Any) -> np.ndarray:
+    """Compute ``data`` to numpy once per dask array (keyed by its deterministic name)."""
+    name = getattr(data, "name", None)
+    if not hasattr(data, "compute") or not isinstance(name, str):
+        return np.asarray(data)
+    return _cached(name, lambda: data)
 
 
 def _read_chunks(data: Any, r0: int, r1: int, c0: int, c1: int) -> np.ndarray | None:
@@ -212,7 +221,7 @@ def _read_chunks(data: Any, r0: int, r1: int, c0: int, c1: int) -> np.ndarray | 
     out = np.empty((r1 - r0, c1 - c0, data.shape[2]), dtype=data.dtype)
     for i in range(np.searchsorted(ys, r0, "right") - 1, np.searchsorted(ys, r1, "left")):
         for j in range(np.searchsorted(xs, c0, "right") - 1, np.searchsorted(xs, c1, "left")):
-            block = _computed(data.blocks[i, j], key=(name, i, j))
+            block = _cached((name, i, j), lambda i=i, j=j: data.blocks[i, j])
             a0, a1 = max(r0, ys[i]), min(r1, ys[i + 1])
             b0, b1 = max(c0, xs[j]), min(c1, xs[j + 1])
             out[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = block[a0 - ys[i] : a1 - ys[i], b0 - xs[j] : b1 - xs[j]]
@@ -268,6 +277,7 @@ class SectionImage:
     _scale: float = field(default=1.0, repr=False)
     _round: bool = field(default=False, repr=False)
     _cache: dict[int, np.ndarray | None] = field(default_factory=dict, repr=False)
+    _lazy: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_element(
@@ -482,6 +492,12 @@ class SectionImage:
         self._cache[level] = out
         return out
 
+    def _lazy_level(self, level: int) -> Any:
+        # One dask graph per level and image, not one per read (reads come by the thousand).
+        if level not in self._lazy:
+            self._lazy[level] = self.level_array(level)
+        return self._lazy[level]
+
     def read(self, row0: int, row1: int, col0: int, col1: int, *, level: int = 0) -> np.ndarray:
         """Read pixels ``[row0:row1, col0:col1]`` of a pyramid level as ``(h, w, 3)`` ``uint8``.
 
@@ -519,7 +535,7 @@ class SectionImage:
         src = self._numpy_level(level)
         if src is not None:
             block = src[r0:r1, c0:c1, :3]
-        elif (chunked := _read_chunks(self.level_array(level), r0, r1, c0, c1)) is not None:
+        elif (chunked := _read_chunks(self._lazy_level(level), r0, r1, c0, c1)) is not None:
             out[r0 - row0 : r1 - row0, c0 - col0 : c1 - col0] = chunked
             return out
         else:

@@ -334,7 +334,6 @@ class SubgraphBatcher:
         n_b = meso_ids.size
         out: dict[str, Any] = {"n_target": n_b}
         aug = np.random.default_rng([seed, 2]) if augment and (self.depth_augment or self.feature_jitter) else None
-        img = lambda level, ids: self._img(level, ids, aug)  # noqa: E731
         # The inter-subgraph GNN of the targets reads their k-hop ball; regions pool the local
         # (pre-GNN) state of their members, which needs no neighbours: memory ~ batch x ball size.
         ctx = k_hop(self.meso_adj, meso_ids, self.inter_hops) if self.graph else np.unique(meso_ids)
@@ -349,7 +348,7 @@ class SubgraphBatcher:
         out["meso_ids"] = ctx
         meso = self.levels[Levels.MESO]
         if meso.features is not None:
-            out["meso_img"] = img(Levels.MESO, ctx)
+            out["meso_img"] = self._img(Levels.MESO, ctx, aug)
         if self.graph:
             out["meso_edges"] = subgraph_edges(self.meso_adj, ctx)
         if self.has_expression(Levels.MESO):
@@ -374,7 +373,7 @@ class SubgraphBatcher:
             out["micro_parent"] = micro_parent
             micro = self.levels[Levels.MICRO]
             if micro.features is not None:
-                out["micro_img"] = img(Levels.MICRO, micro_ids)
+                out["micro_img"] = self._img(Levels.MICRO, micro_ids, aug)
             if self.graph:
                 out["micro_edges"] = subgraph_edges(self.micro_adj, micro_ids)
             target = np.flatnonzero(micro_parent < n_b)
@@ -395,7 +394,7 @@ class SubgraphBatcher:
             out["region_src"] = src.astype(np.int64)
             out["region_dst"] = reg.row.astype(np.int64)
             if macro.features is not None:
-                out["macro_img"] = img(Levels.MACRO, macro_ids)
+                out["macro_img"] = self._img(Levels.MACRO, macro_ids, aug)
             if self.has_expression(Levels.MACRO):
                 out["macro_expr"] = self._expr(Levels.MACRO, macro_ids, aug)
             if target_batch is not None:

@@ -218,7 +218,7 @@ def _tiles_per_batch(enc: Encoder, batch_size: int) -> int:
     # Measured with EfficientNet-Lite0 on 1,536 px tiles: on a CPU one tile per forward pass is the
     # fastest (1.1 s per tile against 1.4 s with four) and needs 0.7 GB of activations instead of
     # 2.3 GB; an accelerator wants the batch.
-    return 1 if enc.precomputed or enc.device == "cpu" else max(1, batch_size // 16)
+    return 1 if enc.device == "cpu" else max(1, batch_size // 16)
 
 
 def _dense_scale(fov_um: float, coarse_fov_um: float, downsample: int = 1) -> int:

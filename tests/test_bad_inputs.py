@@ -432,6 +432,14 @@ def test_bad_options_fail_before_any_work(synth, model, monkeypatch):
             ValueError,
             rf"{option} must be one of .*, got '{value}'",
         )
+    for option, value in (("depth_augment", 1.0), ("feature_jitter", -0.1)):
+        refused(
+            f"fit {option}={value!r}",
+            sdata,
+            {"fit": lambda s, o=option, v=value: sg.tl.fit(s, **{**FAST, o: v})},
+            ValueError,
+            rf"{option} must be",
+        )
     refused(
         "image_features stain_normalize",
         sdata,
@@ -459,9 +467,10 @@ def test_bad_options_fail_before_any_work(synth, model, monkeypatch):
             "predict temperature=0": lambda s: sg.tl.predict_expression(model, s, temperature=0),
             "predict max_missing_genes=2": lambda s: sg.tl.predict_expression(model, s, max_missing_genes=2),
             "evaluate temperature=0": lambda s: sg.tl.evaluate(model, s, baselines=(), temperature=0),
+            "evaluate baseline_feature_norm": lambda s: sg.tl.evaluate(model, s, baseline_feature_norm="slide"),
         },
         ValueError,
-        r"(temperature must be > 0|max_missing_genes must be a share between 0 and 1)",
+        r"(temperature must be > 0|max_missing_genes must be a share between 0 and 1|baseline_feature_norm must be one of)",
     )
     refused(
         "evaluate counts",

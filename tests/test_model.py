@@ -243,6 +243,48 @@ def test_array_training_lowers_loss_aligns_modalities_and_is_deterministic():
     np.testing.assert_array_equal(emb["joint"], emb2["joint"])
 
 
+@pytest.mark.parametrize("inter_layers", [1, 2])
+def test_embedding_passes_match_the_module_on_context_batches(inter_layers):
+    """embed_nodes encodes each subgraph's cells once and reuses the stored local states as context:
+    the values are those of module(batch) on training-style batches (targets with ball and regions)."""
+    import torch
+
+    from sigmma_sc.model._core import TrainConfig, build_module, embed_nodes, make_batcher, module_dims
+    from sigmma_sc.model._module import SubgraphBatches
+
+    levels, counts, _, _ = spot_levels(n_side=9)
+    src = ExpressionSource.from_counts(counts, np.arange(counts.shape[1]), log_normalized=False)
+    cfg = TrainConfig(batch_size=16, embed_dim=32, hidden_dim=64, inter_layers=inter_layers, seed=0)
+    torch.manual_seed(0)
+    b = make_batcher(levels, cfg, src, {})
+    module = build_module(*module_dims(levels, b, counts.shape[1]), cfg).eval()
+    ref = {lv: {s: np.zeros((levels[lv].n, 32), np.float32) for s in ("img", "expr")} for lv in levels}
+    seen = {lv: np.zeros(levels[lv].n, bool) for lv in levels}
+    data = SubgraphBatches(b, np.arange(b.n_meso), batch_size=16, shuffle=False)
+    with torch.no_grad():
+        for i in range(len(data)):
+            batch = data[i]
+            z = module(batch)
+            ids = {
+                "meso": batch["meso_ids"][: batch["n_target"]],
+                "micro": batch["micro_ids"][batch["micro_target"]],
+                "macro": batch["macro_ids"],
+            }
+            for side in ("img", "expr"):
+                for lv, e in z[side].items():
+                    ref[lv][side][ids[lv].numpy()] = e.numpy()
+                    seen[lv][ids[lv].numpy()] = True
+    got = embed_nodes(module, b, batch_size=16, expression=True)
+    assert got["micro"]["expr"] is None  # nuclei carry no expression
+    for lv in levels:
+        assert seen[lv].any()
+        for side in ("img", "expr"):
+            if got[lv][side] is None:
+                continue
+            np.testing.assert_allclose(got[lv][side][seen[lv]], ref[lv][side][seen[lv]], atol=2e-6)
+            assert not got[lv][side][~seen[lv]].any()  # nodes no batch reaches stay at zero
+
+
 def test_single_scale_baseline_and_coarse_variants_run_from_the_same_core():
     levels, counts, var, _ = spot_levels(n_side=8)
     history, emb = _train_arrays(levels, counts, levels=("meso",), graph=False, max_epochs=2)

@@ -617,34 +617,68 @@ def _loader(data: SubgraphBatches, accelerator: str) -> Any:
 def _node_batches(
     module: SigmmaModule, batcher: SubgraphBatcher, *, batch_size: int, expression: bool
 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-    """``(level, side, node ids, (n, d) float32 embeddings)`` of every subgraph batch, in order.
+    """``(level, side, node ids, (n, d) float32 embeddings)`` of every node, in three passes.
 
-    All meso subgraphs are visited once, ``batch_size`` at a time; micro nodes are those of each
-    subgraph (all of a subgraph's children come in its batch), macro nodes are the parents of the
-    subgraphs (a region shared by subgraphs of several batches comes again with each).
+    1. The meso subgraphs, ``batch_size`` at a time, with all their cells: micro embeddings and
+       each meso node's local (pre-GNN) state, kept as one ``(n_meso, d)`` array per side.
+    2. The inter-subgraph GNN over the stored states of each batch's graph ball: meso embeddings.
+    3. The regions (the parents of the meso nodes), pooled from their members' stored states.
+
+    Each cell is encoded once. A training-style batch (the targets with their ball and regions)
+    would encode the cells of its context again: 1.6x the cells of a 10k-cell slide, 3.5x at 100k.
+    The values are those of ``module(batch)`` on such batches, since a local state depends only on
+    its own subgraph (the intra-subgraph graph never leaves it). Micro nodes outside every subgraph
+    and regions that are nobody's parent are not yielded.
     """
     from tqdm.auto import tqdm
 
     module = module.eval()
     device = next(module.parameters()).device
-    data = SubgraphBatches(
-        batcher, np.arange(batcher.n_meso), batch_size=batch_size, shuffle=False, max_micro_pairs=None
-    )
     sides = _sides(module, expression)
-    for i in tqdm(range(len(data)), desc="embedding", disable=not settings.progress_bar or len(data) < 2):
-        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in data[i].items()}
-        with torch.no_grad():
-            z = module(batch, expression="expr" in sides)
-        index = {Levels.MESO: batch["meso_ids"][: batch["n_target"]]}
-        if Levels.MICRO in batch_levels(batch):
-            index[Levels.MICRO] = batch["micro_ids"][batch["micro_target"]]
-        if Levels.MACRO in batch_levels(batch):
-            index[Levels.MACRO] = batch["macro_ids"]
-        for side in sides:
-            for lv, emb in z[side].items():
-                yield lv, side, index[lv].cpu().numpy(), emb.float().cpu().numpy()
-        del batch, z
-        release_memory()  # batches differ in size: keep the heap at one batch (see SigmmaModule)
+    encoders = {side: module.img if side == "img" else module.expr for side in sides}
+    d = module.img.head[Levels.MESO].in_features
+    n = batcher.n_meso
+    chunks = [np.arange(a, min(a + batch_size, n), dtype=np.int64) for a in range(0, n, batch_size)]
+    regions = batcher.regions()
+    region_chunks = [regions[a : a + batch_size] for a in range(0, regions.size, batch_size)]
+    local = {side: np.zeros((n, d), dtype=np.float32) for side in sides}
+
+    def tensors(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: (torch.as_tensor(v).to(device) if isinstance(v, (np.ndarray, torch.Tensor)) else v) for k, v in batch.items()}
+
+    def rows(side: str, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(local[side][ids]).to(device)
+
+    total = 2 * len(chunks) + len(region_chunks)
+    with torch.no_grad(), tqdm(total=total, desc="embedding", disable=not settings.progress_bar or total < 2) as bar:
+        for ids in chunks:
+            batch = tensors(batcher.batch(ids, max_micro_pairs=None, context=False))
+            for side, enc in encoders.items():
+                z, h = enc.local_states(batch, side)
+                local[side][ids] = h.float().cpu().numpy()
+                if Levels.MICRO in z:
+                    micro = batch["micro_ids"][batch["micro_target"]].cpu().numpy()
+                    yield Levels.MICRO, side, micro, z[Levels.MICRO].float().cpu().numpy()
+            del batch
+            release_memory()  # batches differ in size: keep the heap at one batch (see SigmmaModule)
+            bar.update()
+        for ids in chunks:
+            ball, edges = batcher.meso_context(ids)
+            edges_t = torch.as_tensor(edges).to(device)
+            for side, enc in encoders.items():
+                z = enc.meso_embedding(rows(side, ball), edges_t, ids.size)
+                yield Levels.MESO, side, ids, z.float().cpu().numpy()
+            bar.update()
+        for ids in region_chunks:
+            reg = batcher.region_batch(ids)
+            dst = torch.as_tensor(reg["region_dst"]).to(device)
+            for side, enc in encoders.items():
+                if Levels.MACRO not in enc.levels:
+                    continue
+                x = torch.as_tensor(reg[f"macro_{side}"]).to(device)
+                z = enc.macro_embedding(x, rows(side, reg["region_src"]), dst)
+                yield Levels.MACRO, side, ids, z.float().cpu().numpy()
+            bar.update()
 
 
 def _sides(module: SigmmaModule, expression: bool) -> tuple[str, ...]:
@@ -669,8 +703,7 @@ def embed_nodes(
     """Embeddings of every node of the used levels, ``{level: {"img": (n, d), "expr": (n, d) | None}}``.
 
     Every node's row is held at once (what :func:`embed_units` avoids). Nodes never reached (a
-    micro node outside every subgraph, a region that is nobody's parent) stay at zero; a region of
-    several batches keeps the last one's embedding.
+    micro node outside every subgraph, a region that is nobody's parent) stay at zero.
     """
     d = module.img.head[Levels.MESO].out_features
     has = _embedded(module, batcher, expression)

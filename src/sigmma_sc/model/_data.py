@@ -319,6 +319,7 @@ class SubgraphBatcher:
         max_micro_pairs: int | None = MAX_MICRO_PAIRS,
         max_children: int | None = None,
         augment: bool = False,
+        context: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Tensors for the subgraphs ``meso_ids`` (the loss targets come first in every meso array).
 
@@ -327,6 +328,8 @@ class SubgraphBatcher:
         seeded random subset of at most that many micro nodes per subgraph (training: a bag of
         cells per subgraph, as in multiple-instance learning; ``None``: all). ``augment``: apply
         the batcher's training augmentations (``depth_augment``, ``feature_jitter``).
+        ``context=False``: the subgraphs ``meso_ids`` (unique) and their cells alone, without the
+        graph ball, the regions or any edge between subgraphs (what their local states need).
         """
         import torch
 
@@ -336,8 +339,10 @@ class SubgraphBatcher:
         aug = np.random.default_rng([seed, 2]) if augment and (self.depth_augment or self.feature_jitter) else None
         # The inter-subgraph GNN of the targets reads their k-hop ball; regions pool the local
         # (pre-GNN) state of their members, which needs no neighbours: memory ~ batch x ball size.
-        ctx = k_hop(self.meso_adj, meso_ids, self.inter_hops) if self.graph else np.unique(meso_ids)
-        if self.use_macro:
+        ctx = meso_ids
+        if context:
+            ctx = k_hop(self.meso_adj, meso_ids, self.inter_hops) if self.graph else np.unique(meso_ids)
+        if self.use_macro and context:
             macro_ids, macro_of_target = np.unique(self.meso_parent[meso_ids], return_inverse=True)
             reg = sp.coo_matrix(self.region[macro_ids])
             ctx = np.union1d(ctx, reg.col)
@@ -349,7 +354,7 @@ class SubgraphBatcher:
         meso = self.levels[Levels.MESO]
         if meso.features is not None:
             out["meso_img"] = self._img(Levels.MESO, ctx, aug)
-        if self.graph:
+        if self.graph and context:
             out["meso_edges"] = subgraph_edges(self.meso_adj, ctx)
         if self.has_expression(Levels.MESO):
             out["meso_expr"] = self._expr(Levels.MESO, ctx, aug)
@@ -386,7 +391,7 @@ class SubgraphBatcher:
             if self.has_expression(Levels.MICRO):
                 out["micro_expr"] = self._expr(Levels.MICRO, micro_ids, aug)
 
-        if self.use_macro:
+        if self.use_macro and context:
             macro = self.levels[Levels.MACRO]
             out["macro_ids"] = macro_ids
             out["macro_of_target"] = macro_of_target.astype(np.int64)
@@ -409,6 +414,33 @@ class SubgraphBatcher:
                 out["macro_mask_seed"] = int(seed)
 
         return {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in out.items()}
+
+    def meso_context(self, meso_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(ball, edges)``: the ``inter_hops`` ball of ``meso_ids`` (those first) and its ``(2, E)`` edges by position."""
+        meso_ids = np.asarray(meso_ids, dtype=np.int64)
+        if not self.graph:
+            return meso_ids, np.zeros((2, 0), dtype=np.int64)
+        ball = k_hop(self.meso_adj, meso_ids, self.inter_hops)
+        ball = np.concatenate([meso_ids, np.setdiff1d(ball, meso_ids, assume_unique=True)])
+        return ball, subgraph_edges(self.meso_adj, ball)
+
+    def regions(self) -> np.ndarray:
+        """Sorted ids of the macro nodes that are the parent of a meso node (the regions the model embeds)."""
+        if not self.use_macro or self.meso_parent is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(self.meso_parent[self.meso_parent >= 0])
+
+    def region_batch(self, macro_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs of the regions ``macro_ids``: ``macro_img`` / ``macro_expr``, and their members as
+        ``(region_src, region_dst)`` pairs (meso node id, position in ``macro_ids``)."""
+        macro_ids = np.asarray(macro_ids, dtype=np.int64)
+        reg = sp.coo_matrix(self.region[macro_ids])
+        out = {"region_src": reg.col.astype(np.int64), "region_dst": reg.row.astype(np.int64)}
+        if self.levels[Levels.MACRO].features is not None:
+            out["macro_img"] = self._img(Levels.MACRO, macro_ids, None)
+        if self.has_expression(Levels.MACRO):
+            out["macro_expr"] = self._expr(Levels.MACRO, macro_ids)
+        return out
 
     @staticmethod
     def _disjoint(reg: sp.coo_matrix, n_macro: int, seed: int) -> np.ndarray:

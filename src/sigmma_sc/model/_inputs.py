@@ -219,18 +219,19 @@ class ScaledFeatures:
         out = np.empty((len(rows), self.raw.shape[1]), dtype=np.float32)
         for r0 in range(0, len(rows), self._ROWS):
             sel = rows[r0 : r0 + self._ROWS]
-            x = np.asarray(self.raw[sel], dtype=np.float64)
+            # float64 as the statistics, in place: the values of ((x - mean) / std).clip() without its temporaries.
+            z = np.array(self.raw[sel], dtype=np.float64)
             g = self.group[sel]
             codes = np.unique(g)
             if len(codes) == 1:
-                z = (x - self.mean[codes[0]]) / self.std[codes[0]]
+                np.subtract(z, self.mean[codes[0]], out=z)
+                np.divide(z, self.std[codes[0]], out=z)
             else:
-                z = np.empty_like(x)
                 for c in codes:
                     m = g == c
-                    z[m] = (x[m] - self.mean[c]) / self.std[c]
+                    z[m] = (z[m] - self.mean[c]) / self.std[c]
             if self.clip is not None:
-                z = np.clip(z, -self.clip, self.clip)
+                np.clip(z, -self.clip, self.clip, out=z)
             out[r0 : r0 + self._ROWS] = z
         return out
 

@@ -127,8 +127,21 @@ class SideEncoder(nn.Module):
         Targets: the first ``n_target`` meso nodes, the micro nodes at ``micro_target`` and every
         macro node of the batch.
         """
+        out, local = self.local_states(batch, suffix)
+        out[Levels.MESO] = self.meso_embedding(local, batch.get("meso_edges"), int(batch["n_target"]))
+        if Levels.MACRO in self.levels:
+            out[Levels.MACRO] = self.macro_embedding(
+                batch[f"macro_{suffix}"], local[batch["region_src"]], batch["region_dst"]
+            )
+        return out
+
+    def local_states(self, batch: dict[str, torch.Tensor], suffix: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({"micro": z of the micro targets}, local states of every meso node of the batch)``.
+
+        A meso node's local state depends on its own features and cells only (the intra-subgraph
+        graph never leaves a subgraph), so it can be computed once per node and reused as context.
+        """
         out: dict[str, torch.Tensor] = {}
-        n_t = int(batch["n_target"])
         hm = None
         if Levels.MICRO in self.levels:
             hm = self.mlp[Levels.MICRO](batch[f"micro_{suffix}"])
@@ -139,15 +152,22 @@ class SideEncoder(nn.Module):
         hs = self.mlp[Levels.MESO](batch[f"meso_{suffix}"])
         if hm is not None:
             hs = hs + self.pool_micro(hm, batch["micro_parent"], hs.shape[0])
-        local = hs
+        return out, hs
+
+    def meso_embedding(self, local: torch.Tensor, edges: torch.Tensor | None, n_target: int) -> torch.Tensor:
+        """Normalised embeddings of the first ``n_target`` rows of ``local`` after the inter-subgraph GNN over ``edges``."""
+        hs = local
         if self.graph:
             for blk in self.inter:
-                hs = blk(hs, batch["meso_edges"])
-        out[Levels.MESO] = F.normalize(self.head[Levels.MESO](hs[:n_t]).float(), dim=-1)
-        if Levels.MACRO in self.levels:
-            # Regions pool their members' local states (the region already spans the neighbourhood
-            # the inter-subgraph GNN would add).
-            hM = self.mlp[Levels.MACRO](batch[f"macro_{suffix}"])
-            hM = hM + self.pool_meso(local[batch["region_src"]], batch["region_dst"], hM.shape[0])
-            out[Levels.MACRO] = F.normalize(self.head[Levels.MACRO](hM).float(), dim=-1)
-        return out
+                hs = blk(hs, edges)
+        return F.normalize(self.head[Levels.MESO](hs[:n_target]).float(), dim=-1)
+
+    def macro_embedding(self, x: torch.Tensor, members: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """Normalised region embeddings from their features ``x`` and their members' local states.
+
+        ``members[i]`` is the local state of a member of region ``region[i]`` (the region already
+        spans the neighbourhood the inter-subgraph GNN would add).
+        """
+        h = self.mlp[Levels.MACRO](x)
+        h = h + self.pool_meso(members, region, h.shape[0])
+        return F.normalize(self.head[Levels.MACRO](h).float(), dim=-1)

@@ -40,6 +40,32 @@ def test_choose_readout_picks_the_readout_that_predicts_held_out_units():
     assert (single.method, single.k, single.temperature) == ("knn", 50, 0.1) and np.isnan(single.heldout_r)
 
 
+def test_blend_is_the_mean_of_the_best_retrieval_and_the_best_ridge():
+    rng = np.random.default_rng(2)
+    groups = np.repeat([0, 1, 2], 150)
+    emb = rng.normal(size=(450, 12))
+    state = (emb[:, 0] > 0).astype(int) + 2 * (emb[:, 1] * emb[:, 2] > 0)
+    expr = emb[:, 3:6] @ rng.normal(size=(3, 20)) + 2.0 * rng.normal(size=(4, 20))[state] + 0.3 * rng.normal(size=(450, 20))
+    knn = choose_readout(emb, emb, expr, groups, method="knn")
+    ridge = choose_readout(emb, emb, expr, groups, method="ridge")
+    both = choose_readout(emb, emb, expr, groups, method="blend")
+    assert both.method == "blend"
+    assert (both.k, both.temperature, both.alpha) == (knn.k, knn.temperature, ridge.alpha)
+    # Every candidate of both kinds is scored, and the blend too (the last, unranked choice).
+    kinds = both.candidates["method"].value_counts()
+    assert kinds["knn"] == len(knn.candidates) and kinds["ridge"] == len(ridge.candidates) and kinds["blend"] == 1
+    q = rng.normal(size=(5, 12))
+    np.testing.assert_allclose(
+        both.predict(q, emb, expr), 0.5 * (knn.predict(q, emb, expr) + ridge.predict(q, emb, expr)), rtol=1e-5, atol=1e-5
+    )
+    # Here neither kind captures both the linear and the discrete part: their mean beats each held out.
+    assert both.heldout_r > max(knn.heldout_r, ridge.heldout_r)
+    assert choose_readout(emb, emb, expr, groups).method == "blend"  # auto picks it
+    assert both.describe().startswith("blend of knn k=")
+    single = choose_readout(emb, emb, expr, np.zeros(450, int), method="blend")
+    assert single.method == "blend" and single.coef.shape == (13, 20) and single.k == 50
+
+
 def test_held_out_units_are_never_their_own_neighbours():
     # Each group's units are identical copies of one profile: predicting a unit from its own group
     # would be perfect; from the other groups it is impossible (every gene constant per group).

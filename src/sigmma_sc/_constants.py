@@ -203,7 +203,7 @@ class Choices:
     # tl.fit(coarse_targets=...): how the coarse (macro) InfoNCE treats overlapping regions.
     COARSE_TARGETS: Final = ("hard", "soft", "disjoint", "soft+disjoint")
     # tl.predict_expression(method=...): chosen on held-out reference units, retrieval, or a ridge head.
-    READOUTS: Final = ("auto", "knn", "ridge")
+    READOUTS: Final = ("auto", "knn", "ridge", "blend")
     # tl.fit(accelerator=...) / pp.image_features(device=...): Lightning's accelerator names.
     ACCELERATORS: Final = ("auto", "cpu", "gpu", "cuda")
 

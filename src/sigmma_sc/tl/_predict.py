@@ -239,7 +239,7 @@ def reference_readout(
     """
     check_readout_options(method, k, temperature)
     if ref.img_emb is None:
-        if method == "ridge":
+        if method in ("ridge", "blend"):
             raise ValueError(_RIDGE_NEEDS_IMAGES)
         return Readout(
             method="knn",
@@ -272,7 +272,12 @@ def readout_record(readout: Readout, *, arrays: bool = True) -> dict[str, Any]:
     if len(readout.candidates):
         c = readout.candidates
         names = [
-            f"knn k={int(r.k)} T={r.temperature:g}" if r.method == "knn" else f"ridge alpha={r.alpha:.3g}"
+            Readout(
+                method=r.method,
+                k=getattr(r, "k", None),
+                temperature=getattr(r, "temperature", None),
+                alpha=getattr(r, "alpha", None),
+            ).describe()
             for r in c.itertuples()
         ]
         r = c["heldout_r"].to_numpy(dtype=np.float64)
@@ -307,6 +312,7 @@ def predict_expression(
       (0.05, 0.1, 0.3, 1) unless given.
     - ``"ridge"``: a linear head from the image embedding to expression, fitted on the reference's
       image-side embeddings (penalty chosen the same way).
+    - ``"blend"``: the mean of the two predictions, each with its parameters chosen as above.
 
     ``method=None`` takes the kind measured best for the model's units
     (:func:`sigmma_sc.tl._readout.default_readout`: retrieval for spots, where her2st
@@ -329,8 +335,8 @@ def predict_expression(
     method
         ``None`` (by the model's unit kind: retrieval for spots, the ridge head for cells and
         bins; retrieval when the reference has no image embeddings, or when ``k`` or
-        ``temperature`` is given), ``"knn"``, ``"ridge"`` or ``"auto"`` (the kind chosen on the
-        held-out units too).
+        ``temperature`` is given), ``"knn"``, ``"ridge"``, ``"blend"`` or ``"auto"`` (the kind
+        chosen on the held-out units too).
     k
         Reference units averaged per query (fixes the retrieval's ``k`` instead of choosing it).
     temperature
@@ -395,7 +401,7 @@ def predict_expression(
     else:
         ref_table = model.reference if reference is None else reference
         embeddings_of(model, ref_table, "expr", what="reference")  # an AnnData: the embedding must be in obsm
-        if method == "ridge" and Keys.X_SIGMMA_IMG not in ref_table.obsm:
+        if method in ("ridge", "blend") and Keys.X_SIGMMA_IMG not in ref_table.obsm:
             raise ValueError(_RIDGE_NEEDS_IMAGES)
     if len(split_genes(model.genes, ref_table.var_names)[1]) > max_missing_genes * len(model.genes):
         check_missing_genes(model.genes, ref_table.var_names, max_missing_genes=max_missing_genes, what="the reference")

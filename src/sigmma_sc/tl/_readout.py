@@ -1,8 +1,9 @@
 """Readouts from a query's image embedding to expression, chosen on held-out reference units.
 
-Two readouts share one interface: retrieval (the ``k`` reference units whose expression embeddings
-are nearest, averaged with softmax weights) and a ridge head (a linear map from image embeddings to
-expression, fitted on the reference's image-side embeddings). Which one, and with which ``k`` /
+Three readouts share one interface: retrieval (the ``k`` reference units whose expression embeddings
+are nearest, averaged with softmax weights), a ridge head (a linear map from image embeddings to
+expression, fitted on the reference's image-side embeddings) and their blend (the mean of the two
+predictions). Which one, and with which ``k`` /
 temperature / penalty, is decided on the reference itself: reference units are held out by section
 (by spatial quadrant when the reference has one section), predicted from the other units only, and
 scored by the mean per-gene Pearson r. Spots favour a sharp retrieval (her2st); noisy fine bins
@@ -12,6 +13,8 @@ favour averaging many units, where a ridge or a large ``k`` wins (Visium HD kidn
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,13 +179,14 @@ class Readout:
     Attributes
     ----------
     method
-        ``"knn"`` (retrieval) or ``"ridge"`` (linear head on the image embedding).
+        ``"knn"`` (retrieval), ``"ridge"`` (linear head on the image embedding) or ``"blend"``
+        (the mean of the two predictions).
     k, temperature
-        Retrieval neighbours and softmax temperature (``method="knn"``).
+        Retrieval neighbours and softmax temperature (``method="knn"`` or ``"blend"``).
     alpha
-        Ridge penalty (``method="ridge"``).
+        Ridge penalty (``method="ridge"`` or ``"blend"``).
     coef
-        ``(d + 1, n_genes)`` ridge weights, intercept last (``method="ridge"``).
+        ``(d + 1, n_genes)`` ridge weights, intercept last (``method="ridge"`` or ``"blend"``).
     gene_r
         Held-out Pearson r of each gene on the reference (NaN: constant or not measured).
     heldout_r
@@ -209,9 +213,10 @@ class Readout:
         """``(n, n_genes)`` float32 expression of image-embedded queries."""
         if self.method == "ridge":
             return (_design(queries) @ self.coef).astype(np.float32)
-        return weighted_average(
-            queries, ref_embeddings, ref_expression, k=int(self.k), temperature=float(self.temperature)
-        )
+        knn = weighted_average(queries, ref_embeddings, ref_expression, k=int(self.k), temperature=float(self.temperature))
+        if self.method == "blend":
+            return blend(knn, (_design(queries) @ self.coef).astype(np.float32))
+        return knn
 
     def params(self) -> dict[str, Any]:
         """Return what a prediction records in ``uns["sigmma"]["params"]`` (values anndata can write)."""
@@ -221,11 +226,33 @@ class Readout:
             "n_heldout": int(self.n_heldout),
             "heldout_units": self.heldout_units,
         }
-        if self.method == "knn":
+        if self.method in ("knn", "blend"):
             out.update(k=int(self.k), temperature=float(self.temperature))
-        else:
+        if self.method in ("ridge", "blend"):
             out["alpha"] = float(self.alpha)
         return out
+
+    def describe(self) -> str:
+        """Return a short name of the readout and its parameters, e.g. ``"knn k=100 T=0.1"``."""
+        knn = f"knn k={int(self.k)} T={self.temperature:g}" if self.method in ("knn", "blend") else ""
+        ridge = f"ridge alpha={self.alpha:.3g}" if self.method in ("ridge", "blend") else ""
+        return f"blend of {knn} and {ridge}" if self.method == "blend" else (knn or ridge)
+
+
+def blend(knn: np.ndarray, ridge: np.ndarray) -> np.ndarray:
+    """The ``"blend"`` readout: the mean of the retrieval's and the ridge head's predictions.
+
+    Retrieval averages whole reference units (profiles that exist, but only as many as there are
+    neighbours); the ridge is smooth in the embedding but linear. Their errors differ, so their mean
+    beats either where both are close (``benchmarks/README.md``, "Readout").
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> blend(np.array([[1.0, 2.0]]), np.array([[3.0, 2.0]]))
+    array([[2., 2.]], dtype=float32)
+    """
+    return (0.5 * (np.asarray(knn, np.float32) + np.asarray(ridge, np.float32))).astype(np.float32)
 
 
 def support(queries: np.ndarray, ref_embeddings: np.ndarray, *, k: int = Defaults.CONFIDENCE_NEIGHBOURS) -> np.ndarray:
@@ -300,10 +327,10 @@ def _knn_trials(
     ref_img: np.ndarray,
     ref_expr_emb: np.ndarray,
     ref_expr: Any,
-    y_held: np.ndarray,
     ks: tuple[int, ...],
     temperatures: tuple[float, ...],
-) -> list[tuple[dict[str, Any], np.ndarray]]:
+) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """``(spec, held-out predictions)`` of every retrieval candidate, one at a time."""
     kmax = max(ks)
     idx = np.zeros((len(held), kmax), np.int64)
     scores = np.full((len(held), kmax), -np.inf)
@@ -314,13 +341,10 @@ def _knn_trials(
         i, s = nearest(ref_img[held[rows]], ref_expr_emb[others], kk)
         idx[rows, :kk] = others[i]
         scores[rows, :kk] = np.nan_to_num(s, nan=-1.0)
-    trials = []
     for k in ks:
         for t in temperatures:
             w = neighbour_weights(scores[:, :k], temperature=t)  # -inf (missing) neighbours get weight 0
-            gene_r = pearson_per_gene(y_held, neighbour_average(idx[:, :k], w, ref_expr))
-            trials.append(({"method": "knn", "k": int(k), "temperature": float(t)}, gene_r))
-    return trials
+            yield {"method": "knn", "k": int(k), "temperature": float(t)}, neighbour_average(idx[:, :k], w, ref_expr)
 
 
 def _ridge_trials(
@@ -328,15 +352,16 @@ def _ridge_trials(
     groups: np.ndarray,
     ref_img: np.ndarray,
     ref_expr: Any,
-    y_held: np.ndarray,
+    n_genes: int,
     alphas: tuple[float, ...],
-) -> list[tuple[dict[str, Any], np.ndarray]]:
+) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """``(spec, held-out predictions)`` of every ridge candidate."""
     a = _design(ref_img)
     expr = _as_rows(ref_expr)
     gram = a.T @ a
     cross = np.asarray(a.T @ expr)
     scale = float(np.trace(gram[:-1, :-1])) / max(gram.shape[0] - 1, 1)
-    preds = {alpha: np.zeros(y_held.shape) for alpha in alphas}
+    preds = {alpha: np.zeros((len(held), n_genes)) for alpha in alphas}
     for g in np.unique(groups[held]):
         inside = np.flatnonzero(groups == g)
         a_g = a[inside]
@@ -345,9 +370,8 @@ def _ridge_trials(
         rows = np.flatnonzero(groups[held] == g)
         for alpha in alphas:
             preds[alpha][rows] = a[held[rows]] @ _solve(gram_g, cross_g, alpha * scale)
-    return [
-        ({"method": "ridge", "alpha": float(alpha * scale)}, pearson_per_gene(y_held, p)) for alpha, p in preds.items()
-    ]
+    for alpha, p in preds.items():
+        yield {"method": "ridge", "alpha": float(alpha * scale)}, p
 
 
 def choose_readout(
@@ -371,7 +395,8 @@ def choose_readout(
     candidate is scored by the mean over genes of the Pearson r. Candidates: retrieval with ``k`` in
     ``Defaults.READOUT_KS`` and temperature in ``Defaults.READOUT_TEMPERATURES`` (a given ``k`` or
     ``temperature`` is kept fixed), and ridge heads with penalties ``Defaults.READOUT_ALPHAS``
-    (times the mean diagonal of the Gram matrix). The best is refitted on the whole reference.
+    (times the mean diagonal of the Gram matrix), and the blend of the best of each kind. The chosen
+    readout is refitted on the whole reference.
 
     Parameters
     ----------
@@ -382,9 +407,11 @@ def choose_readout(
     groups
         ``(m,)`` hold-out groups (:func:`heldout_groups`). With a single group nothing can be held
         out: retrieval with ``k`` (default ``Defaults.READOUT_K``) and ``temperature`` (default
-        ``Defaults.READOUT_TEMPERATURE``) is returned, or the ridge with the middle penalty.
+        ``Defaults.READOUT_TEMPERATURE``) is returned, or the ridge with the middle penalty (alone or
+        blended).
     method
-        ``"auto"`` (the best candidate of either kind), ``"knn"`` or ``"ridge"``.
+        ``"auto"`` (the best candidate of any kind), ``"knn"``, ``"ridge"`` or ``"blend"`` (the mean of
+        the best retrieval's and the best ridge's predictions).
     eligible
         ``(m,)`` boolean: units that may be held out (``model.reference.obs["sigmma_validation"]``);
         ``None``, or fewer than ``Defaults.READOUT_MIN_HELDOUT`` of them: any unit.
@@ -430,10 +457,13 @@ def choose_readout(
             temperature=float(temperature or Defaults.READOUT_TEMPERATURE),
             gene_r=np.full(n_genes, np.nan),
         )
-        if method == "ridge":
-            return _fit_ridge(
-                fixed, ref_img, ref_expr, float(Defaults.READOUT_ALPHAS[len(Defaults.READOUT_ALPHAS) // 2]), scaled=True
-            )
+        if method in ("ridge", "blend"):
+            middle = float(Defaults.READOUT_ALPHAS[len(Defaults.READOUT_ALPHAS) // 2])
+            fixed.alpha, fixed.coef = _ridge_head(ref_img, ref_expr, middle, scaled=True)
+            if method == "ridge":
+                fixed.method, fixed.k, fixed.temperature = "ridge", None, None
+            else:
+                fixed.method = "blend"
         return fixed
     pool = np.arange(m)
     if eligible is not None and int(np.count_nonzero(eligible)) >= Defaults.READOUT_MIN_HELDOUT:
@@ -442,13 +472,30 @@ def choose_readout(
     y_held = _as_rows(ref_expr)[held]
     y_held = y_held.toarray() if sp.issparse(y_held) else np.asarray(y_held)
     trials: list[tuple[dict[str, Any], np.ndarray]] = []
-    if method in ("auto", "knn"):
-        trials += _knn_trials(held, groups, ref_img, ref_expr_emb, ref_expr, y_held, ks, temps)
-    if method in ("auto", "ridge"):
-        trials += _ridge_trials(held, groups, ref_img, ref_expr, y_held, tuple(Defaults.READOUT_ALPHAS))
+    # The best candidate of each kind keeps its held-out predictions: the blend is their mean.
+    best_pred: dict[str, tuple[float, dict[str, Any], np.ndarray]] = {}
+    kinds = {"auto": ("knn", "ridge"), "blend": ("knn", "ridge")}.get(method, (method,))
+    candidates = itertools.chain(
+        _knn_trials(held, groups, ref_img, ref_expr_emb, ref_expr, ks, temps) if "knn" in kinds else (),
+        _ridge_trials(held, groups, ref_img, ref_expr, n_genes, tuple(Defaults.READOUT_ALPHAS)) if "ridge" in kinds else (),
+    )
+    for spec, pred in candidates:
+        gene_r = pearson_per_gene(y_held, pred)
+        trials.append((spec, gene_r))
+        score = np.nan_to_num(_mean_r(gene_r), nan=-np.inf)
+        if spec["method"] not in best_pred or score > best_pred[spec["method"]][0]:
+            best_pred[spec["method"]] = (score, spec, pred)
+    if method in ("auto", "blend") and len(best_pred) == 2:
+        (_, knn_spec, knn_pred), (_, ridge_spec, ridge_pred) = best_pred["knn"], best_pred["ridge"]
+        spec = {"method": "blend", **{k: knn_spec[k] for k in ("k", "temperature")}, "alpha": ridge_spec["alpha"]}
+        trials.append((spec, pearson_per_gene(y_held, blend(knn_pred, ridge_pred))))
+    del best_pred
     table = pd.DataFrame([{**spec, "heldout_r": _mean_r(r)} for spec, r in trials])
-    # Ties (and all-NaN scores) keep the earlier candidate: retrieval before ridge, small k first.
-    best = int(np.nanargmax(table["heldout_r"].to_numpy())) if table["heldout_r"].notna().any() else 0
+    if method == "blend":
+        best = len(trials) - 1
+    else:
+        # Ties (and all-NaN scores) keep the earlier candidate: retrieval before ridge, small k first.
+        best = int(np.nanargmax(table["heldout_r"].to_numpy())) if table["heldout_r"].notna().any() else 0
     spec, gene_r = trials[best]
     order = table.sort_values("heldout_r", ascending=False, kind="stable", na_position="last").reset_index(drop=True)
     chosen = Readout(
@@ -461,17 +508,15 @@ def choose_readout(
         n_heldout=int(len(held)),
         heldout_units="validation" if len(pool) < m else "any",
     )
-    if chosen.method == "ridge":
-        return _fit_ridge(chosen, ref_img, ref_expr, spec["alpha"], scaled=False)
+    if chosen.method in ("ridge", "blend"):
+        chosen.alpha, chosen.coef = _ridge_head(ref_img, ref_expr, spec["alpha"], scaled=False)
     return chosen
 
 
-def _fit_ridge(readout: Readout, ref_img: np.ndarray, ref_expr: Any, alpha: float, *, scaled: bool) -> Readout:
+def _ridge_head(ref_img: np.ndarray, ref_expr: Any, alpha: float, *, scaled: bool) -> tuple[float, np.ndarray]:
+    """``(alpha, coef)`` of the ridge head fitted on the whole reference (``scaled``: ``alpha`` times the mean Gram diagonal)."""
     a = _design(ref_img)
     gram = a.T @ a
     if scaled:
         alpha = alpha * float(np.trace(gram[:-1, :-1])) / max(gram.shape[0] - 1, 1)
-    readout.method, readout.k, readout.temperature = "ridge", None, None
-    readout.alpha = float(alpha)
-    readout.coef = _solve(gram, np.asarray(a.T @ _as_rows(ref_expr)), alpha)
-    return readout
+    return float(alpha), _solve(gram, np.asarray(a.T @ _as_rows(ref_expr)), alpha)

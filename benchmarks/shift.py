@@ -134,23 +134,32 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         }
 
     def value(method: str, seed: int, key: str) -> float | None:
-        hit = [r[key] for r in rows if r["method"] == method and r["seed"] == seed and not r.get("clean")]
+        hit = [r[key] for r in rows if r["method"] == method and r["seed"] == seed and not r.get("clean") and key in r]
         return float(hit[0]) if hit else None
 
-    for key in METRICS:
-        diffs, ratios = [], []
-        for s in seeds:
-            a, b, c = value("sigmma", s, key), value("ridge_cv", s, key), value("single_scale", s, key)
-            if a is not None and b is not None:
-                diffs.append(round(a - b, 4))
-            if a is not None and c:
-                ratios.append(round(a / c, 4))
-        out["paired"][key] = {
-            "sigmma_minus_ridge_cv": diffs,
-            "sigmma_over_single_scale": ratios,
-            "above_ridge_cv_seeds": int(sum(d > 0 for d in diffs)),
-            "ratio_single_scale_mean": round(float(np.mean(ratios)), 4) if ratios else None,
-        }
+    def paired(row: str) -> dict[str, Any]:
+        table = {}
+        for key in METRICS:
+            diffs, ratios = [], []
+            for s in seeds:
+                a, b, c = value(row, s, key), value("ridge_cv", s, key), value("single_scale", s, key)
+                if a is not None and b is not None:
+                    diffs.append(round(a - b, 4))
+                if a is not None and c:
+                    ratios.append(round(a / c, 4))
+            table[key] = {
+                "sigmma_minus_ridge_cv": diffs,
+                "sigmma_over_single_scale": ratios,
+                "above_ridge_cv_seeds": int(sum(d > 0 for d in diffs)),
+                "ratio_single_scale_mean": round(float(np.mean(ratios)), 4) if ratios else None,
+            }
+        return table
+
+    out["paired"] = paired("sigmma")
+    # Extra readouts of the same fits (--readouts): the same comparisons, row by row.
+    extra = [m for m in methods if m.startswith("sigmma_")]
+    if extra:
+        out["paired_readouts"] = {m: paired(m) for m in extra}
     return out
 
 
@@ -163,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--target-umi", type=float, default=TARGET_UMI)
     parser.add_argument("--fit", default="{}", help="extra tl.fit keywords (JSON), e.g. augmentation settings")
+    parser.add_argument(
+        "--readouts", default="{}", help="extra SIGMMA rows read out otherwise (tl.evaluate(readouts=)), JSON"
+    )
     parser.add_argument("--clean", action="store_true", help="also score the unshifted section (sigmma, ridge_cv)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "sigmma_sc" / "benchmarks"))
     parser.add_argument("--out", default=None)
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "fit_kwargs": fit_kwargs,
             "baselines": list(BASELINES),
             "baseline_feature_norm": "model",
+            "readouts": json.loads(args.readouts),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         },
         "rows": [],
@@ -231,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 seed=seed,
                 fit_kwargs=fit_kwargs,
                 baseline_feature_norm="model",
+                readouts=None if is_clean else json.loads(args.readouts),
             )
             for method, row in df.iterrows():
                 rec = {"seed": seed, "method": str(method), "clean": is_clean}

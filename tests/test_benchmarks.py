@@ -105,3 +105,18 @@ def test_thinning_reaches_the_target_median(shift):
     assert (thinned.data > 0).all() and (thinned.toarray() <= counts.toarray()).all()
     same, p1 = shift.thin(counts, 1e9, np.random.default_rng(0))
     assert p1 == 1.0 and (same != counts).nnz == 0
+
+
+def test_shift_summary_pairs_every_readout_row_with_the_baselines(shift):
+    rows = []
+    for seed, (sig, blend, cv, single) in enumerate([(0.20, 0.22, 0.19, 0.16), (0.18, 0.21, 0.19, 0.17)]):
+        for method, r in (("sigmma", sig), ("sigmma_blend", blend), ("ridge_cv", cv), ("single_scale", single)):
+            rows.append({"seed": seed, "method": method, "clean": False, "pcc_hvg50": r})
+    rows.append({"seed": 0, "method": "sigmma", "clean": True, "pcc_hvg50": 0.9})  # unshifted: not paired
+    out = shift.summarize(rows)
+    assert out["paired"]["pcc_hvg50"]["sigmma_minus_ridge_cv"] == [0.01, -0.01]
+    assert out["paired"]["pcc_hvg50"]["above_ridge_cv_seeds"] == 1
+    blend = out["paired_readouts"]["sigmma_blend"]["pcc_hvg50"]
+    assert blend["sigmma_minus_ridge_cv"] == [0.03, 0.02] and blend["above_ridge_cv_seeds"] == 2
+    assert blend["ratio_single_scale_mean"] == pytest.approx((0.22 / 0.16 + 0.21 / 0.17) / 2, abs=1e-3)
+    assert out["methods"]["sigmma"]["pcc_hvg50"]["mean"] == pytest.approx(0.19)

@@ -89,7 +89,7 @@ def _chunked_mean_std(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np
 
     def block(r0: int) -> np.ndarray:
         sel = slice(r0, r0 + _BLOCK_ROWS) if rows is None else rows[r0 : r0 + _BLOCK_ROWS]
-        return np.asarray(x[sel], dtype=np.float64)
+        return np.array(x[sel], dtype=np.float64)  # a fresh copy: the second pass works in place
 
     total = np.zeros(x.shape[1], dtype=np.float64)
     for r0 in range(0, n, _BLOCK_ROWS):
@@ -97,7 +97,10 @@ def _chunked_mean_std(x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np
     mu = total / n
     sq = np.zeros_like(mu)
     for r0 in range(0, n, _BLOCK_ROWS):
-        sq += ((block(r0) - mu) ** 2).sum(axis=0)
+        d = block(r0)
+        np.subtract(d, mu, out=d)
+        np.square(d, out=d)
+        sq += d.sum(axis=0)
     return mu, np.sqrt(sq / n)
 
 

@@ -45,7 +45,11 @@ def test_blend_is_the_mean_of_the_best_retrieval_and_the_best_ridge():
     groups = np.repeat([0, 1, 2], 150)
     emb = rng.normal(size=(450, 12))
     state = (emb[:, 0] > 0).astype(int) + 2 * (emb[:, 1] * emb[:, 2] > 0)
-    expr = emb[:, 3:6] @ rng.normal(size=(3, 20)) + 2.0 * rng.normal(size=(4, 20))[state] + 0.3 * rng.normal(size=(450, 20))
+    expr = (
+        emb[:, 3:6] @ rng.normal(size=(3, 20))
+        + 2.0 * rng.normal(size=(4, 20))[state]
+        + 0.3 * rng.normal(size=(450, 20))
+    )
     knn = choose_readout(emb, emb, expr, groups, method="knn")
     ridge = choose_readout(emb, emb, expr, groups, method="ridge")
     both = choose_readout(emb, emb, expr, groups, method="blend")
@@ -56,7 +60,10 @@ def test_blend_is_the_mean_of_the_best_retrieval_and_the_best_ridge():
     assert kinds["knn"] == len(knn.candidates) and kinds["ridge"] == len(ridge.candidates) and kinds["blend"] == 1
     q = rng.normal(size=(5, 12))
     np.testing.assert_allclose(
-        both.predict(q, emb, expr), 0.5 * (knn.predict(q, emb, expr) + ridge.predict(q, emb, expr)), rtol=1e-5, atol=1e-5
+        both.predict(q, emb, expr),
+        0.5 * (knn.predict(q, emb, expr) + ridge.predict(q, emb, expr)),
+        rtol=1e-5,
+        atol=1e-5,
     )
     # Here neither kind captures both the linear and the discrete part: their mean beats each held out.
     assert both.heldout_r > max(knn.heldout_r, ridge.heldout_r)

@@ -644,7 +644,10 @@ def _node_batches(
     local = {side: np.zeros((n, d), dtype=np.float32) for side in sides}
 
     def tensors(batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: (torch.as_tensor(v).to(device) if isinstance(v, (np.ndarray, torch.Tensor)) else v) for k, v in batch.items()}
+        return {
+            k: (torch.as_tensor(v).to(device) if isinstance(v, (np.ndarray, torch.Tensor)) else v)
+            for k, v in batch.items()
+        }
 
     def rows(side: str, ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(local[side][ids]).to(device)

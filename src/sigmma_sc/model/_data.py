@@ -431,8 +431,11 @@ class SubgraphBatcher:
         return np.unique(self.meso_parent[self.meso_parent >= 0])
 
     def region_batch(self, macro_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Inputs of the regions ``macro_ids``: ``macro_img`` / ``macro_expr``, and their members as
-        ``(region_src, region_dst)`` pairs (meso node id, position in ``macro_ids``)."""
+        """Return the inputs of the regions ``macro_ids``.
+
+        ``macro_img`` / ``macro_expr``, and their members as ``(region_src, region_dst)`` pairs
+        (meso node id, position in ``macro_ids``).
+        """
         macro_ids = np.asarray(macro_ids, dtype=np.int64)
         reg = sp.coo_matrix(self.region[macro_ids])
         out = {"region_src": reg.col.astype(np.int64), "region_dst": reg.row.astype(np.int64)}

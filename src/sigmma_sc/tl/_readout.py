@@ -213,7 +213,9 @@ class Readout:
         """``(n, n_genes)`` float32 expression of image-embedded queries."""
         if self.method == "ridge":
             return (_design(queries) @ self.coef).astype(np.float32)
-        knn = weighted_average(queries, ref_embeddings, ref_expression, k=int(self.k), temperature=float(self.temperature))
+        knn = weighted_average(
+            queries, ref_embeddings, ref_expression, k=int(self.k), temperature=float(self.temperature)
+        )
         if self.method == "blend":
             return blend(knn, (_design(queries) @ self.coef).astype(np.float32))
         return knn
@@ -240,7 +242,7 @@ class Readout:
 
 
 def blend(knn: np.ndarray, ridge: np.ndarray) -> np.ndarray:
-    """The ``"blend"`` readout: the mean of the retrieval's and the ridge head's predictions.
+    """Return the ``"blend"`` readout: the mean of the retrieval's and the ridge head's predictions.
 
     Retrieval averages whole reference units (profiles that exist, but only as many as there are
     neighbours); the ridge is smooth in the embedding but linear. Their errors differ, so their mean
@@ -477,7 +479,9 @@ def choose_readout(
     kinds = {"auto": ("knn", "ridge"), "blend": ("knn", "ridge")}.get(method, (method,))
     candidates = itertools.chain(
         _knn_trials(held, groups, ref_img, ref_expr_emb, ref_expr, ks, temps) if "knn" in kinds else (),
-        _ridge_trials(held, groups, ref_img, ref_expr, n_genes, tuple(Defaults.READOUT_ALPHAS)) if "ridge" in kinds else (),
+        _ridge_trials(held, groups, ref_img, ref_expr, n_genes, tuple(Defaults.READOUT_ALPHAS))
+        if "ridge" in kinds
+        else (),
     )
     for spec, pred in candidates:
         gene_r = pearson_per_gene(y_held, pred)

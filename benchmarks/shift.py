@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--target-umi", type=float, default=TARGET_UMI)
     parser.add_argument("--fit", default="{}", help="extra tl.fit keywords (JSON), e.g. augmentation settings")
     parser.add_argument(
+        "--method",
+        default=None,
+        help="readout of SIGMMA and single_scale (tl.evaluate(method=); default: the package's for spots)",
+    )
+    parser.add_argument(
         "--readouts", default="{}", help="extra SIGMMA rows read out otherwise (tl.evaluate(readouts=)), JSON"
     )
     parser.add_argument("--clean", action="store_true", help="also score the unshifted section (sigmma, ridge_cv)")
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "fit_kwargs": fit_kwargs,
             "baselines": list(BASELINES),
             "baseline_feature_norm": "model",
+            "method": args.method,
             "readouts": json.loads(args.readouts),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         },
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 seed=seed,
                 fit_kwargs=fit_kwargs,
                 baseline_feature_norm="model",
+                method=args.method,
                 readouts=None if is_clean else json.loads(args.readouts),
             )
             for method, row in df.iterrows():

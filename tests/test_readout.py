@@ -113,7 +113,7 @@ def test_predict_expression_records_the_readout_and_how_far_to_trust_it(fitted, 
     # inplace=True caches the test section's features for the calls below (and the other tests).
     pred = sg.tl.predict_expression(model, test, inplace=True)
     params = pred.uns[Keys.UNS][Keys.PARAMS]
-    assert params["method"] in ("knn", "ridge") and params["heldout_units"] == "validation"
+    assert params["method"] == "ridge" and params["heldout_units"] == "validation"  # the default for cells
     assert params["heldout_r"] == pytest.approx(max(params["candidates"]["heldout_r"]))
     gene_r = pred.var[Keys.HELDOUT_R].to_numpy()
     assert np.nanmean(gene_r) == pytest.approx(params["heldout_r"], abs=1e-6)
@@ -127,6 +127,14 @@ def test_predict_expression_records_the_readout_and_how_far_to_trust_it(fitted, 
     assert ridge.uns[Keys.UNS][Keys.PARAMS]["method"] == "ridge" and "alpha" in ridge.uns[Keys.UNS][Keys.PARAMS]
     assert knn.uns[Keys.UNS][Keys.PARAMS]["k"] == 20
     assert not np.allclose(ridge.X, knn.X)
+    # The blend (the spots' default) records both parts and is scored on the same held-out units.
+    both = sg.tl.predict_expression(model, test, method="blend")
+    bp = both.uns[Keys.UNS][Keys.PARAMS]
+    assert bp["method"] == "blend" and {"k", "temperature", "alpha"} <= set(bp)
+    names = list(bp["candidates"]["name"])
+    assert bp["heldout_r"] == pytest.approx(
+        bp["candidates"]["heldout_r"][[n.startswith("blend") for n in names].index(True)]
+    )
     ref = model.reference
     emb = model.get_embeddings(test)["img"]
     expected = weighted_average(emb, ref.obsm[Keys.X_SIGMMA_EXPR], np.asarray(ref.X), k=20, temperature=0.1)

@@ -315,8 +315,9 @@ def predict_expression(
     - ``"blend"``: the mean of the two predictions, each with its parameters chosen as above.
 
     ``method=None`` takes the kind measured best for the model's units
-    (:func:`sigmma_sc.tl._readout.default_readout`: retrieval for spots, where her2st
-    leave-one-section-out gives r 0.460 vs 0.438 for the ridge); ``"auto"`` lets the held-out
+    (:func:`sigmma_sc.tl._readout.default_readout`: the blend for spots, where her2st
+    leave-one-section-out gives r 0.462 vs 0.456 for retrieval and 0.445 for the ridge; the ridge
+    for cells and bins); ``"auto"`` lets the held-out
     units choose the kind too, which is noisier (on her2st it chose the ridge in 4 of 5 folds, r
     0.441): see ``benchmarks/README.md``, "Readout". The query needs no counts and no genes: any it
     has are ignored.
@@ -333,7 +334,7 @@ def predict_expression(
         without ``obsm["X_sigmma_img"]`` nothing can be held out and retrieval with ``k=50``,
         ``temperature=0.1`` is used), or a SpatialData with counts (embedded now).
     method
-        ``None`` (by the model's unit kind: retrieval for spots, the ridge head for cells and
+        ``None`` (by the model's unit kind: the blend for spots, the ridge head for cells and
         bins; retrieval when the reference has no image embeddings, or when ``k`` or
         ``temperature`` is given), ``"knn"``, ``"ridge"``, ``"blend"`` or ``"auto"`` (the kind
         chosen on the held-out units too).

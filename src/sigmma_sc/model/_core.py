@@ -643,19 +643,14 @@ def _node_batches(
     region_chunks = [regions[a : a + batch_size] for a in range(0, regions.size, batch_size)]
     local = {side: np.zeros((n, d), dtype=np.float32) for side in sides}
 
-    def tensors(batch: dict[str, Any]) -> dict[str, Any]:
-        return {
-            k: (torch.as_tensor(v).to(device) if isinstance(v, (np.ndarray, torch.Tensor)) else v)
-            for k, v in batch.items()
-        }
-
     def rows(side: str, ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(local[side][ids]).to(device)
 
     total = 2 * len(chunks) + len(region_chunks)
     with torch.no_grad(), tqdm(total=total, desc="embedding", disable=not settings.progress_bar or total < 2) as bar:
         for ids in chunks:
-            batch = tensors(batcher.batch(ids, max_micro_pairs=None, context=False))
+            batch = batcher.batch(ids, max_micro_pairs=None, context=False)
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             for side, enc in encoders.items():
                 z, h = enc.local_states(batch, side)
                 local[side][ids] = h.float().cpu().numpy()
@@ -741,16 +736,6 @@ def embed_units(
     for lv, side, ids, emb in _node_batches(module, batcher, batch_size=batch_size, expression=expression):
         writer.add(lv, side, ids, emb)
     return writer.finish(context_weight=context_weight)
-
-
-def batch_levels(batch: dict[str, Any]) -> tuple[str, ...]:
-    """Levels present in a batch dict."""
-    lv = [Levels.MESO]
-    if "micro_ids" in batch:
-        lv.insert(0, Levels.MICRO)
-    if "macro_ids" in batch:
-        lv.append(Levels.MACRO)
-    return tuple(lv)
 
 
 def unit_node_index(levels: dict[str, LevelInput], unit_level: str, n_units: int) -> dict[str, np.ndarray]:

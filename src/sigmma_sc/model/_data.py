@@ -179,6 +179,11 @@ def subgraph_edges(adjacency: sp.csr_matrix, nodes: np.ndarray) -> np.ndarray:
     return np.vstack([sub.row, sub.col]).astype(np.int64)
 
 
+def _targets_first(targets: np.ndarray, ball: np.ndarray) -> np.ndarray:
+    """``targets`` (unique) followed by the other ids of the sorted ``ball``."""
+    return np.concatenate([targets, np.setdiff1d(ball, targets, assume_unique=True)])
+
+
 def _binary(m: sp.spmatrix) -> sp.csr_matrix:
     m = sp.csr_matrix(m, dtype=np.float32)
     m.sum_duplicates()
@@ -346,8 +351,7 @@ class SubgraphBatcher:
             macro_ids, macro_of_target = np.unique(self.meso_parent[meso_ids], return_inverse=True)
             reg = sp.coo_matrix(self.region[macro_ids])
             ctx = np.union1d(ctx, reg.col)
-        rest = np.setdiff1d(ctx, meso_ids, assume_unique=True)
-        ctx = np.concatenate([meso_ids, rest])
+        ctx = _targets_first(meso_ids, ctx)
         pos = np.full(self.n_meso, -1, dtype=np.int64)
         pos[ctx] = np.arange(ctx.size)
         out["meso_ids"] = ctx
@@ -420,13 +424,12 @@ class SubgraphBatcher:
         meso_ids = np.asarray(meso_ids, dtype=np.int64)
         if not self.graph:
             return meso_ids, np.zeros((2, 0), dtype=np.int64)
-        ball = k_hop(self.meso_adj, meso_ids, self.inter_hops)
-        ball = np.concatenate([meso_ids, np.setdiff1d(ball, meso_ids, assume_unique=True)])
+        ball = _targets_first(meso_ids, k_hop(self.meso_adj, meso_ids, self.inter_hops))
         return ball, subgraph_edges(self.meso_adj, ball)
 
     def regions(self) -> np.ndarray:
         """Sorted ids of the macro nodes that are the parent of a meso node (the regions the model embeds)."""
-        if not self.use_macro or self.meso_parent is None:
+        if not self.use_macro:  # with macro, __post_init__ has checked that meso nodes have parents
             return np.zeros(0, dtype=np.int64)
         return np.unique(self.meso_parent[self.meso_parent >= 0])
 

@@ -466,11 +466,13 @@ def test_bad_options_fail_before_any_work(synth, model, monkeypatch):
         {
             "predict temperature=0": lambda s: sg.tl.predict_expression(model, s, temperature=0),
             "predict max_missing_genes=2": lambda s: sg.tl.predict_expression(model, s, max_missing_genes=2),
+            "predict method='mean'": lambda s: sg.tl.predict_expression(model, s, method="mean"),
             "evaluate temperature=0": lambda s: sg.tl.evaluate(model, s, baselines=(), temperature=0),
             "evaluate baseline_feature_norm": lambda s: sg.tl.evaluate(model, s, baseline_feature_norm="slide"),
         },
         ValueError,
-        r"(temperature must be > 0|max_missing_genes must be a share between 0 and 1|baseline_feature_norm must be one of)",
+        r"(temperature must be > 0|max_missing_genes must be a share between 0 and 1|baseline_feature_norm must be one of"
+        r"|method must be one of \('auto', 'knn', 'ridge', 'blend'\))",
     )
     refused(
         "evaluate counts",

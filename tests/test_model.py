@@ -136,6 +136,19 @@ def test_batch_holds_targets_children_context_and_regions():
     per_parent = np.bincount(bag["micro_parent"].numpy())
     assert per_parent.max() == 2 and len(per_parent) == len(meso)
     np.testing.assert_array_equal(bag["micro_ids"], b.batch(ids, max_children=2, seed=3)["micro_ids"])
+    # Context-only subgraphs get their own, smaller bag; the targets keep theirs, and so do the
+    # micro targets of the loss (drawn from the targets' cells only).
+    small = b.batch(ids, max_children=2, max_context_children=1, seed=3)
+    per_parent = np.bincount(small["micro_parent"].numpy(), minlength=len(meso))
+    assert per_parent[:3].tolist() == np.bincount(bag["micro_parent"].numpy())[:3].tolist()
+    assert per_parent[3:].max() == 1 and per_parent[3:].min() == 1
+    np.testing.assert_array_equal(small["micro_target"], bag["micro_target"])
+    np.testing.assert_array_equal(small["micro_ids"][small["micro_target"]], bag["micro_ids"][bag["micro_target"]])
+    # Capping only the context (targets keep every cell) and equal caps (the bag as before).
+    ctx_only = b.batch(ids, max_context_children=1, seed=3)
+    full_children = np.bincount(levels["micro"].parent, minlength=levels["meso"].n)[ids]
+    assert np.bincount(ctx_only["micro_parent"].numpy())[:3].tolist() == full_children.tolist()
+    np.testing.assert_array_equal(b.batch(ids, max_children=2, max_context_children=2, seed=3)["micro_ids"], bag["micro_ids"])
     # Memory is bounded by the batch: far fewer than all nodes.
     assert len(meso) < levels["meso"].n / 2
 

@@ -149,6 +149,10 @@ class Defaults:
     WEIGHT_DECAY: Final = 1e-4
     BATCH_SIZE: Final = 64
     MAX_CELLS: Final = 16
+    # Training: cells per context-only subgraph (the targets' graph ball and region members). A batch
+    # of 64 targets carries ~14x as many context subgraphs on a 100k-cell slide (benchmarks/README.md,
+    # "Scale"); they feed the targets' GNN and pooling, not the loss.
+    MAX_CONTEXT_CELLS: Final = 4
     MAX_EPOCHS: Final = 30
     PATIENCE: Final = 5
     VAL_FRACTION: Final = 0.1

@@ -45,6 +45,8 @@ class TrainConfig:
     weight_decay: float = Defaults.WEIGHT_DECAY
     batch_size: int = Defaults.BATCH_SIZE
     max_cells: int | None = Defaults.MAX_CELLS
+    #: Training: at most this many cells per subgraph that is context only (``None``: ``max_cells``).
+    max_context_cells: int | None = Defaults.MAX_CONTEXT_CELLS
     max_epochs: int = Defaults.MAX_EPOCHS
     patience: int = Defaults.PATIENCE
     val_fraction: float = Defaults.VAL_FRACTION
@@ -98,6 +100,8 @@ class TrainConfig:
         _integer("seed", self.seed, 0)
         if self.max_cells is not None:
             _integer("max_cells", self.max_cells, 1, why=" (or None for every cell)")
+        if self.max_context_cells is not None:
+            _integer("max_context_cells", self.max_context_cells, 1, why=" (or None for max_cells)")
         _number("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _number("depth_augment", self.depth_augment, 0.0, 1.0, high_open=True)
         _number("feature_jitter", self.feature_jitter, 0.0, None)

@@ -323,6 +323,7 @@ class SubgraphBatcher:
         seed: int = 0,
         max_micro_pairs: int | None = MAX_MICRO_PAIRS,
         max_children: int | None = None,
+        max_context_children: int | None = None,
         augment: bool = False,
         context: bool = True,
     ) -> dict[str, torch.Tensor]:
@@ -331,7 +332,10 @@ class SubgraphBatcher:
         ``micro_target`` lists every micro child of the targets, or a seeded random subset of
         ``max_micro_pairs`` of them (``None``: all, as for embedding). ``max_children`` keeps a
         seeded random subset of at most that many micro nodes per subgraph (training: a bag of
-        cells per subgraph, as in multiple-instance learning; ``None``: all). ``augment``: apply
+        cells per subgraph, as in multiple-instance learning; ``None``: all). ``max_context_children``:
+        the same for the subgraphs that are context only (not targets; ``None``: ``max_children``):
+        they only feed the targets' inter-subgraph GNN and region pooling, and outnumber the targets
+        ~14:1 on a large slide, so fewer cells there keep a batch's cost near its targets'. ``augment``: apply
         the batcher's training augmentations (``depth_augment``, ``feature_jitter``).
         ``context=False``: the subgraphs ``meso_ids`` (unique) and their cells alone, without the
         graph ball, the regions or any edge between subgraphs (what their local states need).
@@ -369,13 +373,22 @@ class SubgraphBatcher:
         if self.use_micro:
             ch = sp.coo_matrix(self.micro_children[ctx])
             rng = np.random.default_rng([seed, 1])
-            shuffle = rng.permutation(ch.row.size) if max_children is not None else np.arange(ch.row.size)
+            if max_context_children is None:
+                max_context_children = max_children
+            capped = max_children is not None or max_context_children is not None
+            shuffle = rng.permutation(ch.row.size) if capped else np.arange(ch.row.size)
             order = shuffle[np.argsort(ch.row[shuffle], kind="stable")]
-            if max_children is not None:
-                # Rank of each child inside its subgraph (random order): keep the first max_children.
+            if capped:
+                # Rank of each child inside its subgraph (random order): keep the first cap of them.
                 rows = ch.row[order]
                 first = np.searchsorted(rows, rows, side="left")
-                order = order[np.arange(rows.size) - first < max_children]
+                big = np.iinfo(np.int64).max
+                cap = np.where(
+                    rows < n_b,
+                    big if max_children is None else max_children,
+                    big if max_context_children is None else max_context_children,
+                )
+                order = order[np.arange(rows.size) - first < cap]
             micro_ids = ch.col[order].astype(np.int64)
             micro_parent = ch.row[order].astype(np.int64)
             out["micro_ids"] = micro_ids

@@ -43,6 +43,8 @@ class SubgraphBatches(Dataset):
         Reshuffle every epoch (training) or keep the order (validation, embedding).
     seed
         Base seed of the shuffles.
+    max_micro_pairs, max_children, max_context_children
+        See :meth:`SubgraphBatcher.batch`.
     groups
         ``(len(nodes),)`` int group of each node, or ``None`` (one group).
     """
@@ -57,6 +59,7 @@ class SubgraphBatches(Dataset):
         seed: int = 0,
         max_micro_pairs: int | None = None,
         max_children: int | None = None,
+        max_context_children: int | None = None,
         groups: np.ndarray | None = None,
     ) -> None:
         self.batcher = batcher
@@ -67,6 +70,7 @@ class SubgraphBatches(Dataset):
         self.epoch = 0
         self.max_micro_pairs = max_micro_pairs
         self.max_children = max_children
+        self.max_context_children = max_context_children
         codes = np.zeros(self.nodes.size, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
         if codes.shape != self.nodes.shape:
             raise ValueError(f"groups must give one code per node ({self.nodes.size}), got shape {codes.shape}.")
@@ -108,6 +112,7 @@ class SubgraphBatches(Dataset):
             seed=seed,
             max_micro_pairs=self.max_micro_pairs,
             max_children=self.max_children,
+            max_context_children=self.max_context_children,
             augment=self.shuffle,  # training batches only: validation and embeddings see the data as it is
         )
 

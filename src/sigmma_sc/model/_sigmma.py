@@ -850,6 +850,8 @@ class Sigmma:
             for lv in Levels.ALL:
                 if f"{kind}_{lv}_mean" in stats:
                     target[lv] = (stats[f"{kind}_{lv}_mean"], stats[f"{kind}_{lv}_std"])
+        # Models saved before max_context_cells existed capped context cells like the targets.
+        config.setdefault("max_context_cells", None)
         cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig) if f.name in config})
         module = build_module(config["img_dims"], config["expr_dims"], tuple(config["pair_levels"]), cfg)
         try:

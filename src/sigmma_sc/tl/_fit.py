@@ -43,6 +43,7 @@ def fit(
     max_epochs: int = Defaults.MAX_EPOCHS,
     batch_size: int = Defaults.BATCH_SIZE,
     max_cells: int | None = Defaults.MAX_CELLS,
+    max_context_cells: int | None = Defaults.MAX_CONTEXT_CELLS,
     lr: float = Defaults.LR,
     weight_decay: float = Defaults.WEIGHT_DECAY,
     patience: int = Defaults.PATIENCE,
@@ -134,6 +135,11 @@ def fit(
     max_cells
         Training only: a random bag of at most this many cells (nuclei) per subgraph in each batch,
         redrawn every epoch (``None``: all). Embedding always uses every cell.
+    max_context_cells
+        Training only: the same for the subgraphs a batch carries as context (its targets' graph
+        neighbours and the other members of their regions; ``None``: ``max_cells``). They feed the
+        targets' inter-subgraph GNN and region pooling but not the loss, and outnumber the targets
+        ~14:1 on a 100k-cell slide, so a smaller bag there cuts a batch's cost by about that much.
     coarse_targets
         Macro regions of neighbouring subgraphs overlap almost entirely, so plain InfoNCE treats
         near-duplicates as negatives. ``"soft"``: BLEEP-style soft targets from within-modality
@@ -293,6 +299,7 @@ def fit(
         weight_decay=float(weight_decay),
         batch_size=int(batch_size),
         max_cells=None if max_cells is None else int(max_cells),
+        max_context_cells=None if max_context_cells is None else int(max_context_cells),
         max_epochs=int(max_epochs),
         patience=int(patience),
         val_fraction=float(val_fraction),

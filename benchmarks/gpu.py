@@ -437,7 +437,7 @@ def run_size(n_request: int, args, res: dict, save) -> dict:
         seed=cfg.seed,
         max_micro_pairs=MAX_MICRO_PAIRS,
         max_children=cfg.max_cells,
-        max_context_children=cfg.max_context_cells,
+        max_context_children=cfg.context_cells("cell"),
     )
     infer_data = SubgraphBatches(
         batcher, np.arange(slide["n_niches"]), batch_size=cfg.batch_size, shuffle=False, max_micro_pairs=None

@@ -139,6 +139,7 @@ def test_her2st_short_fit_beats_shuffled_control():
     sg.settings.progress_bar = False
     train, test = her2st(sections=["C3"]), her2st(sections=["C2"])
     model = sg.tl.fit(train, max_epochs=10, seed=0)
+    assert model.params["max_context_cells"] == model.params["max_cells"] == 16  # "auto" on spots: every sampled cell
     pred = sg.tl.predict_expression(model, test)
     from sigmma_sc.model import select_genes
 

@@ -148,7 +148,9 @@ def test_batch_holds_targets_children_context_and_regions():
     ctx_only = b.batch(ids, max_context_children=1, seed=3)
     full_children = np.bincount(levels["micro"].parent, minlength=levels["meso"].n)[ids]
     assert np.bincount(ctx_only["micro_parent"].numpy())[:3].tolist() == full_children.tolist()
-    np.testing.assert_array_equal(b.batch(ids, max_children=2, max_context_children=2, seed=3)["micro_ids"], bag["micro_ids"])
+    np.testing.assert_array_equal(
+        b.batch(ids, max_children=2, max_context_children=2, seed=3)["micro_ids"], bag["micro_ids"]
+    )
     # Memory is bounded by the batch: far fewer than all nodes.
     assert len(meso) < levels["meso"].n / 2
 
@@ -419,6 +421,7 @@ def test_get_embeddings_on_he_only_table_and_gene_mismatch(xenium_fit, tmp_path)
 def test_section_feature_norm_ignores_a_slide_wide_stain_shift(xenium_fit):
     sdata, model, _ = xenium_fit
     assert model.params["feature_norm"] == "section"
+    assert model.params["max_context_cells"] == 4  # "auto" on cells, recorded resolved
     table = sdata["table"]
     store = table.uns[Keys.UNS][Keys.FEATURES]
     key = model.feature_key

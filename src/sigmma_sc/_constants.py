@@ -149,9 +149,11 @@ class Defaults:
     WEIGHT_DECAY: Final = 1e-4
     BATCH_SIZE: Final = 64
     MAX_CELLS: Final = 16
-    # Training: cells per context-only subgraph (the targets' graph ball and region members). A batch
-    # of 64 targets carries ~14x as many context subgraphs on a 100k-cell slide (benchmarks/README.md,
-    # "Scale"); they feed the targets' GNN and pooling, not the loss.
+    # Training: cells per context-only subgraph (the targets' graph ball and region members) on cell and
+    # bin data. A batch of 64 targets carries ~14x as many context subgraphs on a 100k-cell slide; they
+    # feed the targets' GNN and pooling, not the loss: one epoch 27.5 s -> 11.3 s. Spots keep
+    # MAX_CELLS ("auto"): their slides are small, and her2st leave-one-section-out lost 0.003 r with 4
+    # (benchmarks/README.md, "scale.py").
     MAX_CONTEXT_CELLS: Final = 4
     MAX_EPOCHS: Final = 30
     PATIENCE: Final = 5

@@ -45,8 +45,9 @@ class TrainConfig:
     weight_decay: float = Defaults.WEIGHT_DECAY
     batch_size: int = Defaults.BATCH_SIZE
     max_cells: int | None = Defaults.MAX_CELLS
-    #: Training: at most this many cells per subgraph that is context only (``None``: ``max_cells``).
-    max_context_cells: int | None = Defaults.MAX_CONTEXT_CELLS
+    #: Training: at most this many cells per subgraph that is context only (``None``: ``max_cells``;
+    #: ``"auto"``: see :meth:`context_cells`).
+    max_context_cells: int | str | None = "auto"
     max_epochs: int = Defaults.MAX_EPOCHS
     patience: int = Defaults.PATIENCE
     val_fraction: float = Defaults.VAL_FRACTION
@@ -87,6 +88,25 @@ class TrainConfig:
                 f"got {type(self.resume).__name__}."
             )
 
+    def context_cells(self, unit_kind: str | None = None) -> int | None:
+        """Resolve the cap on the cells of a context-only subgraph for units of ``unit_kind`` (``None``: unknown).
+
+        ``"auto"`` is :attr:`~sigmma_sc._constants.Defaults.MAX_CONTEXT_CELLS` for cells and bins (and
+        when the kind is unknown: array-level callers train on large slides), ``max_cells`` for spots,
+        whose slides are small enough that the context costs little.
+
+        Examples
+        --------
+        >>> from sigmma_sc.model import TrainConfig
+        >>> TrainConfig().context_cells("cell"), TrainConfig().context_cells("spot")
+        (4, 16)
+        >>> TrainConfig(max_context_cells=8).context_cells("spot")
+        8
+        """
+        if self.max_context_cells != "auto":
+            return self.max_context_cells
+        return self.max_cells if unit_kind == "spot" else Defaults.MAX_CONTEXT_CELLS
+
     def _check_numbers(self) -> None:
         """Every numeric hyper-parameter in its valid range, each error naming the argument and the range."""
         _integer("embed_dim", self.embed_dim, 1)
@@ -100,8 +120,10 @@ class TrainConfig:
         _integer("seed", self.seed, 0)
         if self.max_cells is not None:
             _integer("max_cells", self.max_cells, 1, why=" (or None for every cell)")
-        if self.max_context_cells is not None:
-            _integer("max_context_cells", self.max_context_cells, 1, why=" (or None for max_cells)")
+        if self.max_context_cells is not None and not (
+            isinstance(self.max_context_cells, str) and self.max_context_cells == "auto"
+        ):
+            _integer("max_context_cells", self.max_context_cells, 1, why=" (or None for max_cells, or 'auto')")
         _number("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _number("depth_augment", self.depth_augment, 0.0, 1.0, high_open=True)
         _number("feature_jitter", self.feature_jitter, 0.0, None)

@@ -494,7 +494,7 @@ def train(
             seed=config.seed,
             max_micro_pairs=MAX_MICRO_PAIRS,
             max_children=config.max_cells,
-            max_context_children=config.max_context_cells,
+            max_context_children=config.context_cells(),
             groups=None if node_batch is None else node_batch[nodes],
         )
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -504,6 +504,9 @@ class Sigmma:
         base["feature_key"] = key.id
         base["unit_level"] = hier.unit_level
         base["unit_kind"] = slide.unit_kind
+        # "auto" resolved once the unit kind is known and recorded with the model; the caller's config is untouched
+        config = replace(config, max_context_cells=config.context_cells(slide.unit_kind))
+        base["max_context_cells"] = config.max_context_cells
         base["log_normalized"] = bool(slide.log_normalized)
 
         matrix = expression_matrix(slide)

@@ -43,7 +43,7 @@ def fit(
     max_epochs: int = Defaults.MAX_EPOCHS,
     batch_size: int = Defaults.BATCH_SIZE,
     max_cells: int | None = Defaults.MAX_CELLS,
-    max_context_cells: int | None = Defaults.MAX_CONTEXT_CELLS,
+    max_context_cells: int | str | None = "auto",
     lr: float = Defaults.LR,
     weight_decay: float = Defaults.WEIGHT_DECAY,
     patience: int = Defaults.PATIENCE,
@@ -139,7 +139,9 @@ def fit(
         Training only: the same for the subgraphs a batch carries as context (its targets' graph
         neighbours and the other members of their regions; ``None``: ``max_cells``). They feed the
         targets' inter-subgraph GNN and region pooling but not the loss, and outnumber the targets
-        ~14:1 on a 100k-cell slide, so a smaller bag there cuts a batch's cost by about that much.
+        ~14:1 on a 100k-cell slide. ``"auto"``: 4 for cells and bins (one epoch over 100k synthetic
+        cells 27.5 s -> 11.3 s), ``max_cells`` for spots (her2st leave-one-section-out, 3 seeds:
+        r 0.462 -> 0.459 with 4, so spots, whose slides are small, keep every sampled cell).
     coarse_targets
         Macro regions of neighbouring subgraphs overlap almost entirely, so plain InfoNCE treats
         near-duplicates as negatives. ``"soft"``: BLEEP-style soft targets from within-modality
@@ -299,7 +301,9 @@ def fit(
         weight_decay=float(weight_decay),
         batch_size=int(batch_size),
         max_cells=None if max_cells is None else int(max_cells),
-        max_context_cells=None if max_context_cells is None else int(max_context_cells),
+        max_context_cells=max_context_cells
+        if max_context_cells is None or isinstance(max_context_cells, str)
+        else int(max_context_cells),
         max_epochs=int(max_epochs),
         patience=int(patience),
         val_fraction=float(val_fraction),

@@ -140,8 +140,9 @@ def fit(
         neighbours and the other members of their regions; ``None``: ``max_cells``). They feed the
         targets' inter-subgraph GNN and region pooling but not the loss, and outnumber the targets
         ~14:1 on a 100k-cell slide. ``"auto"``: 4 for cells and bins (one epoch over 100k synthetic
-        cells 27.5 s -> 11.3 s), ``max_cells`` for spots (her2st leave-one-section-out, 3 seeds:
-        r 0.462 -> 0.459 with 4, so spots, whose slides are small, keep every sampled cell).
+        cells 35.1 s -> 15.7 s), ``max_cells`` for spots (her2st leave-one-section-out, 3 seeds:
+        r 0.462 vs 0.464 with 4, within the seed spread: spots, whose slides are small, keep every
+        sampled cell and their landed figures).
     coarse_targets
         Macro regions of neighbouring subgraphs overlap almost entirely, so plain InfoNCE treats
         near-duplicates as negatives. ``"soft"``: BLEEP-style soft targets from within-modality

@@ -90,3 +90,23 @@ def test_bins_to_cells_refuses_before_writing():
     with pytest.raises(ValueError, match="integer label image"):
         sg.pp.bins_to_cells(fresh, segmenter=lambda tile: np.zeros(tile.shape[:2], np.float32))
     assert set(fresh.tables) == before_tables and set(fresh.shapes) == before_shapes
+
+
+def test_bins_embed_with_their_niche_at_the_bins_context_weight():
+    from sigmma_sc._constants import Defaults
+
+    bins, _ = synthetic_bins(150, bin_um=8.0, seed=2)
+    model = sg.tl.fit(bins, max_epochs=1, seed=0, batch_size=8, embed_dim=16, hidden_dim=32)
+    weight = model.params["context_weight"]
+    assert weight == Defaults.CONTEXT_WEIGHT_BINS > 0
+    emb = model.get_embeddings(bins)
+    # The bin's own block at weight 1, its niche's (meso) and region's (macro) at the bins' weight.
+    for side in ("img", "expr"):
+        blocks = np.concatenate([emb[f"micro_{side}"], weight * emb[f"meso_{side}"], weight * emb[f"macro_{side}"]], 1)
+        expected = blocks / np.linalg.norm(blocks, axis=1, keepdims=True)
+        np.testing.assert_allclose(emb[side], expected, atol=1e-5)
+    np.testing.assert_allclose(bins[Keys.TABLE].obsm[Keys.X_SIGMMA_IMG], emb["img"], atol=1e-5)
+    # An explicit weight wins and is recorded as given.
+    again = sg.tl.fit(bins, max_epochs=1, seed=0, batch_size=8, embed_dim=16, hidden_dim=32, context_weight=0.0)
+    assert again.params["context_weight"] == 0.0
+    np.testing.assert_allclose(again.get_embeddings(bins)["img"][:, 16:], 0.0, atol=1e-6)

@@ -362,6 +362,8 @@ def test_fit_writes_every_key_and_keeps_the_table(xenium_fit, tmp_path):
     import inspect
 
     assert uns[Keys.PARAMS]["coarse_targets"] == inspect.signature(sg.tl.fit).parameters["coarse_targets"].default
+    # Cells: the coarser blocks weigh 0 in X_sigmma (resolved at training, recorded).
+    assert uns[Keys.PARAMS]["context_weight"] == 0.0
     assert "torch" in uns[Keys.VERSIONS]
     assert len(uns[Keys.HISTORY]["train_loss"]) == len(model.history)
     assert model.levels == ("micro", "meso", "macro") and model.encoder == "efficientnet_lite0"

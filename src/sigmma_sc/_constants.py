@@ -155,6 +155,11 @@ class Defaults:
     # MAX_CELLS ("auto"): their slides are small, and her2st leave-one-section-out with 4 (0.464 +- 0.010
     # vs 0.462) is within the seed spread, so their landed figures stay (benchmarks/README.md, "scale.py").
     MAX_CONTEXT_CELLS: Final = 4
+    # Unit embedding of Visium HD bins: their niche's and region's blocks at this weight beside the bin's
+    # own. A 16 um bin is a noisy square of tissue, its niche the signal: kidney 2 x 2 block 0, seed 0,
+    # image->expression R@10 4.0% / 7.1% / 11.2% / 14.7% at 0 / 0.25 / 0.5 / 1 (single-scale CLIP 4.7%),
+    # r 0.186 -> 0.188 (benchmarks/README.md, "context weight").
+    CONTEXT_WEIGHT_BINS: Final = 1.0
     MAX_EPOCHS: Final = 30
     PATIENCE: Final = 5
     VAL_FRACTION: Final = 0.1

@@ -67,7 +67,7 @@ _REWRITE_HINT = "copy the whole model folder again from where it came from, or s
 # ---------------------------------------------------------------------------------------------
 # small pure helpers
 # ---------------------------------------------------------------------------------------------
-def default_context_weight(unit_level: str) -> float:
+def default_context_weight(unit_level: str, technology: str | None = None) -> float:
     """Weight of the coarser levels' blocks in the unit embedding.
 
     Spot data (units = meso): 1, every spot has its own region. Cell data (units = micro): 0, since
@@ -75,13 +75,24 @@ def default_context_weight(unit_level: str) -> float:
     makes Leiden cluster the niche tiles instead of the tissue (synthetic tissue, 3,000 cells:
     niche ARI 0.10 at weight 1, 0.41 at 0.25, 0.62 at 0). The cell block itself carries the context
     (intra-subgraph GNN, consistency with its niche) and the per-level embeddings keep their keys.
+    Visium HD bins (``technology="visium_hd"``, units = micro):
+    :attr:`~sigmma_sc._constants.Defaults.CONTEXT_WEIGHT_BINS`, since a bin is a square of tissue
+    whose own expression is sparse and its niche carries most of the signal (kidney, one block:
+    image->expression Recall@10 4.0% at 0, 14.7% at 1; prediction r 0.186 -> 0.188). Leiden of
+    ``X_sigmma`` then follows the niches; ``X_sigmma_micro_img`` is the bins' own. Cells that
+    :func:`sigmma_sc.pp.bins_to_cells` made keep the technology, hence this weight too: pass
+    ``context_weight=0`` to :func:`sigmma_sc.tl.fit` for them.
 
     Examples
     --------
     >>> default_context_weight("micro"), default_context_weight("meso")
     (0.0, 1.0)
+    >>> default_context_weight("micro", "visium_hd")
+    1.0
     """
-    return 0.0 if unit_level == Levels.MICRO else 1.0
+    if unit_level != Levels.MICRO:
+        return 1.0
+    return float(Defaults.CONTEXT_WEIGHT_BINS) if technology == "visium_hd" else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +518,8 @@ class Sigmma:
         # "auto" resolved once the unit kind is known and recorded with the model; the caller's config is untouched
         config = replace(config, max_context_cells=config.context_cells(slide.unit_kind))
         base["max_context_cells"] = config.max_context_cells
+        if base["context_weight"] is None:
+            base["context_weight"] = default_context_weight(hier.unit_level, slide.technology)
         base["log_normalized"] = bool(slide.log_normalized)
 
         matrix = expression_matrix(slide)
@@ -584,7 +597,7 @@ class Sigmma:
         cfg.levels = tuple(lv for lv in cfg.levels if lv in levels)
         batcher = make_batcher(levels, cfg, expression, self._expr_stats)
         weight = self._config.get("context_weight")
-        if weight is None:
+        if weight is None:  # models saved before the weight was resolved at training
             weight = default_context_weight(hier.unit_level)
         return embed_units(
             self._module,

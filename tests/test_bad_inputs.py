@@ -432,7 +432,12 @@ def test_bad_options_fail_before_any_work(synth, model, monkeypatch):
             ValueError,
             rf"{option} must be one of .*, got '{value}'",
         )
-    for option, value in (("depth_augment", 1.0), ("feature_jitter", -0.1), ("max_context_cells", "all")):
+    for option, value in (
+        ("depth_augment", 1.0),
+        ("feature_jitter", -0.1),
+        ("max_context_cells", "all"),
+        ("context_weight", -1.0),
+    ):
         refused(
             f"fit {option}={value!r}",
             sdata,

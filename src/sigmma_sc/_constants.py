@@ -206,6 +206,8 @@ class Choices:
     TECHNOLOGIES: Final = ("st", "visium", "visium_hd", "xenium", "synthetic", "custom")
     # Technologies whose units hold many cells.
     SPOT_TECHNOLOGIES: Final = ("st", "visium")
+    # Units that are squares of a lattice at cell scale (bins), not segmented cells.
+    BIN_TECHNOLOGIES: Final = ("visium_hd",)
     UNIT_KINDS: Final = ("spot", "cell")
     # pp.image_features(method=...).
     FEATURE_METHODS: Final = ("dense", "crop", "auto")

@@ -162,6 +162,22 @@ class TrainConfig:
             _number("min_detected", min_detected, 0.0, 1.0, why=" (a fraction of the training units, or None)")
 
     @staticmethod
+    def check_context_weight(context_weight: Any) -> None:
+        """Check :func:`sigmma_sc.tl.fit`'s ``context_weight`` (``None``: the default per data type).
+
+        Examples
+        --------
+        >>> TrainConfig.check_context_weight(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: context_weight must be a number in [0, inf) (the coarser levels' weight in X_sigmma, or None), got -1.
+        """
+        if context_weight is not None:
+            _number(
+                "context_weight", context_weight, 0.0, None, why=" (the coarser levels' weight in X_sigmma, or None)"
+            )
+
+    @staticmethod
     def check_trainer_kwargs(trainer_kwargs: Any) -> dict[str, Any]:
         """Check extra Lightning ``Trainer`` options; returns them as a dict (``{}`` for ``None``).
 

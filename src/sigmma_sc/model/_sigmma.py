@@ -92,7 +92,7 @@ def default_context_weight(unit_level: str, technology: str | None = None) -> fl
     """
     if unit_level != Levels.MICRO:
         return 1.0
-    return float(Defaults.CONTEXT_WEIGHT_BINS) if technology == "visium_hd" else 0.0
+    return Defaults.CONTEXT_WEIGHT_BINS if technology in Choices.BIN_TECHNOLOGIES else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +485,7 @@ class Sigmma:
         if feature_norm not in Choices.FEATURE_NORMS:
             raise ValueError(f"feature_norm must be one of {Choices.FEATURE_NORMS}, got {feature_norm!r}.")
         TrainConfig.check_gene_options(n_genes, min_detected)
+        TrainConfig.check_context_weight(context_weight)
         trainer_kwargs = TrainConfig.check_trainer_kwargs(trainer_kwargs)
         slide = io.validate(sdata, table_key=table_key)
         if not has_expression_matrix(slide.table):

@@ -265,6 +265,7 @@ def fit(
     _refuse_foreign_keys(table, keys)
     chosen = None if genes is None else select_genes(None, table.var, genes=genes)
     TrainConfig.check_gene_options(n_genes, min_detected)
+    TrainConfig.check_context_weight(context_weight)
     extra = TrainConfig.check_trainer_kwargs(trainer_kwargs)
     # Validate first: the data (units, images, counts) and the choices read later, before any hierarchy,
     # feature or training work. Genes without counts are allowed (never modelled unless asked for).

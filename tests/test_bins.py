@@ -59,6 +59,7 @@ def test_bins_to_cells_recovers_the_cells_and_their_counts(bins_and_cells):
     sg.pp.bins_to_cells(bins)
     out = bins["cells"]
     assert "S0_cells" in bins.shapes and out.uns[Keys.DATASET][Keys.UNIT_KIND] == "cell"
+    assert out.uns[Keys.DATASET][Keys.TECHNOLOGY] == "visium_hd_cells"
     # About one cell per true cell: most true cells have a found cell within 3 um, none found twice over.
     assert 0.85 * truth.n_obs <= out.n_obs <= 1.05 * truth.n_obs
     dist, _ = cKDTree(out.obsm[Keys.SPATIAL]).query(truth.obsm[Keys.SPATIAL])
@@ -75,6 +76,10 @@ def test_bins_to_cells_recovers_the_cells_and_their_counts(bins_and_cells):
     # The cells are a table tl.fit trains on.
     model = sg.tl.fit(bins, table_key="cells", max_epochs=1, seed=0, batch_size=8)
     assert bins["cells"].obsm[Keys.X_SIGMMA].shape[0] == out.n_obs and model.genes
+    # ... as cells, not as bins: their own embedding (no niche blocks) read out with the ridge.
+    assert model.params["technology"] == "visium_hd_cells" and model.params["context_weight"] == 0.0
+    pred = sg.tl.predict_expression(model, bins, table_key="cells")
+    assert pred.uns[Keys.UNS][Keys.PARAMS]["method"] == "ridge"
 
 
 def test_bins_to_cells_refuses_before_writing():
@@ -106,6 +111,10 @@ def test_bins_embed_with_their_niche_at_the_bins_context_weight():
         expected = blocks / np.linalg.norm(blocks, axis=1, keepdims=True)
         np.testing.assert_allclose(emb[side], expected, atol=1e-5)
     np.testing.assert_allclose(bins[Keys.TABLE].obsm[Keys.X_SIGMMA_IMG], emb["img"], atol=1e-5)
+    # Bins embedded with their niche read out with the blend by default (cells: the ridge).
+    assert model.params["technology"] == "visium_hd"
+    pred = sg.tl.predict_expression(model, bins)
+    assert pred.uns[Keys.UNS][Keys.PARAMS]["method"] == Defaults.READOUT_BINS == "blend"
     # An explicit weight wins and is recorded as given.
     again = sg.tl.fit(bins, max_epochs=1, seed=0, batch_size=8, embed_dim=16, hidden_dim=32, context_weight=0.0)
     assert again.params["context_weight"] == 0.0

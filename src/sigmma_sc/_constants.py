@@ -22,7 +22,7 @@ class Keys:
     # uns: dataset description written by loaders and io.from_anndata.
     DATASET: Final = "sigmma_dataset"  # uns dict, see DatasetInfo
     LOG_NORMALIZED: Final = "log_normalized"  # bool in uns[DATASET]: X is already log1p-normalised
-    TECHNOLOGY: Final = "technology"  # "st", "visium", "visium_hd", "xenium", "synthetic", "custom"
+    TECHNOLOGY: Final = "technology"  # one of Choices.TECHNOLOGIES
     UNIT_KIND: Final = "unit_kind"  # "spot" (units hold many cells) or "cell" (units are cells / fine bins)
     UNIT_DIAMETER: Final = "unit_diameter_um"  # spot or cell diameter in microns
     IMAGE_KEYS: Final = "image_keys"  # dict section -> image element name
@@ -115,9 +115,12 @@ class Defaults:
     # units across kinds) picked the ridge on her2st where retrieval predicts better; on the kidney's
     # 16 um bins the ridge head beats retrieval by 0.012 r in every block (benchmarks/README.md, "Readout").
     # Spots: the blend of retrieval and ridge, her2st leave-one-section-out 3 seeds r 0.456 -> 0.462
-    # (every seed up) and the shifted C6 0.190 -> 0.196 (every seed up).
+    # (every seed up) and the shifted C6 0.190 -> 0.196 (every seed up). Visium HD bins (embedded with
+    # their niche, CONTEXT_WEIGHT_BINS): the blend beats the ridge in every kidney block and seed
+    # (benchmarks/README.md, "Visium HD kidney: the bins' context weight").
     READOUT_SPOT: Final = "blend"
     READOUT_CELL: Final = "ridge"
+    READOUT_BINS: Final = "blend"
     READOUT_K: Final = 50
     READOUT_TEMPERATURE: Final = 0.1
     READOUT_KS: Final = (10, 30, 100, 300, 1000)
@@ -203,7 +206,10 @@ class Defaults:
 class Choices:
     """Every closed list of values a keyword accepts, in one place (validated where the keyword is read)."""
 
-    TECHNOLOGIES: Final = ("st", "visium", "visium_hd", "xenium", "synthetic", "custom")
+    TECHNOLOGIES: Final = ("st", "visium", "visium_hd", "visium_hd_cells", "xenium", "synthetic", "custom")
+    # Cells that pp.bins_to_cells gathered from Visium HD bins: segmented cells at irregular centres, so
+    # they take the cells' defaults (Delaunay graph, context weight 0, ridge readout), not the bins'.
+    BINNED_CELLS: Final = "visium_hd_cells"
     # Technologies whose units hold many cells.
     SPOT_TECHNOLOGIES: Final = ("st", "visium")
     # Units that are squares of a lattice at cell scale (bins), not segmented cells.

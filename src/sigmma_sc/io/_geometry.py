@@ -242,7 +242,7 @@ def geometry_sigmma(
 def _infer_unit_kind(technology: str, diameter_um: float) -> str:
     if technology in Choices.SPOT_TECHNOLOGIES:
         return "spot"
-    if technology in ("xenium", "visium_hd", "synthetic"):
+    if technology in ("xenium", "visium_hd", Choices.BINNED_CELLS, "synthetic"):
         return "cell"
     return "spot" if np.isfinite(diameter_um) and diameter_um >= _SPOT_MIN_DIAMETER_UM else "cell"
 

@@ -80,8 +80,7 @@ def default_context_weight(unit_level: str, technology: str | None = None) -> fl
     whose own expression is sparse and its niche carries most of the signal (kidney, one block:
     image->expression Recall@10 4.0% at 0, 14.7% at 1; prediction r 0.186 -> 0.188). Leiden of
     ``X_sigmma`` then follows the niches; ``X_sigmma_micro_img`` is the bins' own. Cells that
-    :func:`sigmma_sc.pp.bins_to_cells` made keep the technology, hence this weight too: pass
-    ``context_weight=0`` to :func:`sigmma_sc.tl.fit` for them.
+    :func:`sigmma_sc.pp.bins_to_cells` made are cells (technology ``"visium_hd_cells"``): 0.
 
     Examples
     --------
@@ -516,6 +515,7 @@ class Sigmma:
         base["feature_key"] = key.id
         base["unit_level"] = hier.unit_level
         base["unit_kind"] = slide.unit_kind
+        base["technology"] = slide.technology
         # "auto" resolved once the unit kind is known and recorded with the model; the caller's config is untouched
         config = replace(config, max_context_cells=config.context_cells(slide.unit_kind))
         base["max_context_cells"] = config.max_context_cells

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import Defaults, Keys
+from .._constants import Choices, Defaults, Keys
 from .._logging import logger
 from .._settings import settings
 from ..io import SectionArrays, build_shapes, build_table, validate
@@ -159,8 +159,10 @@ def bins_to_cells(
     lies within a nucleus radius plus ``expand_um`` of the nearest nucleus centroid joins that
     nucleus' cell; the cell's counts are the sum of its bins' counts, its centre the nucleus
     centroid. Bins reached by no nucleus are left out. The cells become a new table (raw counts,
-    unit kind ``"cell"``) over new circle shapes, on the same images, ready for
-    :func:`sigmma_sc.tl.fit` with ``table_key=key_added``.
+    unit kind ``"cell"``, technology ``"visium_hd_cells"``) over new circle shapes, on the same
+    images, ready for :func:`sigmma_sc.tl.fit` with ``table_key=key_added``, which trains on them
+    with the cells' defaults (Delaunay graph, no niche blocks in the embedding, ridge readout), not
+    the bins'.
 
     Parameters
     ----------
@@ -274,7 +276,7 @@ def bins_to_cells(
         arrays,
         image_keys={s: slide.images[s].element for s in slide.sections},
         shapes_keys={s: f"{s}_{key_added}" for s in slide.sections},
-        technology=slide.technology,
+        technology=Choices.BINNED_CELLS,
         unit_kind="cell",
         unit_diameter_um=float(np.median([a.diameter_um for a in arrays])),
     )

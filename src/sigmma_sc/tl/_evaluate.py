@@ -355,6 +355,7 @@ def evaluate(
     if baseline_feature_norm == "model":
         baseline_feature_norm = str(model.params.get("feature_norm", "global"))
     unit_kind = str(model.params.get("unit_kind", "spot"))
+    technology = model.params.get("technology")
     check_readout_options(method, k, temperature)
     extra = {str(name): dict(spec) for name, spec in (readouts or {}).items()}
     for name, spec in extra.items():
@@ -438,7 +439,11 @@ def evaluate(
             spec = {"k": None, "temperature": None, **spec}
             if spec.get("method") is None:
                 spec["method"] = default_readout(
-                    unit_kind, k=spec["k"], temperature=spec["temperature"], has_images=ref.img_emb is not None
+                    unit_kind,
+                    technology=technology,
+                    k=spec["k"],
+                    temperature=spec["temperature"],
+                    has_images=ref.img_emb is not None,
                 )
             readout = reference_readout(ref, **spec, seed=seed)
             chosen[row] = readout_record(readout, arrays=False)

@@ -316,8 +316,8 @@ def predict_expression(
 
     ``method=None`` takes the kind measured best for the model's units
     (:func:`sigmma_sc.tl._readout.default_readout`: the blend for spots, where her2st
-    leave-one-section-out gives r 0.462 vs 0.456 for retrieval and 0.445 for the ridge; the ridge
-    for cells and bins); ``"auto"`` lets the held-out
+    leave-one-section-out gives r 0.462 vs 0.456 for retrieval and 0.445 for the ridge, and for
+    Visium HD bins; the ridge for cells); ``"auto"`` lets the held-out
     units choose the kind too, which is noisier (on her2st it chose the ridge in 4 of 5 folds, r
     0.441): see ``benchmarks/README.md``, "Readout". The query needs no counts and no genes: any it
     has are ignored.
@@ -419,8 +419,13 @@ def predict_expression(
     if k is not None and k > len(ref.expr_emb):
         logger.warning(f"k={k} exceeds the {len(ref.expr_emb)} reference units; averaging all of them.")
     if method is None:
-        unit_kind = str(model.params.get("unit_kind", "spot"))
-        method = default_readout(unit_kind, k=k, temperature=temperature, has_images=ref.img_emb is not None)
+        method = default_readout(
+            str(model.params.get("unit_kind", "spot")),
+            technology=model.params.get("technology"),
+            k=k,
+            temperature=temperature,
+            has_images=ref.img_emb is not None,
+        )
     readout = reference_readout(ref, method=method, k=k, temperature=temperature)
     logger.info(
         "predict_expression: "

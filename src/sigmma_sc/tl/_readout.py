@@ -276,33 +276,43 @@ def support(queries: np.ndarray, ref_embeddings: np.ndarray, *, k: int = Default
 
 
 def default_readout(
-    unit_kind: str, *, k: int | None = None, temperature: float | None = None, has_images: bool = True
+    unit_kind: str,
+    *,
+    technology: str | None = None,
+    k: int | None = None,
+    temperature: float | None = None,
+    has_images: bool = True,
 ) -> str:
-    """Return the readout kind used when none is asked for: by the model's unit kind (spots, or cells and bins).
+    """Return the readout kind used when none is asked for: by the model's units (spots, bins or cells).
 
     Retrieval whatever the units when ``k`` or ``temperature`` is given (they are the retrieval's
     parameters) or when the reference has no image embeddings (the ridge head learns from them).
 
     Retrieval averages whole reference spots, which suits spots (many cells each, a smooth
-    expression profile); single cells and small bins are sparse, and averaging over the ``k``
-    retrieved ones blurs the few genes each expresses, where a ridge head on the image embedding
-    predicts better (kidney 16 µm bins: ridge 0.198 vs retrieval 0.186). On spots the mean of the
-    two beats retrieval alone (her2st leave-one-section-out, 3 seeds: blend 0.462, retrieval 0.456,
-    ridge 0.445; the re-stained, thinned C6: 0.196 vs 0.190), so spots default to the blend.
+    expression profile); single cells are sparse, and averaging over the ``k`` retrieved ones
+    blurs the few genes each expresses, where a ridge head on the image embedding predicts better
+    (kidney 16 µm bins embedded without their niche: ridge 0.198 vs retrieval 0.186). On spots the
+    mean of the two beats either (her2st leave-one-section-out, 3 seeds: blend 0.462, retrieval
+    0.456, ridge 0.445; the re-stained, thinned C6: 0.196 vs 0.190), so spots default to the
+    blend. Visium HD bins (``technology`` in ``Choices.BIN_TECHNOLOGIES``) are embedded with their
+    niche, which makes retrieval informative again: the blend beats the ridge in every kidney
+    block and seed (``benchmarks/README.md``, "Visium HD kidney: the bins' context weight").
 
     The retrieval's ``k`` and temperature, or the ridge's penalty, are still chosen on held-out
     reference units; what differs is which kind. Measured in ``benchmarks/README.md`` ("Readout").
 
     Examples
     --------
-    >>> default_readout("spot")
-    'blend'
-    >>> default_readout("cell"), default_readout("cell", k=30), default_readout("cell", has_images=False)
-    ('ridge', 'knn', 'knn')
+    >>> default_readout("spot"), default_readout("cell"), default_readout("cell", technology="visium_hd")
+    ('blend', 'ridge', 'blend')
+    >>> default_readout("cell", k=30), default_readout("cell", has_images=False)
+    ('knn', 'knn')
     """
     if k is not None or temperature is not None or not has_images:
         return "knn"
-    return str(Defaults.READOUT_SPOT if unit_kind == "spot" else Defaults.READOUT_CELL)
+    if unit_kind == "spot":
+        return str(Defaults.READOUT_SPOT)
+    return str(Defaults.READOUT_BINS if technology in Choices.BIN_TECHNOLOGIES else Defaults.READOUT_CELL)
 
 
 def check_readout_options(method: str | None, k: int | None, temperature: float | None) -> None:

@@ -30,26 +30,15 @@ METRICS = ("pcc_hvg50", "pcc_hvg50_det1", "pcc_heg50", "r5_img2expr", "r10_img2e
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="Visium HD kidney folder (default: the package's data path)")
-    p.add_argument("--crop", action="store_true", help="the 5,695-bin fixture crop (a quick check)")
-    p.add_argument("--blocks", default="2x2")
-    p.add_argument("--buffer-um", type=float, default=64.0)
-    p.add_argument("--block", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=10)
+    quality.add_kidney_block_arguments(p)
     p.add_argument("--weights", default="0,0.25,0.5,1")
-    p.add_argument("--cache", default=str(Path.home() / ".cache" / "sigmma_sc" / "benchmarks"))
     p.add_argument("--out", default="context_weight.json")
     args = p.parse_args(argv)
     weights = [float(w) for w in args.weights.split(",") if w]
     if not weights or min(weights) < 0:
         raise SystemExit(f"--weights must be non-negative numbers, got {args.weights!r}.")
 
-    fold_args = argparse.Namespace(
-        dataset="kidney", data=args.data, crop=args.crop, blocks=args.blocks, buffer_um=args.buffer_um
-    )
-    folds, fold_data = quality.make_folds(fold_args, Path(args.cache))
-    train, test = fold_data(folds[args.block])
+    train, test = quality.kidney_block(args)
     t0 = time.perf_counter()
     model = sg.tl.fit(train, seed=args.seed, max_epochs=args.epochs)
     out = {

@@ -228,6 +228,27 @@ def make_folds(args, cache: Path):
     return spatial_blocks(xy, nx, ny, args.buffer_um), block_data
 
 
+def add_kidney_block_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a script that studies one kidney block and seed as ``quality.py`` runs it."""
+    p.add_argument("--data", default=None, help="Visium HD kidney folder (default: the package's data path)")
+    p.add_argument("--crop", action="store_true", help="the 5,695-bin fixture crop (a quick check)")
+    p.add_argument("--blocks", default="2x2")
+    p.add_argument("--buffer-um", type=float, default=64.0)
+    p.add_argument("--block", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "sigmma_sc" / "benchmarks"))
+
+
+def kidney_block(args: argparse.Namespace):
+    """(train, test) SpatialData of ``args.block``: the same blocks, buffer and feature cache as ``quality.py``."""
+    fold_args = argparse.Namespace(
+        dataset="kidney", data=args.data, crop=args.crop, blocks=args.blocks, buffer_um=args.buffer_um
+    )
+    folds, fold_data = make_folds(fold_args, Path(args.cache))
+    return fold_data(folds[args.block])
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs and aggregation
 # ---------------------------------------------------------------------------------------------
